@@ -1,0 +1,53 @@
+"""Shared test fixtures: a tiny byte-level BPE tokenizer and tiny random-weight models.
+
+Nothing here touches the network: the tokenizer is trained in-process on a few sentences,
+and models are built from configs with random weights.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+_CORPUS = [
+    "the movie was great and the acting was wonderful",
+    "the movie was terrible and the plot was boring",
+    "a fine film with a lovely cast",
+    "an awful waste of time",
+    "Question: what is the capital of France?\nAnswer: Paris",
+    "The following are multiple choice questions (with answers) about biology.",
+    "A. B. C. D. Answer: Yes No Maybe so because",
+    "It was great. It was terrible. hello world 0123456789",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def make_tiny_tokenizer():
+    """A GPT-2-style byte-level BPE tokenizer (vocab ~320) with BOS prepended, like OPT's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
