@@ -1,0 +1,229 @@
+"""The zeroth-order engine: probe batching through the model's own ``forward``.
+
+Every unit of the layout (``zoft.models.discover_layout``) gets a forward pre-hook and a forward
+hook (PyTorch's public hook API; the model's modules, names and ``forward`` stay untouched).
+While a step is active the pre-hook of a unit:
+
+1. applies the pending update of the previous step to the unit's parameters (lazily: each
+   parameter once, tied ones included),
+2. keeps a copy of the unit's weights, then for probes 1..P-1 sets ``w = w0 + scale_p * z_p`` and
+   calls ``module.forward`` on probe p's slice of the inputs,
+3. sets probe 0's weights and lets the regular call run on probe 0's slice;
+
+the forward hook then restores ``w0`` (a copy, so restoring is exact) and concatenates the P
+outputs. Each unit is thus touched once per step for any number of probes, and the same code
+path is what the offload scheduler streams.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from zoft.engine.probes import Probe, Update, combine_outputs, split_args
+from zoft.models.layout import Layout, Unit, discover_layout
+from zoft.noise import NoiseBackend, make_noise
+
+# MeZO skips weight decay for names containing "bias", "layer_norm", "layernorm"; "norm" and
+# "ln_" cover those and the other families' norms (model.norm, ln_f, input_layernorm, ...).
+NO_DECAY = ("bias", "norm", "ln_")
+
+
+class Objective(Protocol):
+    """What ``ZOEngine.evaluate`` needs: any ``zoft.tasks`` task, or a custom objective."""
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        """Run ``model`` on ``batch`` (already repeated P times) and return its outputs."""
+        ...
+
+    def loss(self, outputs: Any, batch: Any, num_probes: int) -> torch.Tensor:
+        """One scalar per probe, shape (P,)."""
+        ...
+
+
+@dataclass
+class _Residency:
+    """Per-call state of one unit while it runs its probes."""
+
+    params: list[tuple[str, nn.Parameter]]
+    backup: dict[str, torch.Tensor] = field(default_factory=dict)
+    z_seed: int | None = None
+    z: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: list[Any] = field(default_factory=list)
+    was_split: bool = True
+
+
+class ZOEngine:
+    """Runs P perturbed evaluations of a model in one forward pass and applies seed-form updates.
+
+    model:    an unmodified Hugging Face model (kept in eval mode; ``use_cache`` must be off).
+    noise:    the keyed noise backend (default: per-tensor ``torch.Generator``, Gaussian).
+    no_decay: substrings of parameter names that take no weight decay.
+
+    Trainable parameters are those with ``requires_grad`` (floating point); the rest are never
+    perturbed nor written. ``close()`` removes the hooks; the model is then exactly the plain model.
+    """
+
+    def __init__(self, model: nn.Module, noise: NoiseBackend | None = None,
+                 no_decay: Sequence[str] = NO_DECAY, layout: Layout | None = None):
+        self.model = model
+        self.layout = layout or discover_layout(model)
+        self.noise = noise or make_noise()
+        self.no_decay = tuple(no_decay)
+        self._probes: list[Probe] | None = None
+        self._rows = 0
+        self._pending: Update | None = None
+        self._applied: set[str] = set()
+        self._live: dict[int, _Residency] = {}
+        self._units: dict[int, Unit] = {id(u.module): u for u in self.layout.units}
+        self.refresh_trainable()
+        self._handles = []
+        for u in self.layout.units:
+            self._handles.append(u.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._handles.append(u.module.register_forward_hook(self._post_hook, with_kwargs=True))
+
+    # -- parameters -----------------------------------------------------------------------
+    def refresh_trainable(self) -> None:
+        """Re-read which parameters are trainable (``requires_grad``), e.g. after adding adapters."""
+        self.params: dict[str, nn.Parameter] = {}
+        for u in self.layout.units:
+            for k, p in u.params:
+                if p.requires_grad and p.dtype.is_floating_point:
+                    self.params[k] = p
+        self.decays = {k: not any(s in k.lower() for s in self.no_decay) for k in self.params}
+
+    def _unit_params(self, unit: Unit) -> list[tuple[str, nn.Parameter]]:
+        seen: dict[str, nn.Parameter] = {}
+        for k, p in unit.params:
+            if k in self.params:
+                seen.setdefault(k, p)
+        return list(seen.items())
+
+    # -- pending update -------------------------------------------------------------------
+    @property
+    def pending(self) -> Update | None:
+        return self._pending
+
+    def set_update(self, update: Update | None) -> None:
+        """Queue ``update``; it is applied lazily as units next run, or by ``flush()``."""
+        self.flush()
+        self._pending = None if update is None or update.is_noop() else update
+        self._applied = set()
+
+    def _apply_pending(self, key: str, p: nn.Parameter) -> None:
+        if self._pending is None or key in self._applied:
+            return
+        upd = self._pending
+        with torch.no_grad():
+            self.noise.axpy(p.data, upd.terms, key, upd.decay if self.decays[key] else 1.0)
+        self._applied.add(key)
+
+    def flush(self) -> None:
+        """Apply whatever is left of the pending update to every parameter (before eval/save)."""
+        if self._pending is not None:
+            for k, p in self.params.items():
+                self._apply_pending(k, p)
+        self._pending = None
+        self._applied = set()
+
+    # -- probes ---------------------------------------------------------------------------
+    def _set_weights(self, res: _Residency, probe: Probe) -> None:
+        if probe.seed is None or probe.scale == 0.0:
+            for k, p in res.params:
+                p.data.copy_(res.backup[k])
+            return
+        if res.z_seed != probe.seed:  # consecutive probes along one direction reuse z
+            res.z = {k: self.noise.sample(probe.seed, k, p).to(p.dtype) for k, p in res.params}
+            res.z_seed = probe.seed
+        for k, p in res.params:
+            torch.add(res.backup[k], res.z[k], alpha=probe.scale, out=p.data)
+
+    def _restore(self, res: _Residency) -> None:
+        for k, p in res.params:
+            p.data.copy_(res.backup[k])
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        unit = self._units[id(module)]
+        params = self._unit_params(unit)
+        for k, p in params:
+            self._apply_pending(k, p)
+        probes = self._probes
+        if not probes or not params:
+            return None
+        res = _Residency(params, backup={k: p.detach().clone() for k, p in params})
+        self._live[id(module)] = res
+        P = len(probes)
+        with torch.no_grad():
+            if P == 1:
+                self._set_weights(res, probes[0])
+                return None
+            for i in range(1, P):
+                self._set_weights(res, probes[i])
+                a, split_a = split_args(args, i, P, self._rows)
+                kw, split_kw = split_args(kwargs, i, P, self._rows)
+                res.outputs.append(module.forward(*a, **kw))
+            res.was_split = split_a or split_kw
+            self._set_weights(res, probes[0])
+        a, _ = split_args(args, 0, P, self._rows)
+        kw, _ = split_args(kwargs, 0, P, self._rows)
+        return a, kw
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        res = self._live.pop(id(module), None)
+        if res is None:
+            return None
+        with torch.no_grad():
+            self._restore(res)
+        if len(self._probes) == 1:
+            return None
+        rows = self._rows // len(self._probes)
+        return combine_outputs([output, *res.outputs], rows, res.was_split, self._units[id(module)].name)
+
+    # -- public step API ------------------------------------------------------------------
+    def evaluate(self, probes: Sequence[Probe], batch: Any, objective: Objective) -> torch.Tensor:
+        """Losses of P probes on one batch, in one pass over the units; shape (P,), fp64 on CPU.
+
+        ``batch`` needs ``repeat(P)`` and ``inputs`` (see ``zoft.tasks.Batch``). The pending
+        update is fully applied when this returns, and every weight is back at its unperturbed
+        value even if the forward raised.
+        """
+        probes = list(probes)
+        if not probes:
+            raise ValueError("a step needs at least one probe")
+        was_training = self.model.training
+        self.model.eval()
+        rep = batch.repeat(len(probes))
+        first = next(v for v in rep.inputs.values() if isinstance(v, torch.Tensor))
+        self._rows = first.shape[0]
+        self._probes = probes
+        try:
+            with torch.no_grad():
+                out = objective.forward(self.model, rep)
+                losses = objective.loss(out, rep, len(probes))
+        finally:
+            for res in self._live.values():  # a unit whose forward raised
+                with torch.no_grad():
+                    self._restore(res)
+            self._live.clear()
+            self._probes = None
+            self.flush()
+            self.model.train(was_training)
+        losses = losses.detach().to("cpu", torch.float64)
+        if losses.shape != (len(probes),):
+            raise ValueError(f"objective returned shape {tuple(losses.shape)}, expected ({len(probes)},)")
+        return losses
+
+    def close(self) -> None:
+        """Flush and remove the hooks: the model is the plain Hugging Face model again."""
+        self.flush()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> "ZOEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
