@@ -1,0 +1,129 @@
+"""``zoft`` command line: a thin layer over the Python API.
+
+    zoft finetune [--model M] [--config FILE] [flags]   (no --model: the embedded default demo)
+    zoft replay RUN_DIR --output DIR
+    zoft eval {muse,wmdp,mmlu} ...
+
+Errors in user input print one line and exit 2; runtime failures print one line and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from zoft.errors import UsageError, ZoftError
+
+_HELP = {
+    "model": "alias (opt-125m ... opt-175b, llama-2-7b, qwen3-0.6b, ...), local directory or hub id; "
+             "default: the embedded pretrained MiniLM demo",
+    "random_init": "build the weights from the config alone (benchmarks, tests)",
+    "gpu_mem": "device memory budget: 18GB (10^9 bytes), 16GiB (2^30 bytes) or plain bytes",
+    "train": "JSONL/CSV/TSV/JSON file or hf:NAME[:CONFIG]:SPLIT (default: the built-in sentiment set)",
+    "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config)",
+    "eval_every": "evaluate every N steps (0: only before and after training)",
+    "resume": "continue the run in --output-dir from its last checkpoint",
+}
+_SKIP = {"task_options", "optimizer_options", "progress"}
+
+
+def _add_finetune(sub) -> None:
+    from zoft.config import TrainConfig
+
+    p = sub.add_parser("finetune", help="zeroth-order fine-tuning",
+                       description="Fine-tune a model with zeroth-order (MeZO-style) steps.")
+    p.add_argument("--config", help="YAML or TOML file whose keys are these flags' names")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": _HELP.get(f.name)}
+        if tp is bool:
+            kw["action"] = "store_true"
+        elif typing.get_origin(tp) is typing.Literal:
+            kw["choices"] = args
+        else:
+            base = next((a for a in (args or (tp,)) if a is not type(None)), str)
+            kw["type"] = base if base in (int, float) else str
+        p.add_argument(flag, **kw)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress bar")
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from zoft.config import TrainConfig, load_config_file
+    from zoft.models import configs_dir
+    from zoft.train import finetune
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    if args.config:
+        base = load_config_file(args.config)
+    elif "model" not in given:
+        base = load_config_file(str(configs_dir() / "demo.yaml"))  # the embedded default recipe
+    else:
+        base = {}
+    cfg = TrainConfig.from_dict({**base, **given})
+    res = finetune(cfg)
+    ev = ", ".join(f"{k}={v:.4f}" for k, v in res.final_eval.items() if isinstance(v, float))
+    print(f"done: {cfg.steps} steps in {res.output_dir}" + (f"; {ev}" if ev else ""))
+    first = next((m for m in res.metrics if "eval_accuracy" in m), None)
+    if first and "eval_accuracy" in res.final_eval:
+        print(f"held-out accuracy: {first['eval_accuracy']:.3f} (step 0) -> {res.final_eval['eval_accuracy']:.3f}")
+    return 0
+
+
+def _add_replay(sub) -> None:
+    p = sub.add_parser("replay", help="rebuild a run's weights from its initial weights and seed trajectory")
+    p.add_argument("run_dir")
+    p.add_argument("--output", required=True, help="folder for the rebuilt model (save_pretrained)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="default: the device type the run used (needed for bit-identical weights)")
+    p.set_defaults(func=lambda a: _run_replay(a))
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from zoft.train import replay
+
+    replay(args.run_dir, args.output, device=args.device)
+    print(f"replayed {args.run_dir} -> {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zoft", description="Memory-constrained zeroth-order fine-tuning.")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,eval}")
+    sub.required = True
+    _add_finetune(sub)
+    _add_replay(sub)
+    from zoft.eval.cli import add_parser as add_eval
+
+    add_eval(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # zoft shows its own progress; HF's load/save bars are noise
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"zoft: error: {e}", file=sys.stderr)
+        return 2
+    except ZoftError as e:
+        print(f"zoft: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk or a vanished file outside the guarded writes
+        print(f"zoft: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

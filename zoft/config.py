@@ -1,0 +1,153 @@
+"""The run configuration: one dataclass whose field names are the CLI flags and config-file keys.
+
+``--config FILE`` (YAML or TOML) sets fields by name (``lr`` or ``--lr`` style ``gpu-mem`` both
+accepted); command-line flags override the file. Unknown keys and values outside a ``Literal``
+are errors that name the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from zoft.errors import UsageError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"18GB"`` (powers of 1000), ``"16GiB"`` (powers of 1024) or a plain integer."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(f"cannot read size '{text}'; write e.g. 18GB (10^9 bytes), 16GiB (2^30) or 500000000")
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value <= 0:
+        raise UsageError(f"size '{text}' must be positive")
+    return int(value)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a ``zoft finetune`` run needs. Units: lr and eps are absolute; steps count
+    optimizer steps; batch_size counts examples; max_length counts tokens."""
+
+    # model
+    model: str | None = None  # alias, directory, hub id; None: the embedded default (MiniLM)
+    random_init: bool = False
+    tokenizer: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gpu_mem: str | None = None  # "18GB" = 18e9 bytes, "16GiB" = 16 * 2^30 bytes
+    # task and data
+    task: Literal["lm", "sst2", "classify"] = "sst2"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    train: str | None = None  # JSONL/CSV/TSV/JSON file or hf:NAME[:CONFIG]:SPLIT; None: built-in set
+    eval: str | None = None
+    eval_limit: int | None = None
+    max_length: int = 128
+    # optimizer
+    optimizer: str = "mezo-sgd"
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    n_queries: int = 1
+    one_sided: bool = False
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    optimizer_options: dict[str, Any] = field(default_factory=dict)
+    noise: str = "torch"
+    distribution: Literal["gaussian", "rademacher"] = "gaussian"
+    # loop
+    steps: int = 1000
+    batch_size: int = 16
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate only before and after training
+    eval_batch_size: int = 32
+    save_every: int = 0  # 0: checkpoint only at the end
+    max_nan_steps: int = 5
+    output_dir: str = "runs/zoft"
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        for name in ("steps", "batch_size", "max_length", "n_queries", "max_nan_steps", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.eps <= 0 or self.lr < 0:
+            raise UsageError("--eps must be > 0 and --lr >= 0")
+        if self.gpu_mem is not None:
+            try:
+                parse_size(self.gpu_mem)
+            except UsageError as e:
+                raise UsageError(f"--gpu-mem: {e}") from None
+        if self.task == "lm" and self.train is None:
+            raise UsageError("--task lm needs --train FILE (JSONL lines with a \"text\" field)")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        clean = {k.replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(clean) - names)
+        if unknown:
+            raise UsageError(f"unknown config key(s) {unknown}; valid keys are the finetune flags: {sorted(names)}")
+        return cls(**clean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(name: str, value: Any, tp: Any) -> None:
+    tp = typing.get_type_hints(TrainConfig)[name] if isinstance(tp, str) else tp
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, args))}, not '{value}'")
+        return
+    allowed = tuple(a for a in (args if args else (tp,)) if isinstance(a, type))
+    if origin is dict:
+        allowed = (dict,)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if allowed and not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
+        raise UsageError(f"config key '{name}' must be {' or '.join(a.__name__ for a in allowed)}, not {value!r}")
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a dict of config keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file '{path}' does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise UsageError(f"config file '{path}' must end in .yaml, .yml, .toml or .json")
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - parser errors of three libraries
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"config file '{path}' cannot be parsed: {first}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file '{path}' must hold a mapping of keys to values")
+    return data

@@ -1,0 +1,333 @@
+"""The training loop: data -> ZO step -> metrics, eval, checkpoints, resume, replay.
+
+``finetune(TrainConfig(...))`` is the Python entry point of ``zoft finetune``. A run is fully
+determined by its config: step t's batch and probe seeds are pure functions of (seed, t), so a
+resumed run continues the same trajectory, and ``replay`` rebuilds the final weights from the
+initial ones and ``trajectory.jsonl`` (kilobytes, not gigabytes).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from zoft.checkpoint import (
+    append_jsonl,
+    find_checkpoint,
+    plot_metrics,
+    read_jsonl,
+    save_checkpoint,
+    truncate_jsonl,
+)
+from zoft.config import TrainConfig, parse_size
+from zoft.engine import Update, ZOEngine
+from zoft.errors import UsageError, ZoftError
+from zoft.models import LoadedModel, load_model
+from zoft.noise import make_noise, mix
+from zoft.optim import make_optimizer
+from zoft.tasks import builtin_sentiment, load_examples, make_task
+
+# Config keys that change the trajectory: a resumed run must keep them.
+_TRAJECTORY_KEYS = ("model", "random_init", "task", "task_options", "train", "max_length", "optimizer", "lr",
+                    "eps", "weight_decay", "n_queries", "one_sided", "schedule", "warmup_steps",
+                    "optimizer_options", "noise", "distribution", "batch_size", "seed", "dtype")
+
+
+@dataclass
+class RunResult:
+    """What ``finetune`` returns: the trained model (hooks removed), its tokenizer, the run
+    directory, every metrics record, and the final held-out metrics (``eval_*`` keys)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    output_dir: Path
+    metrics: list[dict[str, Any]]
+    final_eval: dict[str, float]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+@lru_cache(maxsize=8)
+def _epoch_perm(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(mix(seed, f"data/epoch/{epoch}"))
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of ``step``'s batch: consecutive slices of per-epoch permutations."""
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, i = divmod(pos + len(out), n)
+        take = min(batch_size - len(out), n - i)
+        out.extend(_epoch_perm(n, seed, epoch)[i:i + take])
+    return out
+
+
+def _prepare_output_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to output directory '{out}': {e.strerror or e}; choose another --output-dir") from None
+    if not cfg.resume and (find_checkpoint(out) or (out / "trajectory.jsonl").exists()):
+        raise UsageError(f"'{out}' already holds a run; pass --resume to continue it or choose another --output-dir")
+    return out
+
+
+def _load_data(cfg: TrainConfig, task) -> tuple[list[dict], list[dict] | None]:
+    if cfg.train is None:
+        if cfg.task != "sst2":
+            raise UsageError(f"--task {cfg.task} needs --train FILE")
+        train, evals = builtin_sentiment("train"), builtin_sentiment("eval")
+        if cfg.eval is not None:
+            evals = load_examples(cfg.eval)
+    else:
+        train = load_examples(cfg.train)
+        evals = load_examples(cfg.eval) if cfg.eval else None
+    task.validate(train)
+    if evals is not None:
+        task.validate(evals)
+        if cfg.eval_limit:
+            evals = evals[: cfg.eval_limit]
+    return list(train), (list(evals) if evals is not None else None)
+
+
+def _load(cfg: TrainConfig, device: torch.device, checkpoint: Path | None) -> LoadedModel:
+    if checkpoint is None:
+        return load_model(cfg.model, random_init=cfg.random_init, dtype=cfg.dtype, device=device,
+                          seed=cfg.seed, tokenizer=cfg.tokenizer)
+    lm = load_model(str(checkpoint), dtype=cfg.dtype, device=device, tokenizer=cfg.tokenizer)
+    lm.name = cfg.model or lm.name
+    return lm
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module) -> ZOEngine:
+    return ZOEngine(model, noise=make_noise(cfg.noise, cfg.distribution))
+
+
+def build_optimizer(cfg: TrainConfig):
+    opts = dict(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, n_queries=cfg.n_queries,
+                one_sided=cfg.one_sided, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps)
+    opts.update(cfg.optimizer_options)
+    return make_optimizer(cfg.optimizer, opts, seed=cfg.seed, total_steps=cfg.steps)
+
+
+def _check_budget(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> None:
+    if cfg.gpu_mem is None or device.type != "cuda":
+        return
+    budget = parse_size(cfg.gpu_mem)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if weights > budget:
+        raise UsageError(
+            f"the model's weights alone take {weights / 1e9:.2f} GB > --gpu-mem {budget / 1e9:.2f} GB, and this "
+            "build keeps every unit resident (block streaming is not built yet); raise --gpu-mem"
+        )
+
+
+class Trainer:
+    """One fine-tuning run. ``run()`` trains, evaluates and checkpoints; see ``finetune``."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = _prepare_output_dir(cfg)
+        self.device = resolve_device(cfg.device)
+        ckpt = find_checkpoint(self.out) if cfg.resume else None
+        self.state: dict[str, Any] = {"step": 0, "nan_streak": 0, "metrics_lines": 0, "trajectory_lines": 0}
+        if cfg.resume:
+            if ckpt is None:
+                raise UsageError(f"nothing to resume in '{self.out}' (no checkpoint); drop --resume to start a new run")
+            self._check_resume_config()
+            import json
+
+            self.state = json.loads((ckpt / "state.json").read_text())
+        lm = _load(cfg, self.device, ckpt)
+        if lm.tokenizer is None:
+            raise UsageError(f"no tokenizer is available offline for '{lm.name}'; pass --tokenizer PATH")
+        _check_budget(cfg, lm.model, self.device)
+        self.model, self.tokenizer, self.kind = lm.model, lm.tokenizer, lm.kind
+        self.task = make_task(cfg.task, self.tokenizer, self.kind, cfg.max_length, **cfg.task_options)
+        self.train, self.evals = _load_data(cfg, self.task)
+        self.engine = build_engine(cfg, self.model)
+        self.opt = build_optimizer(cfg)
+        self.opt.load_state_dict(self.state.get("optimizer", {}))
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.traj_path = self.out / "trajectory.jsonl"
+        if cfg.resume:
+            truncate_jsonl(self.metrics_path, self.state["metrics_lines"])
+            truncate_jsonl(self.traj_path, self.state["trajectory_lines"])
+        else:
+            for p in (self.metrics_path, self.traj_path):
+                p.unlink(missing_ok=True)
+        resolved = cfg.to_dict() | {"resume": False}
+        (self.out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        self.metrics: list[dict[str, Any]] = read_jsonl(self.metrics_path)
+
+    def _check_resume_config(self) -> None:
+        saved_path = self.out / "config.yaml"
+        if not saved_path.exists():
+            return
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        now = self.cfg.to_dict()
+        changed = [k for k in _TRAJECTORY_KEYS if k in saved and saved[k] != now[k]]
+        if changed:
+            raise UsageError(f"--resume with a different {changed[0]} ({saved[changed[0]]!r} -> {now[changed[0]]!r}) "
+                             "would not continue the same trajectory; use the original value")
+
+    # -- records ----------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.metrics_path, record)
+        self.metrics.append(record)
+        self.state["metrics_lines"] += 1
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        if not self.evals:
+            return {}
+        self.engine.flush()
+        t0 = time.perf_counter()
+        res = self.task.evaluate(self.model, self.evals, self.cfg.eval_batch_size)
+        rec = {f"eval_{k}": v for k, v in res.items()}
+        self._log({"step": step, **rec, "eval_time_s": time.perf_counter() - t0})
+        return rec
+
+    def _save(self, step: int) -> None:
+        self.engine.flush()
+        self.state.update(step=step, optimizer=self.opt.state_dict(), device_type=self.device.type)
+        save_checkpoint(self.out, self.model, self.tokenizer, self.state)
+        try:
+            plot_metrics(self.metrics, self.out / "loss.png")
+        except OSError as e:
+            print(f"zoft: could not draw loss.png: {e}", file=sys.stderr)
+
+    # -- the loop ---------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, Any]:
+        """One ZO step: returns the metrics record (already logged)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        idx = batch_indices(len(self.train), cfg.batch_size, step, cfg.seed)
+        batch = self.task.collate([self.train[i] for i in idx]).to(self.device)
+        probes = self.opt.probes(step)
+        losses = self.engine.evaluate(probes, batch, self.task)
+        if torch.isfinite(losses).all():
+            upd, m = self.opt.update(step, losses)
+            self.state["nan_streak"] = 0
+            skipped = False
+        else:
+            upd, m = Update(), {"loss": float("nan"), "projected_grad": float("nan"), "lr": self.opt.lr(step)}
+            self.state["nan_streak"] += 1
+            skipped = True
+        self.engine.set_update(upd)
+        append_jsonl(self.traj_path, {"step": step, "terms": [[s, c] for s, c in upd.terms], "decay": upd.decay})
+        self.state["trajectory_lines"] += 1
+        rec = {"step": step, **m, "step_time_s": time.perf_counter() - t0, "examples": len(idx)}
+        if skipped:
+            rec["skipped"] = True
+        self._log(rec)
+        return rec
+
+    def run(self) -> RunResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        start = self.state["step"]
+        if start == 0 and not any("eval_loss" in m or "eval_accuracy" in m for m in self.metrics):
+            self._evaluate(0)
+        bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="zoft", dynamic_ncols=True,
+                   file=sys.stderr)
+        ema = None
+        step = start
+        try:
+            for step in range(start, cfg.steps):
+                rec = self.step(step)
+                if self.state["nan_streak"] >= cfg.max_nan_steps:
+                    self._save(step + 1)
+                    raise ZoftError(f"loss was NaN/inf for {cfg.max_nan_steps} steps in a row (last at step {step}); "
+                                    "updates were skipped and a checkpoint saved; lower --lr or --eps, or use --dtype fp32")
+                if not rec.get("skipped"):
+                    ema = rec["loss"] if ema is None else 0.9 * ema + 0.1 * rec["loss"]
+                bar.set_postfix(loss=f"{ema:.4f}" if ema is not None else "nan",
+                                ex_s=f"{rec['examples'] / rec['step_time_s']:.1f}", refresh=False)
+                bar.update(1)
+                done = step + 1
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                    ev = self._evaluate(done)
+                    if ev:
+                        bar.write("step %d: %s" % (done, ", ".join(f"{k}={v:.4f}" for k, v in ev.items())))
+                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                    self._save(done)
+        except KeyboardInterrupt:
+            bar.close()
+            self.state["step"] = step  # the interrupted step is redone on resume
+            self._save(step)
+            raise ZoftError(f"interrupted at step {step}; checkpoint saved in '{self.out}'; continue with --resume") from None
+        bar.close()
+        final = self._evaluate(cfg.steps)
+        self._save(cfg.steps)
+        self.engine.close()
+        return RunResult(self.model, self.tokenizer, self.out, self.metrics, final)
+
+
+def finetune(config: TrainConfig | dict[str, Any]) -> RunResult:
+    """Fine-tune with zeroth-order steps; see ``TrainConfig`` for every option.
+
+    >>> from zoft import finetune, TrainConfig
+    >>> res = finetune(TrainConfig(model="facebook/opt-125m", task="sst2", steps=1000, lr=1e-6,
+    ...                            output_dir="runs/opt125m-sst2"))           # doctest: +SKIP
+    >>> res.final_eval["eval_accuracy"]                                       # doctest: +SKIP
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    return Trainer(cfg).run()
+
+
+def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, device: str | None = None):
+    """Rebuild a run's checkpointed weights from its initial weights and ``trajectory.jsonl``.
+
+    Returns the model; with ``output`` also writes it (and the tokenizer) with ``save_pretrained``.
+    Bit-identical to the checkpoint on the device type the run used (``state.json``).
+    """
+    import json
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file() or not (run / "trajectory.jsonl").is_file():
+        raise UsageError(f"'{run}' is not a zoft run directory (config.yaml and trajectory.jsonl expected)")
+    cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    ckpt = find_checkpoint(run)
+    state = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
+    dev = resolve_device(device or state.get("device_type", "cpu"))
+    lm = load_model(cfg.model, random_init=cfg.random_init, dtype=cfg.dtype, device=dev, seed=cfg.seed,
+                    tokenizer=cfg.tokenizer)
+    records = read_jsonl(run / "trajectory.jsonl", state.get("trajectory_lines"))
+    engine = build_engine(cfg, lm.model)
+    for r in records:
+        engine.set_update(Update(terms=[(int(s), float(c)) for s, c in r["terms"]], decay=float(r["decay"])))
+    engine.close()
+    if output is not None:
+        out = Path(output)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lm.model.save_pretrained(out, safe_serialization=True)
+            if lm.tokenizer is not None:
+                lm.tokenizer.save_pretrained(out)
+        except OSError as e:
+            raise ZoftError(f"could not write the replayed model to '{out}': {e.strerror or e}") from None
+    return lm.model
+
+
+__all__ = ["RunResult", "Trainer", "batch_indices", "finetune", "replay", "resolve_device"]
+
