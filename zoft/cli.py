@@ -24,6 +24,7 @@ _HELP = {
     "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config)",
     "eval_every": "evaluate every N steps (0: only before and after training)",
     "resume": "continue the run in --output-dir from its last checkpoint",
+    "freeze": "comma-separated substrings of parameter names to keep frozen (e.g. word_embeddings)",
 }
 _SKIP = {"task_options", "optimizer_options", "progress"}
 
@@ -44,6 +45,8 @@ def _add_finetune(sub) -> None:
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": _HELP.get(f.name)}
         if tp is bool:
             kw["action"] = "store_true"
+        elif typing.get_origin(tp) is list:
+            kw["type"] = lambda s: [x.strip() for x in s.split(",") if x.strip()]
         elif typing.get_origin(tp) is typing.Literal:
             kw["choices"] = args
         else:

@@ -63,6 +63,7 @@ class TrainConfig:
     warmup_steps: int = 0
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     noise: str = "torch"
+    freeze: list[str] = field(default_factory=list)  # substrings of parameter names kept frozen
     distribution: Literal["gaussian", "rademacher"] = "gaussian"
     # loop
     steps: int = 1000
@@ -116,8 +117,8 @@ def _check_type(name: str, value: Any, tp: Any) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, args))}, not '{value}'")
         return
     allowed = tuple(a for a in (args if args else (tp,)) if isinstance(a, type))
-    if origin is dict:
-        allowed = (dict,)
+    if origin in (dict, list):
+        allowed = (origin,)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return
     if allowed and not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):

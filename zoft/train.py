@@ -37,7 +37,7 @@ from zoft.tasks import builtin_sentiment, load_examples, make_task
 # Config keys that change the trajectory: a resumed run must keep them.
 _TRAJECTORY_KEYS = ("model", "random_init", "task", "task_options", "train", "max_length", "optimizer", "lr",
                     "eps", "weight_decay", "n_queries", "one_sided", "schedule", "warmup_steps",
-                    "optimizer_options", "noise", "distribution", "batch_size", "seed", "dtype")
+                    "optimizer_options", "noise", "distribution", "batch_size", "seed", "dtype", "freeze")
 
 
 @dataclass
@@ -119,6 +119,16 @@ def _load(cfg: TrainConfig, device: torch.device, checkpoint: Path | None) -> Lo
 
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module) -> ZOEngine:
+    """The engine over ``model``; parameters whose names contain a ``cfg.freeze`` entry are frozen
+    (``requires_grad=False``: never perturbed nor written)."""
+    if cfg.freeze:
+        hit = False
+        for n, p in model.named_parameters():
+            if any(s in n for s in cfg.freeze):
+                p.requires_grad_(False)
+                hit = True
+        if not hit:
+            raise UsageError(f"--freeze {cfg.freeze} matches no parameter name")
     return ZOEngine(model, noise=make_noise(cfg.noise, cfg.distribution))
 
 
