@@ -13,6 +13,7 @@ from zoft.cli import main
 from zoft.config import TrainConfig, load_config_file, parse_size
 from zoft.errors import UsageError, ZoftError
 from zoft.models import aliases, configs_dir, resolve
+from zoft.train import Trainer
 
 TEXTS = ["the movie was great and the acting was wonderful", "an awful waste of time",
          "a fine film with a lovely cast", "the plot was boring", "hello world", "It was great."]
@@ -67,29 +68,32 @@ def test_finetune_writes_metrics_checkpoint_plot_and_replays(tiny_dir, lm_data, 
     assert any(not torch.equal(a[k], init[k]) for k in a)  # and training did move the weights
 
 
-def test_resume_continues_the_same_trajectory(tiny_dir, lm_data, tmp_path):
+@pytest.mark.parametrize("how", ["stopped", "interrupted", "torn-write"])
+def test_resume_continues_the_same_trajectory(tiny_dir, lm_data, tmp_path, monkeypatch, capsys, how):
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(finetune_args(tiny_dir, lm_data, full)) == 0
-    args = finetune_args(tiny_dir, lm_data, part)
-    args[args.index("--steps") + 1] = "3"
-    assert main(args) == 0
+    if how == "interrupted":  # Ctrl-C during step 3: checkpoint at 3, exit 1 with one line
+        real_step = Trainer.step
+
+        def step(self, t):
+            if t == 3:
+                raise KeyboardInterrupt
+            return real_step(self, t)
+
+        monkeypatch.setattr(Trainer, "step", step)
+        assert "interrupted at step 3" in one_line_error(capsys, 1, finetune_args(tiny_dir, lm_data, part))
+        monkeypatch.setattr(Trainer, "step", real_step)
+    else:
+        args = finetune_args(tiny_dir, lm_data, part)
+        args[args.index("--steps") + 1] = "3"
+        assert main(args) == 0
+    if how == "torn-write":  # a crash after the checkpoint, mid-line
+        with open(part / "trajectory.jsonl", "a") as f:
+            f.write('{"step": 3, "terms": [[1, 0.5]], "dec')
     assert main(finetune_args(tiny_dir, lm_data, part, "--resume")) == 0
     a, b = weights(full / "checkpoint"), weights(part / "checkpoint")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ta = (full / "trajectory.jsonl").read_text()
-    assert ta == (part / "trajectory.jsonl").read_text()
-
-
-def test_resume_after_a_torn_write_drops_the_partial_steps(tiny_dir, lm_data, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(finetune_args(tiny_dir, lm_data, full)) == 0
-    args = finetune_args(tiny_dir, lm_data, part)
-    args[args.index("--steps") + 1] = "3"
-    assert main(args) == 0
-    with open(part / "trajectory.jsonl", "a") as f:  # a crash after the checkpoint, mid-line
-        f.write('{"step": 3, "terms": [[1, 0.5]], "dec')
-    assert main(finetune_args(tiny_dir, lm_data, part, "--resume")) == 0
     assert (full / "trajectory.jsonl").read_text() == (part / "trajectory.jsonl").read_text()
 
 

@@ -6,6 +6,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     BertConfig,
+    BloomConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -35,6 +36,9 @@ FAMILIES = {
                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
     "gpt_neox": lambda: GPTNeoXConfig(**_COMMON, hidden_dropout=0.0, attention_dropout=0.0),
     "phi3": lambda: Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0),
+    # BLOOM passes ALiBi biases shaped (batch * heads, 1, T): split by P chunks of dim 0
+    "bloom": lambda: BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4, hidden_dropout=0.0,
+                                 attention_dropout=0.0),
     "bert": lambda: BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                intermediate_size=64, max_position_embeddings=128),
 }
