@@ -1,0 +1,255 @@
+"""CPU step time: zoft's MeZO-SGD step against a faithful reference of the published MeZO loop.
+
+Same model (OPT-125M shape, random weights, fp32), same batch (8 x 64 random token ids), same
+hyper-parameters, 2 threads, one process. Each repetition times, in a rotating order:
+
+  reference     ``MeZOReference.step``: MeZO's ``zo_step`` + ``zo_update`` (Malladi et al. 2023,
+                ``MeZO/large_models/trainer.py``), re-written here line for line;
+  zoft          ``ZOEngine.evaluate(opt.probes(step))`` + ``MeZOSGD.update`` + ``engine.set_update``;
+                zoft applies the previous step's update lazily inside the next forward, so every
+                timed step is a steady-state one (the first, update-free step is the warm-up);
+  forward-only  two plain forward passes of the batch: the physical floor of a two-sided ZO step.
+
+Reports medians, the ratios zoft/reference and forward-only/reference, the z generations per step
+of both (counted, in units of one full-model draw), and a sanity check that both compute the same
+unperturbed loss of the same model on the same batch.
+
+    python bench/step_cpu.py [--reps 10] [--json FILE] [--quick] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from statistics import median
+
+import numpy as np
+import torch
+from torch import nn
+
+from zoft.engine import ZOEngine
+from zoft.engine.probes import Probe
+from zoft.models import build_random, resolve
+from zoft.noise import TorchGeneratorNoise
+from zoft.optim import MeZOConfig, MeZOSGD
+from zoft.tasks.base import Batch
+from zoft.tasks.lm import LMTask
+
+BATCH, SEQ = 8, 64
+
+
+class MeZOReference:
+    """The published MeZO step, as in ``MeZO/large_models/trainer.py`` (``zo_perturb_parameters``,
+    ``zo_forward``, ``zo_step``, ``zo_update``), kept deliberately faithful, inefficiencies
+    included: the global generator is re-seeded before each of the 4 passes over the parameters,
+    z is drawn anew each time with ``torch.normal``, and every update is out of place
+    (``param.data = param.data + ...``). Do not optimise this class: it is the baseline.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, eps: float, weight_decay: float, seed: int):
+        self.model = model
+        self.lr, self.zo_eps, self.weight_decay = lr, eps, weight_decay
+        self.named_parameters_to_optim = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.np_rng = np.random.RandomState(seed)  # MeZO: np.random.randint(1000000000)
+        self.z_elements = 0  # bench instrumentation: elements of z drawn so far
+
+    def zo_perturb_parameters(self, scaling_factor: float = 1) -> None:
+        torch.manual_seed(self.zo_random_seed)  # same z every time for the same seed
+        for name, param in self.named_parameters_to_optim:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+            self.z_elements += z.numel()
+            param.data = param.data + scaling_factor * z * self.zo_eps
+
+    def zo_forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.model.eval()
+        with torch.inference_mode():
+            loss = self.model(**inputs).loss
+        return loss.detach()
+
+    def step(self, inputs: dict[str, torch.Tensor]) -> tuple[float, float, float]:
+        """One ``zo_step`` + ``zo_update``; returns (L+, L-, projected_grad)."""
+        self.zo_random_seed = self.np_rng.randint(1000000000)
+        self.zo_perturb_parameters(scaling_factor=1)
+        loss1 = self.zo_forward(inputs)
+        self.zo_perturb_parameters(scaling_factor=-2)
+        loss2 = self.zo_forward(inputs)
+        self.projected_grad = ((loss1 - loss2) / (2 * self.zo_eps)).item()
+        self.zo_perturb_parameters(scaling_factor=1)  # back to the weights at the start of the step
+        # zo_update: regenerate z a 4th time and take the SGD step (no decay on bias / layer norm).
+        torch.manual_seed(self.zo_random_seed)
+        for name, param in self.named_parameters_to_optim:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+            self.z_elements += z.numel()
+            if "bias" not in name and "layer_norm" not in name and "layernorm" not in name:
+                param.data = param.data - self.lr * (self.projected_grad * z + self.weight_decay * param.data)
+            else:
+                param.data = param.data - self.lr * (self.projected_grad * z)
+        return loss1.item(), loss2.item(), self.projected_grad
+
+
+class CountingNoise(TorchGeneratorNoise):
+    """zoft's default backend, counting the elements of z it draws (bench instrumentation only)."""
+
+    def __init__(self):
+        super().__init__("gaussian")
+        self.z_elements = 0
+
+    def sample(self, seed: int, key: str, like: torch.Tensor) -> torch.Tensor:
+        self.z_elements += like.numel()
+        return super().sample(seed, key, like)
+
+
+def model_config(quick: bool):
+    """The ``opt-125m`` alias config (offline); ``quick``: the same family shrunk to a toy size."""
+    _, config = resolve("opt-125m")
+    config.use_cache = False
+    if quick:
+        for k, v in dict(vocab_size=512, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128,
+                         num_hidden_layers=2, num_attention_heads=4).items():
+            setattr(config, k, v)
+    return config
+
+
+def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    config = model_config(quick)
+    t0 = time.perf_counter()
+    ref_model = build_random(config, "causal", torch.float32, seed).eval()
+    zoft_model = copy.deepcopy(ref_model)  # same initial weights, separate storage
+    build_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in ref_model.parameters() if p.requires_grad)  # tied counted once
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=gen)  # (B, T)
+    mask = torch.ones_like(ids)  # (B, T), no padding
+    ref_inputs = {"input_ids": ids, "attention_mask": mask, "labels": ids}  # HF shifts labels itself
+    batch = Batch({"input_ids": ids, "attention_mask": mask}, {"labels": ids}, size=BATCH)
+    task = LMTask(tokenizer=None, kind="causal", max_length=SEQ)  # forward + loss need no tokenizer
+
+    ref = MeZOReference(ref_model, lr, eps, weight_decay, seed)
+    engine = ZOEngine(zoft_model)
+    opt = MeZOSGD(MeZOConfig(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, total_steps=reps + 2)
+
+    # Sanity: both compute the same unperturbed loss of the same weights on the same batch.
+    loss0_ref = ref.zo_forward(ref_inputs).item()
+    loss0_zoft = engine.evaluate([Probe(None, 0.0)], batch, task).item()
+    loss0_rel = abs(loss0_ref - loss0_zoft) / abs(loss0_ref)
+
+    step = 0
+    first: dict[str, tuple[float, float, float]] = {}
+
+    def ref_step():
+        lp, lm, g = ref.step(ref_inputs)
+        first.setdefault("reference", (lp, lm, g))
+
+    def zoft_step():
+        nonlocal step
+        losses = engine.evaluate(opt.probes(step), batch, task)  # (2,): L+, L-
+        upd, metrics = opt.update(step, losses)
+        engine.set_update(upd)
+        first.setdefault("zoft", (losses[0].item(), losses[1].item(), metrics["projected_grad"]))
+        step += 1
+
+    def forward_only():
+        for _ in range(2):
+            ref.zo_forward(ref_inputs)
+
+    fns = {"reference": ref_step, "zoft": zoft_step, "forward_only": forward_only}
+    for fn in fns.values():  # warm-up; zoft's first step has no pending update to apply
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(reps):
+        for name in names[r % 3:] + names[:r % 3]:  # rotate the order: no method always runs first
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+
+    # z generations per step, counted on one more (steady-state) step of each.
+    ref.z_elements = 0
+    ref_step()
+    ref_z = ref.z_elements / n_params
+    counting = CountingNoise()
+    engine.noise = counting
+    zoft_step()
+    zoft_z = counting.z_elements / n_params
+    engine.close()
+
+    med = {k: median(v) for k, v in times.items()}
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "model": "opt-125m shape (random init)" if not quick else "tiny opt (quick)",
+        "params": n_params, "batch": [BATCH, SEQ], "dtype": "fp32", "threads": threads,
+        "torch": torch.__version__, "reps": reps, "lr": lr, "eps": eps, "weight_decay": weight_decay,
+        "build_s": build_s, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "median_s": med, "times_s": times,
+        "ratio_zoft_over_reference": med["zoft"] / med["reference"],
+        "ratio_forward_only_over_reference": med["forward_only"] / med["reference"],
+        # Median of per-repetition ratios (each pair ran back to back): less sensitive to load drift.
+        "paired_ratio_median": {k: median([a / b for a, b in zip(times[k], times["reference"])])
+                                for k in ("zoft", "forward_only")},
+        "z_per_step": {"reference": ref_z, "zoft": zoft_z},
+        "loss0": {"reference": loss0_ref, "zoft": loss0_zoft, "rel_diff": loss0_rel},
+        "first_step": {k: dict(zip(("loss_plus", "loss_minus", "projected_grad"), v)) for k, v in first.items()},
+    }
+
+
+def report(res: dict) -> str:
+    med, t = res["median_s"], res["times_s"]
+    ref = med["reference"]
+    lines = [
+        f"{res['model']}: {res['params'] / 1e6:.1f}M params, {res['dtype']}, batch {res['batch'][0]}x{res['batch'][1]}, "
+        f"{res['threads']} threads, {res['reps']} reps, torch {res['torch']}, "
+        f"load avg {res['loadavg_before'][0]:.2f} -> {res['loadavg_after'][0]:.2f}",
+        f"{'':24s}{'median s/step':>14s}{'min':>9s}{'max':>9s}{'x reference':>13s}",
+    ]
+    for name, label in (("reference", "MeZO reference"), ("zoft", "zoft MeZO-SGD"), ("forward_only", "forward-only (2 fwd)")):
+        lines.append(f"{label:24s}{med[name]:14.3f}{min(t[name]):9.3f}{max(t[name]):9.3f}{med[name] / ref:13.3f}")
+    z, l0 = res["z_per_step"], res["loss0"]
+    lines += [
+        f"ratio zoft/reference = {res['ratio_zoft_over_reference']:.3f}   "
+        f"forward-only/reference = {res['ratio_forward_only_over_reference']:.3f}   "
+        f"(median of per-rep ratios: {res['paired_ratio_median']['zoft']:.3f}, "
+        f"{res['paired_ratio_median']['forward_only']:.3f})",
+        f"z generations per step (full-model draws): reference {z['reference']:.2f}, zoft {z['zoft']:.2f}",
+        f"step-0 unperturbed loss: reference {l0['reference']:.6f}, zoft {l0['zoft']:.6f} (rel diff {l0['rel_diff']:.1e})",
+    ]
+    for k, v in res["first_step"].items():
+        lines.append(f"first step {k:9s}: L+ {v['loss_plus']:.6f}  L- {v['loss_minus']:.6f}  g {v['projected_grad']:+.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10; 2 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="tiny OPT config, 2 reps (smoke test)")
+    ap.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the benchmark's setting is 2)")
+    args = ap.parse_args(argv)
+    reps = args.reps if args.reps is not None else (2 if args.quick else 10)
+    if reps < 1:
+        ap.error("--reps must be >= 1")
+    res = run(reps, args.quick, args.lr, args.eps, args.weight_decay, args.seed, args.threads)
+    print(report(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    # fp32 forward of the same weights and batch by two code paths: equal up to summation order.
+    if not math.isfinite(res["loss0"]["zoft"]) or res["loss0"]["rel_diff"] > 1e-5:
+        print("FAIL: zoft and the reference disagree on the unperturbed loss", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
