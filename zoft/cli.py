@@ -24,6 +24,7 @@ _HELP = {
     "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config)",
     "eval_every": "evaluate every N steps (0: only before and after training)",
     "resume": "continue the run in --output-dir from its last checkpoint",
+    "trainable": "comma-separated substrings of parameter names to train (default: all parameters)",
     "freeze": "comma-separated substrings of parameter names to keep frozen (e.g. word_embeddings)",
 }
 _SKIP = {"task_options", "optimizer_options", "progress"}

@@ -63,7 +63,8 @@ class TrainConfig:
     warmup_steps: int = 0
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     noise: str = "torch"
-    freeze: list[str] = field(default_factory=list)  # substrings of parameter names kept frozen
+    trainable: list[str] = field(default_factory=list)  # name substrings to train (empty: all)
+    freeze: list[str] = field(default_factory=list)  # name substrings kept frozen (after trainable)
     distribution: Literal["gaussian", "rademacher"] = "gaussian"
     # loop
     steps: int = 1000

@@ -37,7 +37,7 @@ from zoft.tasks import builtin_sentiment, load_examples, make_task
 # Config keys that change the trajectory: a resumed run must keep them.
 _TRAJECTORY_KEYS = ("model", "random_init", "task", "task_options", "train", "max_length", "optimizer", "lr",
                     "eps", "weight_decay", "n_queries", "one_sided", "schedule", "warmup_steps",
-                    "optimizer_options", "noise", "distribution", "batch_size", "seed", "dtype", "freeze")
+                    "optimizer_options", "noise", "distribution", "batch_size", "seed", "dtype", "trainable", "freeze")
 
 
 @dataclass
@@ -119,16 +119,17 @@ def _load(cfg: TrainConfig, device: torch.device, checkpoint: Path | None) -> Lo
 
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module) -> ZOEngine:
-    """The engine over ``model``; parameters whose names contain a ``cfg.freeze`` entry are frozen
-    (``requires_grad=False``: never perturbed nor written)."""
-    if cfg.freeze:
-        hit = False
-        for n, p in model.named_parameters():
-            if any(s in n for s in cfg.freeze):
-                p.requires_grad_(False)
-                hit = True
-        if not hit:
-            raise UsageError(f"--freeze {cfg.freeze} matches no parameter name")
+    """The engine over ``model``. With ``cfg.trainable`` only parameters whose names contain one of
+    its entries are trained; then those containing a ``cfg.freeze`` entry are frozen. Frozen means
+    ``requires_grad=False``: never perturbed nor written."""
+    for what, patterns in (("trainable", cfg.trainable), ("freeze", cfg.freeze)):
+        if patterns and not any(s in n for n, _ in model.named_parameters() for s in patterns):
+            raise UsageError(f"--{what} {','.join(patterns)} matches no parameter name")
+    for n, p in model.named_parameters():
+        if cfg.trainable and not any(s in n for s in cfg.trainable):
+            p.requires_grad_(False)
+        if any(s in n for s in cfg.freeze):
+            p.requires_grad_(False)
     return ZOEngine(model, noise=make_noise(cfg.noise, cfg.distribution))
 
 

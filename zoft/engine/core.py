@@ -78,6 +78,12 @@ class ZOEngine:
         self._applied: set[str] = set()
         self._live: dict[int, _Residency] = {}
         self._units: dict[int, Unit] = {id(u.module): u for u in self.layout.units}
+        counts: dict[str, int] = {}
+        for u in self.layout.units:
+            for k in {k for k, _ in u.params}:
+                counts[k] = counts.get(k, 0) + 1
+        self._tied = {k for k, c in counts.items() if c > 1}
+        self._tied_z: dict[tuple[int, str], torch.Tensor] = {}  # z of tied keys, kept for one step
         self.refresh_trainable()
         self._handles = []
         for u in self.layout.units:
@@ -135,10 +141,18 @@ class ZOEngine:
                 p.data.copy_(res.backup[k])
             return
         if res.z_seed != probe.seed:  # consecutive probes along one direction reuse z
-            res.z = {k: self.noise.sample(probe.seed, k, p).to(p.dtype) for k, p in res.params}
+            res.z = {k: self._sample(probe.seed, k, p) for k, p in res.params}
             res.z_seed = probe.seed
         for k, p in res.params:
             torch.add(res.backup[k], res.z[k], alpha=probe.scale, out=p.data)
+
+    def _sample(self, seed: int, key: str, p: torch.Tensor) -> torch.Tensor:
+        if key not in self._tied:
+            return self.noise.sample(seed, key, p).to(p.dtype)
+        z = self._tied_z.get((seed, key))
+        if z is None:  # a tied weight (embedding = LM head) is drawn once per step, not per unit
+            z = self._tied_z[(seed, key)] = self.noise.sample(seed, key, p).to(p.dtype)
+        return z
 
     def _restore(self, res: _Residency) -> None:
         for k, p in res.params:
@@ -207,6 +221,7 @@ class ZOEngine:
                 with torch.no_grad():
                     self._restore(res)
             self._live.clear()
+            self._tied_z.clear()
             self._probes = None
             self.flush()
             self.model.train(was_training)
