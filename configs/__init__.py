@@ -1,0 +1,1 @@
+"""Shipped configs, installed as ``zoft.configs``: model alias configs (``models/``) and recipes."""
