@@ -121,9 +121,8 @@ class ZOEngine:
     def _apply_pending(self, key: str, p: nn.Parameter) -> None:
         if self._pending is None or key in self._applied:
             return
-        upd = self._pending
         with torch.no_grad():
-            self.noise.axpy(p.data, upd.terms, key, upd.decay if self.decays[key] else 1.0)
+            self._pending.apply(key, p.data, self.noise, self.decays[key])
         self._applied.add(key)
 
     def flush(self) -> None:

@@ -37,6 +37,14 @@ class Update:
     def is_noop(self) -> bool:
         return self.decay == 1.0 and all(c == 0.0 for _, c in self.terms)
 
+    def apply(self, key: str, w: torch.Tensor, noise: Any, decays: bool) -> None:
+        """Apply this update to one parameter tensor ``w`` (in place) under key ``key``.
+
+        Stateful optimizers (momentum, Adam-style) subclass ``Update`` and keep per-parameter
+        state keyed by ``key``; the engine calls this exactly once per parameter per step.
+        """
+        noise.axpy(w, self.terms, key, self.decay if decays else 1.0)
+
 
 def _map(x: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(x, torch.Tensor):
