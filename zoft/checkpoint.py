@@ -102,8 +102,9 @@ def plot_metrics(metrics: list[dict[str, Any]], path: Path) -> None:
 
     train = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None and "eval_loss" not in m]
     evals = [m for m in metrics if any(k.startswith("eval_") for k in m)]
-    eval_keys = sorted({k for m in evals for k in m if k.startswith("eval_") and isinstance(m[k], (int, float))})
-    fig, axes = plt.subplots(1, 1 + bool(eval_keys), figsize=(6 + 5 * bool(eval_keys), 4), squeeze=False)
+    eval_keys = sorted({k for m in evals for k in m if k.startswith("eval_") and not k.endswith("_time_s")
+                        and isinstance(m[k], (int, float))})
+    fig, axes = plt.subplots(1, 1 + len(eval_keys), figsize=(6 + 4 * len(eval_keys), 4), squeeze=False)
     ax = axes[0][0]
     if train:
         steps, losses = zip(*train)
@@ -113,18 +114,15 @@ def plot_metrics(metrics: list[dict[str, Any]], path: Path) -> None:
             ema = 0.9 * ema + 0.1 * v
             out.append(ema)
         ax.plot(steps, out, label="EMA 0.9")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.legend()
-    if eval_keys:
-        ax2 = axes[0][1]
-        for k in eval_keys:
-            pts = [(m["step"], m[k]) for m in evals if m.get(k) is not None]
-            if pts:
-                ax2.plot(*zip(*pts), marker="o", label=k)
+    for ax2, k in zip(axes[0][1:], eval_keys):  # one panel per held-out metric: scales differ
+        pts = [(m["step"], m[k]) for m in evals if m.get(k) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), marker="o")
         ax2.set_xlabel("step")
-        ax2.set_title("held-out")
-        ax2.legend()
+        ax2.set_title(f"held-out {k[len('eval_'):]}")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
