@@ -178,3 +178,15 @@ def test_sizes():
     assert parse_size("123") == 123
     with pytest.raises(UsageError):
         parse_size("18 gigs")
+
+
+def test_embedded_default_runs_offline(tmp_path, capsys):
+    """`zoft finetune` with no --model: the demo recipe on the pretrained MiniLM (2 steps here)."""
+    out = tmp_path / "demo"
+    assert main(["finetune", "--steps", "2", "--eval-limit", "16", "--output-dir", str(out), "--no-progress"]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    cfg = load_config_file(str(out / "config.yaml"))
+    demo = load_config_file(str(configs_dir() / "demo.yaml"))
+    assert cfg["model"] is None and cfg["lr"] == demo["lr"] and cfg["steps"] == 2
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "eval_accuracy" in m] == [0, 2]
