@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_tokenizer
-from transformers import AutoModelForCausalLM, OPTConfig
+from eval_helpers import one_torch_thread, tiny_eval_opt, tok_fixture  # noqa: F401
 
 from zoft.eval.generate import (
     clean_up_tokenization,
@@ -21,32 +20,9 @@ PROMPTS = ["the movie was", "Question: what is the capital of France?\nAnswer:",
            "It was great. It was terrible. hello world"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny-model forwards are overhead-bound: one intra-op thread is as fast alone and ~10x
-    faster when the CPU is shared. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_opt(tok, seed: int = 0, max_pos: int = 256):
-    torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                    num_attention_heads=4, max_position_embeddings=max_pos, word_embed_proj_dim=32,
-                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
-
-
 @pytest.fixture(scope="module")
 def model(tok):
-    return tiny_opt(tok)
+    return tiny_eval_opt(tok, max_pos=256)
 
 
 def manual_greedy(model, ids: list[int], n: int, eos: int = 2) -> list[int]:
@@ -152,7 +128,7 @@ def test_clean_up_tokenization_like_transformers_4():
 
 
 def test_long_prompt_is_left_truncated(tok):
-    model = tiny_opt(tok, max_pos=32)
+    model = tiny_eval_opt(tok, max_pos=32)
     long = " ".join(["the movie was great"] * 20)
     g = greedy_generate(model, tok, [long], max_new_tokens=4)[0]
     assert g.truncated_prompt

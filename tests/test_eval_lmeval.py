@@ -8,25 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import make_tiny_tokenizer
-from transformers import AutoModelForCausalLM, OPTConfig
+from eval_helpers import model_fixture, one_torch_thread, tok_fixture  # noqa: F401
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'lm-eval==0.4.13')")
 
 from zoft.eval.mcq import choice_loglikelihoods, eval_mmlu, eval_wmdp, load_mmlu, load_wmdp
 
 FIX = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny-model forwards are overhead-bound: one intra-op thread is as fast alone and ~10x
-    faster when the CPU is shared. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _task_yaml(name: str, include: Path, data: Path, cache: Path, with_dev: bool) -> str:
@@ -37,16 +25,9 @@ def _task_yaml(name: str, include: Path, data: Path, cache: Path, with_dev: bool
     })
 
 
-def test_wmdp_and_mmlu_match_lm_eval(tmp_path):
+def test_wmdp_and_mmlu_match_lm_eval(model, tok, tmp_path):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-
-    tok = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                    num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=32,
-                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
 
     lm_tasks = Path(lm_eval.__file__).parent / "tasks"
     tasks_dir = tmp_path / "tasks"

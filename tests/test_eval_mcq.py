@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_tokenizer
-from transformers import AutoModelForCausalLM, OPTConfig
+from eval_helpers import model_fixture, one_torch_thread, tok_fixture  # noqa: F401
 
 from zoft.errors import UsageError
 from zoft.eval.mcq import (
@@ -23,30 +22,6 @@ from zoft.eval.mcq import (
 )
 
 FIX = Path(__file__).parent / "fixtures"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny-model forwards are overhead-bound: one intra-op thread is as fast alone and ~10x
-    faster when the CPU is shared. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                    num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=32,
-                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def reference_loglik(model, tok, item, subject, add_special_tokens=True) -> np.ndarray:

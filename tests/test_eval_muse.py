@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_tokenizer
-from transformers import AutoModelForCausalLM, OPTConfig
+from eval_helpers import one_torch_thread, tiny_eval_opt, tok_fixture  # noqa: F401
 
 pytest.importorskip("rouge_score")
 pytest.importorskip("sklearn")
@@ -40,22 +39,9 @@ HOLDOUT = ["the acting was wonderful and the plot was great", "a lovely waste of
            "It was terrible. hello 456789", "the capital of France is Paris"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny-model forwards are overhead-bound: one intra-op thread is as fast alone and ~10x
-    faster when the CPU is shared. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_opt(tok, seed: int = 0, hidden: int = 32):
-    torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, ffn_dim=2 * hidden,
-                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
-                    pad_token_id=0, bos_token_id=1, eos_token_id=EOS, dropout=0.0, attention_dropout=0.0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    """Dropout off: the memorising model is trained in train mode."""
+    return tiny_eval_opt(tok, hidden=hidden, seed=seed, max_pos=256, dropout=0.0, attention_dropout=0.0)
 
 
 def write_muse(root: Path, verbmem, forget_qa, icl, forget, holdout) -> Path:
@@ -66,11 +52,6 @@ def write_muse(root: Path, verbmem, forget_qa, icl, forget, holdout) -> Path:
     for name, data in files.items():
         (root / name).write_text(json.dumps(data))
     return root
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

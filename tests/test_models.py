@@ -83,3 +83,27 @@ def test_embedded_default_is_a_pretrained_encoder():
     lm = load_model(None)
     assert lm.kind == "encoder" and lm.tokenizer is not None
     assert len(discover_layout(lm.model).blocks) == 6
+
+
+def test_unreachable_hub_id_is_a_clear_runtime_error(monkeypatch):
+    import transformers
+
+    def offline(*a, **k):  # what the hub client raises with no network
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(ZoftError, match="could not fetch the config of 'nobody/no-such-model'"):
+        resolve("nobody/no-such-model")
+
+
+def test_local_directory_round_trip(tmp_path):
+    from conftest import make_tiny_tokenizer
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    make_tiny_tokenizer().save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path))
+    assert lm.kind == "causal" and lm.tokenizer is not None
+    for (n, p), (_, q) in zip(model.named_parameters(), lm.model.named_parameters()):
+        assert torch.equal(p, q), n
