@@ -60,8 +60,9 @@ def truncate_jsonl(path: Path, n: int) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: Path, model, tokenizer, state: dict[str, Any]) -> Path:
-    """Write ``out_dir/checkpoint`` atomically: model, tokenizer, ``state.json``."""
+def save_checkpoint(out_dir: Path, model, tokenizer, state: dict[str, Any], tensors: dict | None = None) -> Path:
+    """Write ``out_dir/checkpoint`` atomically: model, tokenizer, ``state.json`` and the optimizer's
+    per-parameter buffers (``optimizer.safetensors``, when ``tensors`` is non-empty)."""
     final = out_dir / "checkpoint"
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out_dir))
     try:
@@ -69,6 +70,10 @@ def save_checkpoint(out_dir: Path, model, tokenizer, state: dict[str, Any]) -> P
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if tensors:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
         old = out_dir / ".checkpoint-old"
         if final.exists():
             if old.exists():

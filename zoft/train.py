@@ -31,7 +31,7 @@ from zoft.engine import Update, ZOEngine
 from zoft.errors import UsageError, ZoftError
 from zoft.models import LoadedModel, load_model
 from zoft.noise import make_noise, mix
-from zoft.optim import make_optimizer
+from zoft.optim import bind, evaluate_step, make_optimizer, update_record
 from zoft.tasks import builtin_sentiment, load_examples, make_task
 
 # Config keys that change the trajectory: a resumed run must keep them.
@@ -177,7 +177,12 @@ class Trainer:
         self.train, self.evals = _load_data(cfg, self.task)
         self.engine = build_engine(cfg, self.model)
         self.opt = build_optimizer(cfg)
+        bind(self.opt, self.engine)
         self.opt.load_state_dict(self.state.get("optimizer", {}))
+        if ckpt is not None and (ckpt / "optimizer.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            self.opt.load_tensor_state(load_file(str(ckpt / "optimizer.safetensors"), device=str(self.device)))
         self.metrics_path = self.out / "metrics.jsonl"
         self.traj_path = self.out / "trajectory.jsonl"
         if cfg.resume:
@@ -220,7 +225,7 @@ class Trainer:
     def _save(self, step: int) -> None:
         self.engine.flush()
         self.state.update(step=step, optimizer=self.opt.state_dict(), device_type=self.device.type)
-        save_checkpoint(self.out, self.model, self.tokenizer, self.state)
+        save_checkpoint(self.out, self.model, self.tokenizer, self.state, tensors=self.opt.tensor_state())
         try:
             plot_metrics(self.metrics, self.out / "loss.png")
         except OSError as e:
@@ -233,8 +238,7 @@ class Trainer:
         t0 = time.perf_counter()
         idx = batch_indices(len(self.train), cfg.batch_size, step, cfg.seed)
         batch = self.task.collate([self.train[i] for i in idx]).to(self.device)
-        probes = self.opt.probes(step)
-        losses = self.engine.evaluate(probes, batch, self.task)
+        losses = evaluate_step(self.engine, self.opt, step, batch, self.task)  # every phase (zo-sgd-cons: 2)
         if torch.isfinite(losses).all():
             upd, m = self.opt.update(step, losses)
             self.state["nan_streak"] = 0
@@ -244,7 +248,7 @@ class Trainer:
             self.state["nan_streak"] += 1
             skipped = True
         self.engine.set_update(upd)
-        append_jsonl(self.traj_path, {"step": step, "terms": [[s, c] for s, c in upd.terms], "decay": upd.decay})
+        append_jsonl(self.traj_path, {"step": step, **update_record(upd)})
         self.state["trajectory_lines"] += 1
         rec = {"step": step, **m, "step_time_s": time.perf_counter() - t0, "examples": len(idx)}
         if skipped:
@@ -325,8 +329,10 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
                     tokenizer=cfg.tokenizer)
     records = read_jsonl(run / "trajectory.jsonl", state.get("trajectory_lines"))
     engine = build_engine(cfg, lm.model)
+    opt = build_optimizer(cfg)  # stateful optimizers rebuild each update (and their buffers) from its record
+    bind(opt, engine)
     for r in records:
-        engine.set_update(Update(terms=[(int(s), float(c)) for s, c in r["terms"]], decay=float(r["decay"])))
+        engine.set_update(opt.update_from_record(r))
     engine.close()
     if output is not None:
         out = Path(output)

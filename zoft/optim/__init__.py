@@ -1,15 +1,52 @@
-"""ZO optimizers, by name: each maps a step's probe losses to a seed-form ``Update``."""
+"""ZO optimizers, by name: each maps a step's probe losses to a seed-form ``Update``.
+
+``OPTIMIZERS[name] = (config dataclass, implementation)``; every implementation carries
+``memory_copies``, the parameter-sized buffers it keeps (table in ``docs/optimizers.md``).
+"""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
 from zoft.errors import UsageError
+from zoft.optim.api import StepResult, evaluate_step, split_candidates, step
+from zoft.optim.directions import CompositeNoise, bind
 from zoft.optim.mezo import MeZOConfig, MeZOSGD
+from zoft.optim.rank import (
+    CallableOracle,
+    Comparison,
+    LossOracle,
+    RankOracle,
+    RankSGDConfig,
+    RewardOracle,
+    ZORankSGD,
+    greedy_generate,
+)
 from zoft.optim.schedule import lr_at
+from zoft.optim.zo_sgd import (
+    ZOSGD,
+    AdamConfig,
+    MomentumConfig,
+    RAdaZO,
+    RAdaZOConfig,
+    ZOAdam,
+    ZOConfig,
+    ZOSGDCons,
+    ZOSGDMomentum,
+    ZOSGDSign,
+    update_record,
+)
 
 # name -> (config dataclass, implementation)
-OPTIMIZERS: dict[str, tuple[type, type]] = {"mezo-sgd": (MeZOConfig, MeZOSGD)}
+OPTIMIZERS: dict[str, tuple[type, type]] = {
+    "mezo-sgd": (ZOConfig, ZOSGD),  # = MeZOSGD, plus sphere directions
+    "zo-sgd-sign": (ZOConfig, ZOSGDSign),
+    "zo-sgd-mmt": (MomentumConfig, ZOSGDMomentum),
+    "zo-sgd-cons": (ZOConfig, ZOSGDCons),
+    "zo-adam": (AdamConfig, ZOAdam),
+    "r-adazo": (RAdaZOConfig, RAdaZO),
+    "zo-ranksgd": (RankSGDConfig, ZORankSGD),
+}
 
 
 def make_optimizer(name: str, options: dict[str, Any], seed: int, total_steps: int):
@@ -28,4 +65,35 @@ def make_optimizer(name: str, options: dict[str, Any], seed: int, total_steps: i
     return impl(cfg, seed=seed, total_steps=total_steps)
 
 
-__all__ = ["OPTIMIZERS", "MeZOConfig", "MeZOSGD", "lr_at", "make_optimizer"]
+__all__ = [
+    "OPTIMIZERS",
+    "ZOSGD",
+    "AdamConfig",
+    "CallableOracle",
+    "Comparison",
+    "CompositeNoise",
+    "LossOracle",
+    "MeZOConfig",
+    "MeZOSGD",
+    "MomentumConfig",
+    "RAdaZO",
+    "RAdaZOConfig",
+    "RankOracle",
+    "RankSGDConfig",
+    "RewardOracle",
+    "StepResult",
+    "ZOAdam",
+    "ZOConfig",
+    "ZORankSGD",
+    "ZOSGDCons",
+    "ZOSGDMomentum",
+    "ZOSGDSign",
+    "bind",
+    "evaluate_step",
+    "greedy_generate",
+    "lr_at",
+    "make_optimizer",
+    "split_candidates",
+    "step",
+    "update_record",
+]

@@ -40,6 +40,7 @@ class MeZOSGD:
     """Stateless: the whole optimizer state is (config, run seed, total steps)."""
 
     name = "mezo-sgd"
+    memory_copies = 0
 
     def __init__(self, config: MeZOConfig, seed: int = 0, total_steps: int = 1):
         self.config = config

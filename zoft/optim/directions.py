@@ -1,0 +1,98 @@
+"""Directions beyond one keyed seed: unit-sphere scaling and composite (multi-seed) directions.
+
+The engine perturbs along ``z(seed, key)`` for one seed per probe. Two things the optimizer
+family needs are expressed on top of that without touching the engine:
+
+* **Unit-sphere directions** ``u = z / ||z||`` (norm over *all* trainable parameters): a probe
+  ``w + eps u`` is ``Probe(seed, eps / ||z||)`` and an update coefficient on ``u`` is one on ``z``
+  divided by ``||z||``. ``||z||`` is computed exactly by one generation pass over the parameters'
+  shapes (no weights are read; under offload only shapes and the compute device are needed), or
+  approximated by ``sqrt(d)`` (relative error ~ ``1/sqrt(2d)``: 7e-4 at d = 1e6; exact for
+  Rademacher noise).
+* **Composite directions** ``sum_i c_i z(s_i)`` (the conservative step's and the RankSGD line
+  search's candidate points): ``CompositeNoise`` wraps the engine's backend and gives such a
+  combination a *virtual seed* (a negative int; real seeds are >= 0), so ``Probe(virtual, t)``
+  evaluates ``w + t sum_i c_i z(s_i)`` exactly (from the engine's backup copy, restored exactly).
+  Virtual seeds only ever appear in probes, never in an applied ``Update``.
+
+``bind(optimizer, engine)`` installs the wrapper (idempotent) and hands the optimizer the
+engine's trainable parameters (for shapes) and noise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+Term = tuple[int, float]
+
+
+class CompositeNoise:
+    """A noise backend plus virtual seeds for fixed linear combinations of real seeds."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self._combos: dict[int, list[Term]] = {}
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def distribution(self) -> str:
+        return self.inner.distribution
+
+    def define(self, terms: Sequence[Term]) -> int:
+        """A fresh virtual seed standing for ``sum_k c_k z(s_k)`` (all ``s_k`` real seeds)."""
+        if any(s < 0 for s, _ in terms):
+            raise ValueError("a composite direction is built from real (>= 0) seeds only")
+        seed = -1 - len(self._combos)
+        self._combos[seed] = [(int(s), float(c)) for s, c in terms]
+        return seed
+
+    def clear(self) -> None:
+        self._combos.clear()
+
+    def sample(self, seed: int, key: str, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if seed >= 0:
+            return self.inner.sample(seed, key, like) if out is None else self.inner.sample(seed, key, like, out=out)
+        terms = self._combos.get(seed)
+        if terms is None:
+            raise KeyError(f"virtual seed {seed} is not defined (directions live for one step)")
+        acc = None  # accumulated in z's dtype (fp32, or fp64 for fp64 weights); samples are read-only
+        for s, c in terms:
+            z = self.inner.sample(s, key, like)
+            if acc is None:
+                acc = torch.mul(z, c, out=out) if out is not None and out.dtype == z.dtype else z * c
+            else:
+                acc.add_(z, alpha=c)
+        return acc if acc is not None else torch.zeros_like(like)
+
+    def axpy(self, w: torch.Tensor, terms: Sequence[Term], key: str, decay: float = 1.0) -> None:
+        if any(s < 0 for s, _ in terms):
+            raise ValueError("virtual seeds are for probes only; an applied update must use real seeds")
+        self.inner.axpy(w, terms, key, decay)
+
+    def __getattr__(self, name: str) -> Any:  # anything else the backend offers
+        return getattr(self.inner, name)
+
+
+def bind(optimizer: Any, engine: Any) -> CompositeNoise:
+    """Attach ``optimizer`` to ``engine``: wraps ``engine.noise`` once, passes the parameters."""
+    if not isinstance(engine.noise, CompositeNoise):
+        engine.noise = CompositeNoise(engine.noise)
+    if hasattr(optimizer, "bind"):
+        optimizer.bind(engine.params, engine.noise)
+    return engine.noise
+
+
+def z_norm(seed: int, params: dict[str, torch.Tensor], noise: Any, how: str = "exact") -> float:
+    """``||z(seed)||`` over all ``params`` (the z the engine applies: cast to each param's dtype)."""
+    if how == "sqrt_d":
+        return math.sqrt(sum(p.numel() for p in params.values()))
+    sq = 0.0
+    for k, p in params.items():
+        z = noise.sample(seed, k, p).to(p.dtype)
+        sq += float(z.double().square().sum())
+    return math.sqrt(sq)

@@ -1,0 +1,413 @@
+"""The ZO-SGD family of ZO-Bench (Zhang et al. 2024), ZO-Adam and R-AdaZO, in seed form.
+
+Every member shares one estimator. With q queries, seeds s_1..s_q and directions
+``u_i = z_i`` (Gaussian, default) or ``u_i = z_i / ||z_i||`` (``sphere=True``):
+
+    g_i = (L(w + eps u_i) - L(w - eps u_i)) / (2 eps)      (one-sided: (L(w + eps u_i) - L(w)) / eps)
+    G   = (1/q) sum_i g_i u_i                               (the sphere form omits the factor d of the
+                                                             unbiased estimate: it is folded into lr)
+
+and differs in what it does with G (``lr`` is the scheduled rate, ``decay = 1 - lr * weight_decay``
+applies only to parameters that take decay):
+
+    mezo-sgd     w <- decay w - lr G
+    zo-sgd-sign  w <- decay w - lr (1/q) sum_i sign(g_i) u_i     (sign of the scalar, ZO-Bench's form)
+    zo-sgd-mmt   b <- momentum b + G;  w <- decay w - lr b        (b starts at G, as torch SGD)
+    zo-sgd-cons  L0 = L(w); keep the best of w, w - lr G, w + lr G (5 forwards two-sided, 4 one-sided)
+    zo-adam      m <- b1 m + (1-b1) G; v <- b2 v + (1-b2) G^2; w <- decay w - lr m^/(sqrt(v^) + adam_eps)
+                 (m^, v^: bias-corrected with the count t of applied updates)
+    r-adazo      m <- b1 m + (1-b1) G; v <- b2 v + (1-b2) m^2;  w <- decay w - lr m / sqrt(v + zeta)
+
+Stateless members return a plain seed-form ``Update``. Stateful ones return an ``Update`` subclass
+whose ``apply(key, w, ...)`` regenerates G for that one parameter from the seeds, advances that
+parameter's buffers and writes it: all state is per parameter key, created on the parameter's
+device the first time the key is updated, so an offload scheduler streams a unit's buffers with
+the unit (``buffers(key)``), and the result does not depend on the order units are visited.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from zoft.engine.probes import Probe, Update
+from zoft.noise import step_seed
+from zoft.optim.directions import z_norm
+from zoft.optim.schedule import Schedule, lr_at
+
+SphereNorm = Literal["exact", "sqrt_d"]
+
+
+@dataclass
+class ZOConfig:
+    """Options shared by the family (defaults: MeZO's OPT-13B full-parameter setting).
+
+    sphere:      directions on the unit sphere, ``u = z / ||z||`` (norm over all trainable params).
+    sphere_norm: "exact" (one extra z-generation pass per seed and step) or "sqrt_d".
+    """
+
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    n_queries: int = 1
+    one_sided: bool = False
+    schedule: Schedule = "constant"
+    warmup_steps: int = 0
+    sphere: bool = False
+    sphere_norm: SphereNorm = "exact"
+
+    def __post_init__(self):
+        if self.eps <= 0:
+            raise ValueError("eps must be > 0")
+        if self.n_queries < 1:
+            raise ValueError("n_queries must be >= 1")
+        if self.sphere_norm not in ("exact", "sqrt_d"):
+            raise ValueError(f"sphere_norm must be 'exact' or 'sqrt_d', not {self.sphere_norm!r}")
+
+
+@dataclass
+class MomentumConfig(ZOConfig):
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError("momentum must be in [0, 1)")
+
+
+@dataclass
+class AdamConfig(ZOConfig):
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError("beta1 and beta2 must be in [0, 1)")
+
+
+@dataclass
+class RAdaZOConfig(ZOConfig):
+    beta1: float = 0.9
+    beta2: float = 0.999
+    zeta: float = 1e-8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError("beta1 and beta2 must be in [0, 1)")
+        if self.zeta <= 0:
+            raise ValueError("zeta must be > 0")
+
+
+class ZOSGD:
+    """ZO-SGD (= MeZO-SGD; bit-identical to ``MeZOSGD`` with ``sphere=False``). Base of the family."""
+
+    name = "mezo-sgd"
+    memory_copies = 0  # parameter-sized buffers kept by the optimizer
+    config_cls = ZOConfig
+
+    def __init__(self, config: ZOConfig, seed: int = 0, total_steps: int = 1):
+        self.config = config
+        self.seed = seed
+        self.total_steps = total_steps
+        self._params: dict[str, torch.Tensor] | None = None
+        self._noise: Any = None
+        self._norms: dict[int, float] = {}
+
+    # -- directions ----------------------------------------------------------------------
+    def bind(self, params: dict[str, torch.Tensor], noise: Any) -> None:
+        """Called by ``zoft.optim.bind``: the trainable parameters (for shapes) and the noise."""
+        self._params, self._noise = params, noise
+
+    def _need_binding(self, why: str) -> None:
+        if self._params is None:
+            raise RuntimeError(f"{self.name}: {why} needs the engine; call zoft.optim.bind(optimizer, engine) "
+                               "(zoft.optim.step does it)")
+
+    def norm(self, seed: int) -> float:
+        """``||z(seed)||`` when ``sphere`` (cached for the step), else 1."""
+        if not self.config.sphere:
+            return 1.0
+        n = self._norms.get(seed)
+        if n is None:
+            self._need_binding("sphere=True")
+            n = self._norms[seed] = z_norm(seed, self._params, self._noise, self.config.sphere_norm)
+        return n
+
+    def seeds(self, step: int) -> list[int]:
+        return [step_seed(self.seed, step, i) for i in range(self.config.n_queries)]
+
+    def lr(self, step: int) -> float:
+        c = self.config
+        return lr_at(step, c.lr, c.schedule, self.total_steps, c.warmup_steps)
+
+    # -- the estimator -------------------------------------------------------------------
+    def probes(self, step: int) -> list[Probe]:
+        self._norms = {}
+        eps = self.config.eps
+        seeds = self.seeds(step)
+        if self.config.one_sided:
+            return [Probe(None, 0.0)] + [Probe(s, eps / self.norm(s)) for s in seeds]
+        return [p for s in seeds for p in (Probe(s, eps / self.norm(s)), Probe(s, -eps / self.norm(s)))]
+
+    def _n_phase1(self) -> int:
+        q = self.config.n_queries
+        return q + 1 if self.config.one_sided else 2 * q
+
+    def projected(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g_i (q,), the losses at w + eps u_i (q,)) from the first-phase losses."""
+        c = self.config
+        if c.one_sided:
+            plus = losses[1:c.n_queries + 1]
+            return (plus - losses[0]) / c.eps, plus
+        plus, minus = losses[0:2 * c.n_queries:2], losses[1:2 * c.n_queries:2]
+        return (plus - minus) / (2 * c.eps), plus
+
+    def estimate(self, step: int, grads: torch.Tensor) -> list[tuple[int, float]]:
+        """G in seed form: ``G = sum_i c_i z(s_i)``."""
+        q = self.config.n_queries
+        return [(s, g / q / self.norm(s)) for s, g in zip(self.seeds(step), grads.tolist())]
+
+    def update(self, step: int, losses: torch.Tensor) -> tuple[Update, dict[str, float]]:
+        """Turn the probes' losses (P,) into an update and the step's metrics."""
+        grads, plus = self.projected(losses)
+        lr = self.lr(step)
+        upd = self.make_update(step, grads, lr, 1.0 - lr * self.config.weight_decay)
+        return upd, {"loss": plus.mean().item(), "projected_grad": grads.mean().item(), "lr": lr}
+
+    def make_update(self, step: int, grads: torch.Tensor, lr: float, decay: float) -> Update:
+        q = self.config.n_queries
+        return Update(terms=[(s, -lr * g / q / self.norm(s)) for s, g in zip(self.seeds(step), grads.tolist())],
+                      decay=decay)
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """JSON-able scalars (tensor buffers: ``tensor_state``)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def tensor_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def update_from_record(self, record: dict) -> Update:
+        """Rebuild a step's update from its trajectory record (``update_record``), for replay."""
+        return Update(terms=[(int(s), float(c)) for s, c in record["terms"]], decay=float(record["decay"]))
+
+
+class ZOSGDSign(ZOSGD):
+    """ZO-SGD-Sign: ``w <- decay w - lr (1/q) sum_i sign(g_i) u_i``."""
+
+    name = "zo-sgd-sign"
+
+    def make_update(self, step, grads, lr, decay):
+        return super().make_update(step, torch.sign(grads), lr, decay)
+
+
+class ZOSGDCons(ZOSGD):
+    """ZO-SGD-Cons: two phases on one batch. Phase 1: ``L(w)`` and the q probe pairs; phase 2
+    (``more_probes``): ``w - lr G`` and ``w + lr G``. ``update`` keeps the lowest of the three
+    (ties: the descent step, then ``w``); weight decay applies after the choice."""
+
+    name = "zo-sgd-cons"
+
+    def probes(self, step):
+        ps = super().probes(step)
+        return ps if self.config.one_sided else [Probe(None, 0.0)] + ps
+
+    def _n_phase1(self):
+        return super()._n_phase1() + (0 if self.config.one_sided else 1)
+
+    def projected(self, losses):
+        if self.config.one_sided:
+            return super().projected(losses)
+        return super().projected(losses[1:])
+
+    def _direction_probe_seed(self, step: int, grads: torch.Tensor) -> tuple[int, float]:
+        terms = self.estimate(step, grads)
+        if len(terms) == 1:
+            return terms[0]
+        self._need_binding("n_queries > 1")
+        self._noise.clear()
+        return self._noise.define(terms), 1.0
+
+    def more_probes(self, step: int, losses: torch.Tensor, comparisons=None) -> list[Probe]:
+        if len(losses) != self._n_phase1():
+            return []
+        grads, _ = self.projected(losses)
+        seed, c = self._direction_probe_seed(step, grads)
+        lr = self.lr(step)
+        return [Probe(seed, -lr * c), Probe(seed, lr * c)]
+
+    def update(self, step, losses):
+        n1 = self._n_phase1()
+        if len(losses) != n1 + 2:
+            raise RuntimeError("zo-sgd-cons needs its second phase (w -/+ lr G) evaluated on the same batch: "
+                               "run it through zoft.optim.step / zoft.optim.evaluate_step")
+        grads, _ = self.projected(losses[:n1])
+        l0, l_desc, l_asc = losses[0].item(), losses[n1].item(), losses[n1 + 1].item()
+        lr = self.lr(step)
+        choice = min(((l_desc, 0, -1.0), (l0, 1, 0.0), (l_asc, 2, 1.0)))[2]  # ties: descent, then w
+        decay = 1.0 - lr * self.config.weight_decay
+        q = self.config.n_queries
+        upd = Update(terms=[(s, choice * lr * g / q / self.norm(s)) for s, g in zip(self.seeds(step), grads.tolist())]
+                     if choice else [], decay=decay)
+        return upd, {"loss": l0, "projected_grad": grads.mean().item(), "lr": lr, "cons_choice": choice,
+                     "loss_step": min(l_desc, l0, l_asc)}
+
+
+# -- stateful members ------------------------------------------------------------------------
+class _BufferedUpdate(Update):
+    """Seed-form G plus per-key buffers kept by the optimizer (``store[name][key]``)."""
+
+    def __init__(self, terms, decay, lr, store, hp: dict[str, float]):
+        super().__init__(terms=terms, decay=decay)
+        self.lr = lr
+        self.store = store
+        self.hp = hp
+
+    def is_noop(self) -> bool:
+        return False  # buffers advance even when G is 0
+
+    def grad(self, key: str, w: torch.Tensor, noise: Any) -> torch.Tensor:
+        sdtype = torch.promote_types(w.dtype, torch.float32)  # buffers at least fp32
+        g = torch.zeros(w.shape, dtype=sdtype, device=w.device)
+        for s, c in self.terms:
+            if c != 0.0:
+                g.add_(noise.sample(s, key, w).to(w.dtype).to(sdtype), alpha=c)
+        return g
+
+    def buffer(self, name: str, key: str, like: torch.Tensor) -> torch.Tensor:
+        bufs = self.store.setdefault(name, {})
+        if key not in bufs:
+            bufs[key] = torch.zeros_like(like)
+        return bufs[key]
+
+    def record(self) -> dict:
+        return {"terms": [[s, c] for s, c in self.terms], "decay": self.decay, "lr": self.lr, **self.hp}
+
+
+class MomentumUpdate(_BufferedUpdate):
+    def apply(self, key, w, noise, decays):
+        g = self.grad(key, w, noise)
+        bufs = self.store.setdefault("momentum", {})
+        b = bufs.get(key)
+        if b is None:
+            b = bufs[key] = g  # torch SGD: the first buffer is the gradient itself
+        else:
+            b.mul_(self.hp["momentum"]).add_(g)
+        if decays and self.decay != 1.0:
+            w.mul_(self.decay)
+        w.add_(b.to(w.dtype), alpha=-self.lr)
+
+
+class AdamUpdate(_BufferedUpdate):
+    def apply(self, key, w, noise, decays):
+        g = self.grad(key, w, noise)
+        b1, b2, t = self.hp["beta1"], self.hp["beta2"], self.hp["t"]
+        m = self.buffer("exp_avg", key, g).mul_(b1).add_(g, alpha=1 - b1)
+        v = self.buffer("exp_avg_sq", key, g).mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v / (1 - b2 ** t)).sqrt_().add_(self.hp["adam_eps"])
+        if decays and self.decay != 1.0:
+            w.mul_(self.decay)
+        w.add_((m / (1 - b1 ** t) / denom).to(w.dtype), alpha=-self.lr)
+
+
+class RAdaZOUpdate(_BufferedUpdate):
+    def apply(self, key, w, noise, decays):
+        g = self.grad(key, w, noise)
+        b1, b2 = self.hp["beta1"], self.hp["beta2"]
+        m = self.buffer("exp_avg", key, g).mul_(b1).add_(g, alpha=1 - b1)
+        v = self.buffer("exp_avg_sq", key, g).mul_(b2).addcmul_(m, m, value=1 - b2)
+        if decays and self.decay != 1.0:
+            w.mul_(self.decay)
+        w.add_((m / (v + self.hp["zeta"]).sqrt()).to(w.dtype), alpha=-self.lr)
+
+
+class _Stateful(ZOSGD):
+    update_cls: type = _BufferedUpdate
+
+    def __init__(self, config, seed=0, total_steps=1):
+        super().__init__(config, seed, total_steps)
+        self.store: dict[str, dict[str, torch.Tensor]] = {}
+        self.t = 0  # updates handed out (skipped NaN steps do not count)
+
+    def hyper(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def make_update(self, step, grads, lr, decay):
+        self.t += 1
+        return self.update_cls(self.estimate(step, grads), decay, lr, self.store, self.hyper())
+
+    def update_from_record(self, record):
+        if "lr" not in record:  # a skipped (NaN) step's plain no-op update: the buffers did not move
+            return super().update_from_record(record)
+        hp = {k: record[k] for k in self.hyper()}
+        if "t" in hp:
+            self.t = int(hp["t"])
+        return self.update_cls([(int(s), float(c)) for s, c in record["terms"]], float(record["decay"]),
+                               float(record["lr"]), self.store, hp)
+
+    def buffers(self, key: str) -> dict[str, torch.Tensor]:
+        """This parameter's buffers (what an offload scheduler moves with the unit)."""
+        return {n: self.store[n][key] for n in self.store if key in self.store[n]}
+
+    def state_dict(self):
+        return {"t": self.t}
+
+    def load_state_dict(self, state):
+        self.t = int(state.get("t", 0))
+
+    def tensor_state(self):
+        return {f"{n}/{k}": v for n, bufs in self.store.items() for k, v in bufs.items()}
+
+    def load_tensor_state(self, tensors):
+        self.store = {}
+        for name, v in tensors.items():
+            n, k = name.split("/", 1)
+            self.store.setdefault(n, {})[k] = v
+        # updates already handed out keep referring to the old store; only load between steps
+
+
+class ZOSGDMomentum(_Stateful):
+    name = "zo-sgd-mmt"
+    memory_copies = 1
+    update_cls = MomentumUpdate
+
+    def hyper(self):
+        return {"momentum": self.config.momentum}
+
+
+class ZOAdam(_Stateful):
+    name = "zo-adam"
+    memory_copies = 2
+    update_cls = AdamUpdate
+
+    def hyper(self):
+        c = self.config
+        return {"beta1": c.beta1, "beta2": c.beta2, "adam_eps": c.adam_eps, "t": self.t}
+
+
+class RAdaZO(_Stateful):
+    name = "r-adazo"
+    memory_copies = 2
+    update_cls = RAdaZOUpdate
+
+    def hyper(self):
+        c = self.config
+        return {"beta1": c.beta1, "beta2": c.beta2, "zeta": c.zeta}
+
+
+def update_record(update: Update) -> dict:
+    """The trajectory line of an update: ``{"terms", "decay"}`` plus a stateful update's scalars."""
+    if hasattr(update, "record"):
+        return update.record()
+    return {"terms": [[s, c] for s, c in update.terms], "decay": update.decay}
+
