@@ -5,16 +5,19 @@ hyper-parameters, 2 threads, one process. Each repetition times, in a rotating o
 
   reference     ``MeZOReference.step``: MeZO's ``zo_step`` + ``zo_update`` (Malladi et al. 2023,
                 ``MeZO/large_models/trainer.py``), re-written here line for line;
-  zoft          ``ZOEngine.evaluate(opt.probes(step))`` + ``MeZOSGD.update`` + ``engine.set_update``;
+  zoft[B]       ``ZOEngine.evaluate(opt.probes(step))`` + ``MeZOSGD.update`` + ``engine.set_update``
+                with noise backend B (``--noise torch,table``: one model copy and engine each; the
+                first backend listed is reported as plain ``zoft``);
                 zoft applies the previous step's update lazily inside the next forward, so every
                 timed step is a steady-state one (the first, update-free step is the warm-up);
   forward-only  two plain forward passes of the batch: the physical floor of a two-sided ZO step.
 
-Reports medians, the ratios zoft/reference and forward-only/reference, the z generations per step
-of both (counted, in units of one full-model draw), and a sanity check that both compute the same
-unperturbed loss of the same model on the same batch.
+Reports medians, the ratios of each zoft backend and of forward-only to the reference, the z
+draws per step (counted, in units of one full-model draw; for ``table`` these are windows read,
+not generated), and a sanity check that all compute the same unperturbed loss of the same model
+on the same batch.
 
-    python bench/step_cpu.py [--reps 10] [--json FILE] [--quick] [--threads 2]
+    python bench/step_cpu.py [--reps 10] [--noise torch,table] [--json FILE] [--quick] [--threads 2]
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from torch import nn
 from zoft.engine import ZOEngine
 from zoft.engine.probes import Probe
 from zoft.models import build_random, resolve
-from zoft.noise import TorchGeneratorNoise
+from zoft.noise import BACKENDS, NoiseBackend, make_noise
 from zoft.optim import MeZOConfig, MeZOSGD
 from zoft.tasks.base import Batch
 from zoft.tasks.lm import LMTask
@@ -92,16 +95,20 @@ class MeZOReference:
         return loss1.item(), loss2.item(), self.projected_grad
 
 
-class CountingNoise(TorchGeneratorNoise):
-    """zoft's default backend, counting the elements of z it draws (bench instrumentation only)."""
+class CountingNoise:
+    """A backend wrapper counting the elements of z it hands out (bench instrumentation only)."""
 
-    def __init__(self):
-        super().__init__("gaussian")
+    def __init__(self, inner: NoiseBackend):
+        self.inner, self.name, self.distribution = inner, inner.name, inner.distribution
         self.z_elements = 0
 
-    def sample(self, seed: int, key: str, like: torch.Tensor) -> torch.Tensor:
+    def sample(self, seed: int, key: str, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.z_elements += like.numel()
-        return super().sample(seed, key, like)
+        return self.inner.sample(seed, key, like, out=out)
+
+    def axpy(self, w: torch.Tensor, terms, key: str, decay: float = 1.0) -> None:
+        self.z_elements += w.numel() * sum(1 for _, c in terms if c != 0.0)
+        self.inner.axpy(w, terms, key, decay)
 
 
 def model_config(quick: bool):
@@ -115,13 +122,14 @@ def model_config(quick: bool):
     return config
 
 
-def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed: int, threads: int) -> dict:
+def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed: int, threads: int,
+        noises: tuple[str, ...] = ("torch",)) -> dict:
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
     config = model_config(quick)
     t0 = time.perf_counter()
     ref_model = build_random(config, "causal", torch.float32, seed).eval()
-    zoft_model = copy.deepcopy(ref_model)  # same initial weights, separate storage
+    zoft_models = {b: copy.deepcopy(ref_model) for b in noises}  # same initial weights, separate storage
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in ref_model.parameters() if p.requires_grad)  # tied counted once
 
@@ -133,40 +141,43 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
     task = LMTask(tokenizer=None, kind="causal", max_length=SEQ)  # forward + loss need no tokenizer
 
     ref = MeZOReference(ref_model, lr, eps, weight_decay, seed)
-    engine = ZOEngine(zoft_model)
-    opt = MeZOSGD(MeZOConfig(lr=lr, eps=eps, weight_decay=weight_decay), seed=seed, total_steps=reps + 2)
+    engines = {b: ZOEngine(m, noise=make_noise(b, "gaussian")) for b, m in zoft_models.items()}
+    cfg = MeZOConfig(lr=lr, eps=eps, weight_decay=weight_decay)
+    opts = {b: MeZOSGD(cfg, seed=seed, total_steps=reps + 2) for b in noises}
 
-    # Sanity: both compute the same unperturbed loss of the same weights on the same batch.
+    # Sanity: all compute the same unperturbed loss of the same weights on the same batch.
     loss0_ref = ref.zo_forward(ref_inputs).item()
-    loss0_zoft = engine.evaluate([Probe(None, 0.0)], batch, task).item()
-    loss0_rel = abs(loss0_ref - loss0_zoft) / abs(loss0_ref)
+    loss0_zoft = {b: e.evaluate([Probe(None, 0.0)], batch, task).item() for b, e in engines.items()}
+    loss0_rel = max(abs(loss0_ref - v) / abs(loss0_ref) for v in loss0_zoft.values())
 
-    step = 0
+    label = {b: "zoft" if i == 0 else f"zoft[{b}]" for i, b in enumerate(noises)}
+    steps = {b: 0 for b in noises}
     first: dict[str, tuple[float, float, float]] = {}
 
     def ref_step():
         lp, lm, g = ref.step(ref_inputs)
         first.setdefault("reference", (lp, lm, g))
 
-    def zoft_step():
-        nonlocal step
-        losses = engine.evaluate(opt.probes(step), batch, task)  # (2,): L+, L-
-        upd, metrics = opt.update(step, losses)
-        engine.set_update(upd)
-        first.setdefault("zoft", (losses[0].item(), losses[1].item(), metrics["projected_grad"]))
-        step += 1
+    def zoft_step(b: str):
+        losses = engines[b].evaluate(opts[b].probes(steps[b]), batch, task)  # (2,): L+, L-
+        upd, metrics = opts[b].update(steps[b], losses)
+        engines[b].set_update(upd)
+        first.setdefault(label[b], (losses[0].item(), losses[1].item(), metrics["projected_grad"]))
+        steps[b] += 1
 
     def forward_only():
         for _ in range(2):
             ref.zo_forward(ref_inputs)
 
-    fns = {"reference": ref_step, "zoft": zoft_step, "forward_only": forward_only}
+    fns = {"reference": ref_step}
+    fns.update({label[b]: (lambda b=b: zoft_step(b)) for b in noises})
+    fns["forward_only"] = forward_only
     for fn in fns.values():  # warm-up; zoft's first step has no pending update to apply
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(reps):
-        for name in names[r % 3:] + names[:r % 3]:  # rotate the order: no method always runs first
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no method always first
             t = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t)
@@ -175,11 +186,12 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
     ref.z_elements = 0
     ref_step()
     ref_z = ref.z_elements / n_params
-    counting = CountingNoise()
-    engine.noise = counting
-    zoft_step()
-    zoft_z = counting.z_elements / n_params
-    engine.close()
+    zoft_z = {}
+    for b, e in engines.items():
+        e.noise = counting = CountingNoise(e.noise)
+        zoft_step(b)
+        zoft_z[b] = counting.z_elements / n_params
+        e.close()
 
     med = {k: median(v) for k, v in times.items()}
     return {
@@ -189,13 +201,15 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
         "torch": torch.__version__, "reps": reps, "lr": lr, "eps": eps, "weight_decay": weight_decay,
         "build_s": build_s, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "median_s": med, "times_s": times,
+        "noise": list(noises),
+        "ratio_over_reference": {k: med[k] / med["reference"] for k in names if k != "reference"},
         "ratio_zoft_over_reference": med["zoft"] / med["reference"],
         "ratio_forward_only_over_reference": med["forward_only"] / med["reference"],
-        # Median of per-repetition ratios (each pair ran back to back): less sensitive to load drift.
+        # Median of per-repetition ratios (each ran next to the reference): less sensitive to load drift.
         "paired_ratio_median": {k: median([a / b for a, b in zip(times[k], times["reference"])])
-                                for k in ("zoft", "forward_only")},
-        "z_per_step": {"reference": ref_z, "zoft": zoft_z},
-        "loss0": {"reference": loss0_ref, "zoft": loss0_zoft, "rel_diff": loss0_rel},
+                                for k in names if k != "reference"},
+        "z_per_step": {"reference": ref_z, **{label[b]: v for b, v in zoft_z.items()}},
+        "loss0": {"reference": loss0_ref, **{label[b]: v for b, v in loss0_zoft.items()}, "rel_diff": loss0_rel},
         "first_step": {k: dict(zip(("loss_plus", "loss_minus", "projected_grad"), v)) for k, v in first.items()},
     }
 
@@ -207,18 +221,22 @@ def report(res: dict) -> str:
         f"{res['model']}: {res['params'] / 1e6:.1f}M params, {res['dtype']}, batch {res['batch'][0]}x{res['batch'][1]}, "
         f"{res['threads']} threads, {res['reps']} reps, torch {res['torch']}, "
         f"load avg {res['loadavg_before'][0]:.2f} -> {res['loadavg_after'][0]:.2f}",
-        f"{'':24s}{'median s/step':>14s}{'min':>9s}{'max':>9s}{'x reference':>13s}",
+        f"{'':24s}{'median s/step':>14s}{'min':>9s}{'max':>9s}{'x reference':>13s}{'paired':>8s}",
     ]
-    for name, label in (("reference", "MeZO reference"), ("zoft", "zoft MeZO-SGD"), ("forward_only", "forward-only (2 fwd)")):
-        lines.append(f"{label:24s}{med[name]:14.3f}{min(t[name]):9.3f}{max(t[name]):9.3f}{med[name] / ref:13.3f}")
+    paired = res["paired_ratio_median"]
+    for name in med:
+        label = {"reference": "MeZO reference", "forward_only": "forward-only (2 fwd)"}.get(name, name)
+        pr = f"{paired[name]:8.3f}" if name in paired else f"{'':8s}"
+        lines.append(f"{label:24s}{med[name]:14.3f}{min(t[name]):9.3f}{max(t[name]):9.3f}{med[name] / ref:13.3f}{pr}")
     z, l0 = res["z_per_step"], res["loss0"]
     lines += [
-        f"ratio zoft/reference = {res['ratio_zoft_over_reference']:.3f}   "
+        f"ratio zoft/reference = {res['ratio_zoft_over_reference']:.3f} (zoft: noise '{res['noise'][0]}')   "
         f"forward-only/reference = {res['ratio_forward_only_over_reference']:.3f}   "
-        f"(median of per-rep ratios: {res['paired_ratio_median']['zoft']:.3f}, "
-        f"{res['paired_ratio_median']['forward_only']:.3f})",
-        f"z generations per step (full-model draws): reference {z['reference']:.2f}, zoft {z['zoft']:.2f}",
-        f"step-0 unperturbed loss: reference {l0['reference']:.6f}, zoft {l0['zoft']:.6f} (rel diff {l0['rel_diff']:.1e})",
+        "(paired: median of per-repetition ratios to the reference)",
+        "z draws per step (full-model units; 'table' reads windows, draws nothing): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in z.items()),
+        "step-0 unperturbed loss: " + ", ".join(f"{k} {v:.6f}" for k, v in l0.items() if k != "rel_diff")
+        + f" (max rel diff {l0['rel_diff']:.1e})",
     ]
     for k, v in res["first_step"].items():
         lines.append(f"first step {k:9s}: L+ {v['loss_plus']:.6f}  L- {v['loss_minus']:.6f}  g {v['projected_grad']:+.4f}")
@@ -235,17 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the benchmark's setting is 2)")
+    ap.add_argument("--noise", default="torch,table",
+                    help=f"comma-separated noise backends to time, one zoft column each (of {sorted(BACKENDS)})")
     args = ap.parse_args(argv)
     reps = args.reps if args.reps is not None else (2 if args.quick else 10)
     if reps < 1:
         ap.error("--reps must be >= 1")
-    res = run(reps, args.quick, args.lr, args.eps, args.weight_decay, args.seed, args.threads)
+    noises = tuple(b.strip() for b in args.noise.split(",") if b.strip())
+    unknown = [b for b in noises if b not in BACKENDS]
+    if not noises or unknown:
+        ap.error(f"--noise: unknown backend(s) {unknown}; choose from {sorted(BACKENDS)}")
+    res = run(reps, args.quick, args.lr, args.eps, args.weight_decay, args.seed, args.threads, noises)
     print(report(res))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     # fp32 forward of the same weights and batch by two code paths: equal up to summation order.
-    if not math.isfinite(res["loss0"]["zoft"]) or res["loss0"]["rel_diff"] > 1e-5:
+    if not all(math.isfinite(v) for v in res["loss0"].values()) or res["loss0"]["rel_diff"] > 1e-5:
         print("FAIL: zoft and the reference disagree on the unperturbed loss", file=sys.stderr)
         return 1
     return 0

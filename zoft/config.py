@@ -65,7 +65,7 @@ class TrainConfig:
     noise: str = "torch"
     trainable: list[str] = field(default_factory=list)  # name substrings to train (empty: all)
     freeze: list[str] = field(default_factory=list)  # name substrings kept frozen (after trainable)
-    distribution: Literal["gaussian", "rademacher"] = "gaussian"
+    distribution: Literal["gaussian", "rademacher", "sphere"] = "gaussian"
     # loop
     steps: int = 1000
     batch_size: int = 16

@@ -6,16 +6,19 @@ While a step is active the pre-hook of a unit:
 
 1. applies the pending update of the previous step to the unit's parameters (lazily: each
    parameter once, tied ones included),
-2. keeps a copy of the unit's weights, then for probes 1..P-1 sets ``w = w0 + scale_p * z_p`` and
-   calls ``module.forward`` on probe p's slice of the inputs,
-3. sets probe 0's weights and lets the regular call run on probe 0's slice;
+2. leaves the weights ``w0`` where they are and, for probes 1..P-1, writes ``w0 + scale_p * z_p``
+   into a scratch buffer, points ``p.data`` at it and calls ``module.forward`` on probe p's
+   slice of the inputs,
+3. does the same for probe 0 and lets the regular call run on probe 0's slice;
 
-the forward hook then restores ``w0`` (a copy, so restoring is exact) and concatenates the P
-outputs. Each unit is thus touched once per step for any number of probes, and the same code
-path is what the offload scheduler streams.
+the forward hook then points ``p.data`` back at ``w0`` (never written during the probes, so the
+restore is exact and costs no pass over the weights) and concatenates the P outputs. Each unit is
+thus touched once per step for any number of probes, and the same code path is what the offload
+scheduler streams.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -48,9 +51,11 @@ class _Residency:
     """Per-call state of one unit while it runs its probes."""
 
     params: list[tuple[str, nn.Parameter]]
-    backup: dict[str, torch.Tensor] = field(default_factory=dict)
+    w0: dict[str, torch.Tensor] = field(default_factory=dict)  # the unperturbed storage of each p
+    bufs: dict[str, torch.Tensor] = field(default_factory=dict)  # scratch holding w0 + scale * z
     z_seed: int | None = None
     z: dict[str, torch.Tensor] = field(default_factory=dict)
+    z_pooled: set[str] = field(default_factory=set)  # keys whose z lives in a pooled buffer
     outputs: list[Any] = field(default_factory=list)
     was_split: bool = True
 
@@ -84,6 +89,9 @@ class ZOEngine:
                 counts[k] = counts.get(k, 0) + 1
         self._tied = {k for k, c in counts.items() if c > 1}
         self._tied_z: dict[tuple[int, str], torch.Tensor] = {}  # z of tied keys, kept for one step
+        # Free scratch buffers by (shape, dtype, device): one unit's worth, reused across units/steps.
+        self._pool: dict[tuple, list[torch.Tensor]] = {}
+        self._executor: ThreadPoolExecutor | None = None  # draws z while the main thread updates
         self.refresh_trainable()
         self._handles = []
         for u in self.layout.units:
@@ -137,37 +145,88 @@ class ZOEngine:
     def _set_weights(self, res: _Residency, probe: Probe) -> None:
         if probe.seed is None or probe.scale == 0.0:
             for k, p in res.params:
-                p.data.copy_(res.backup[k])
+                p.data = res.w0[k]
             return
         if res.z_seed != probe.seed:  # consecutive probes along one direction reuse z
-            res.z = {k: self._sample(probe.seed, k, p) for k, p in res.params}
-            res.z_seed = probe.seed
+            self._draw_z(res, probe.seed)
         for k, p in res.params:
-            torch.add(res.backup[k], res.z[k], alpha=probe.scale, out=p.data)
+            buf = res.bufs.get(k)
+            if buf is None:
+                buf = res.bufs[k] = self._take(res.w0[k])
+            torch.add(res.w0[k], res.z[k], alpha=probe.scale, out=buf)  # one pass: read w0, z
+            p.data = buf
 
-    def _sample(self, seed: int, key: str, p: torch.Tensor) -> torch.Tensor:
-        if key not in self._tied:
+    def _draw_z(self, res: _Residency, seed: int) -> None:
+        self._release_z(res)
+        with torch.no_grad():
+            res.z = {k: self._sample(seed, k, p, res) for k, p in res.params}
+        res.z_seed = seed
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoft-z")
+        return self._executor
+
+    def _sample(self, seed: int, key: str, p: torch.Tensor, res: _Residency) -> torch.Tensor:
+        if key in self._tied:
+            z = self._tied_z.get((seed, key))
+            if z is None:  # a tied weight (embedding = LM head) is drawn once per step, not per unit
+                z = self._tied_z[(seed, key)] = self.noise.sample(seed, key, p).to(p.dtype)
+            return z
+        if p.dtype not in (torch.float32, torch.float64):  # z is fp32: convert
             return self.noise.sample(seed, key, p).to(p.dtype)
-        z = self._tied_z.get((seed, key))
-        if z is None:  # a tied weight (embedding = LM head) is drawn once per step, not per unit
-            z = self._tied_z[(seed, key)] = self.noise.sample(seed, key, p).to(p.dtype)
+        buf = self._take(p)  # the backend may draw z into a pooled buffer (no fresh allocation)
+        z = self.noise.sample(seed, key, p, out=buf)
+        if z is buf:
+            res.z_pooled.add(key)
+        else:  # e.g. a noise-table view
+            self._give(buf)
         return z
+
+    def _take(self, like: torch.Tensor) -> torch.Tensor:
+        free = self._pool.get((like.shape, like.dtype, like.device))
+        return free.pop() if free else torch.empty_like(like, memory_format=torch.contiguous_format)
+
+    def _give(self, buf: torch.Tensor) -> None:
+        self._pool.setdefault((buf.shape, buf.dtype, buf.device), []).append(buf)
+
+    def _release_z(self, res: _Residency) -> None:
+        for k in res.z_pooled:
+            self._give(res.z[k])
+        res.z_pooled = set()
+        res.z = {}
 
     def _restore(self, res: _Residency) -> None:
         for k, p in res.params:
-            p.data.copy_(res.backup[k])
+            p.data = res.w0[k]  # w0 was never written while perturbed: exact
+        for buf in res.bufs.values():
+            self._give(buf)
+        res.bufs = {}
+        self._release_z(res)
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         unit = self._units[id(module)]
         params = self._unit_params(unit)
-        for k, p in params:
-            self._apply_pending(k, p)
         probes = self._probes
         if not probes or not params:
+            for k, p in params:
+                self._apply_pending(k, p)
             return None
-        res = _Residency(params, backup={k: p.detach().clone() for k, p in params})
+        res = _Residency(params, w0={k: p.data for k, p in params})  # the update is in place
         self._live[id(module)] = res
         P = len(probes)
+        # The first direction's z depends on (seed, key) and shapes only, not on the weights: draw
+        # it on a worker thread while this one applies the pending update (two RNG streams at once).
+        first = next((pr for pr in [*probes[1:], probes[0]] if pr.seed is not None and pr.scale != 0.0), None)
+        drawn = None
+        if first is not None and self._pending is not None:
+            drawn = self._worker().submit(self._draw_z, res, first.seed)
+        try:
+            for k, p in params:
+                self._apply_pending(k, p)
+        finally:
+            if drawn is not None:
+                drawn.result()
         with torch.no_grad():
             if P == 1:
                 self._set_weights(res, probes[0])
@@ -235,6 +294,10 @@ class ZOEngine:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._pool = {}
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
 
     def __enter__(self) -> "ZOEngine":
         return self

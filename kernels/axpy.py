@@ -1,0 +1,58 @@
+"""One pass ``w <- a*w + sum_k c_k z(seed_k)`` with Philox z generated in registers.
+
+The decay, the pending update and the next perturbation of a ZO step in one read and one write
+of w, whatever the number of terms; z is never stored. Accumulates in fp32 and writes w's dtype
+(round to nearest; see ``sround`` for low-precision master copies).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from zoft.kernels import HAS_TRITON
+from zoft.kernels._triton import BLOCK, use_triton
+from zoft.kernels.philox import sample_ref
+
+Term = tuple[int, float]  # (Philox seed, coefficient)
+
+
+def fused_axpy_ref(w: torch.Tensor, decay: float, terms: Sequence[Term], distribution: str = "gaussian") -> None:
+    """Reference: the same arithmetic in the same order, in fp32, with the torch Philox stream."""
+    acc = w.detach().reshape(-1).to(torch.float32) * torch.tensor(decay, dtype=torch.float32)
+    for seed, coef in terms:
+        acc = acc + torch.tensor(coef, dtype=torch.float32) * sample_ref(seed, w.numel(), w.device, distribution)
+    w.copy_(acc.view(w.shape).to(w.dtype))
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from zoft.kernels.philox import philox_z
+
+    @triton.jit
+    def _axpy_kernel(w_ptr, n, decay, seeds_ptr, coefs_ptr, K, RADEMACHER: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        acc = tl.load(w_ptr + offs, mask=mask).to(tl.float32) * decay
+        for k in range(K):
+            seed = tl.load(seeds_ptr + k)
+            coef = tl.load(coefs_ptr + k)
+            acc += coef * philox_z(seed, offs, RADEMACHER)
+        tl.store(w_ptr + offs, acc.to(w_ptr.dtype.element_ty), mask=mask)
+
+    def fused_axpy_triton(w: torch.Tensor, decay: float, terms: Sequence[Term], distribution: str = "gaussian") -> None:
+        if not w.is_contiguous():
+            raise ValueError("fused_axpy_triton needs a contiguous tensor")
+        seeds = torch.tensor([s for s, _ in terms] or [0], dtype=torch.int64, device=w.device)
+        coefs = torch.tensor([c for _, c in terms] or [0.0], dtype=torch.float32, device=w.device)
+        n = w.numel()
+        _axpy_kernel[(triton.cdiv(n, BLOCK),)](w, n, float(decay), seeds, coefs, len(terms),
+                                                RADEMACHER=distribution == "rademacher", BLOCK=BLOCK)
+
+
+def fused_axpy(w: torch.Tensor, decay: float, terms: Sequence[Term], distribution: str = "gaussian") -> None:
+    """In place; terms are (Philox seed, coefficient). Triton on CUDA, the reference elsewhere."""
+    if use_triton(w) and w.is_contiguous() and w.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        fused_axpy_triton(w, decay, terms, distribution)
+    else:
+        fused_axpy_ref(w, decay, terms, distribution)
