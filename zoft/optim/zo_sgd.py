@@ -103,7 +103,7 @@ class RAdaZOConfig(ZOConfig):
 
 
 class ZOSGD:
-    """ZO-SGD (= MeZO-SGD; bit-identical to ``MeZOSGD`` with ``sphere=False``). Base of the family."""
+    """ZO-SGD = MeZO-SGD (``zoft.optim.mezo`` re-exports it under those names). Base of the family."""
 
     name = "mezo-sgd"
     memory_copies = 0  # parameter-sized buffers kept by the optimizer
