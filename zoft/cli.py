@@ -2,6 +2,7 @@
 
     zoft finetune [--model M] [--config FILE] [flags]   (no --model: the embedded default demo)
     zoft replay RUN_DIR --output DIR
+    zoft plan --model M --gpu-mem SIZE [--batch-size 16] [--max-length 256] [--json FILE]
     zoft eval {muse,wmdp,mmlu} ...
 
 Errors in user input print one line and exit 2; runtime failures print one line and exit 1.
@@ -120,12 +121,50 @@ def _run_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="plan a streamed step under a device budget (offline, no weights)",
+                       description="Print which units stay resident, the stream slots, prefetch depth and "
+                                   "micro-batch, predicted peak device bytes, CPU RAM and a step-time lower "
+                                   "bound. GB = 10^9 bytes, GiB = 2^30.")
+    p.add_argument("--model", required=True, help=_HELP["model"])
+    p.add_argument("--gpu-mem", required=True, help=_HELP["gpu_mem"])
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example")
+    p.add_argument("--num-probes", type=int, default=2, help="perturbed evaluations per step (MeZO: 2)")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="compute and master dtype")
+    p.add_argument("--transfer", choices=("same", "bf16", "int8"), default="same", help="host-to-device codec")
+    p.add_argument("--h2d-gbps", type=float, default=25.0, help="pinned host-to-device GB/s (PCIe Gen4 x16: 25)")
+    p.add_argument("--tflops", type=float, default=312.0, help="device dense TFLOP/s in the compute dtype")
+    p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
+                   help="eager materialises the attention scores")
+    p.add_argument("--scratch", choices=("unit", "fused"), default="unit",
+                   help="perturbation scratch: unit (today's engine: z + perturbed copy) or fused (copy only)")
+    p.add_argument("--json", help="also write the plan as JSON to this file")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zoft.engine.plan import format_plan, make_plan, plan_json
+
+    plan = make_plan(args.model, args.gpu_mem, batch_size=args.batch_size, max_length=args.max_length,
+                     num_probes=args.num_probes, dtype=args.dtype, transfer=args.transfer,
+                     h2d_gbps=args.h2d_gbps, tflops=args.tflops, attention=args.attention,
+                     scratch=args.scratch)
+    print(format_plan(plan))
+    if args.json:
+        Path(args.json).write_text(plan_json(plan) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoft", description="Memory-constrained zeroth-order fine-tuning.")
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,plan,eval}")
     sub.required = True
     _add_finetune(sub)
     _add_replay(sub)
+    _add_plan(sub)
     from zoft.eval.cli import add_parser as add_eval
 
     add_eval(sub)

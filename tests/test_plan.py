@@ -1,0 +1,165 @@
+"""The offload planner: byte accounting against hand-computed numbers, monotonicity, refusals,
+and the ``zoft plan`` CLI offline on the shipped OPT-30B / OPT-175B configs (meta tensors only)."""
+import json
+import re
+
+import pytest
+from transformers import OPTConfig
+
+from zoft.cli import main
+from zoft.engine.plan import make_plan, min_budget_from_message, shape_from_config
+from zoft.errors import UsageError
+
+# A tiny OPT whose unit bytes are easy by hand: V=100, H=16, F=64, 8 blocks, 64 positions (+2).
+V, H, F, L, NH, POS = 100, 16, 64, 8, 2, 64
+BLOCK = 4 * H * H + 4 * H + (F * H + F) + (H * F + H) + 2 * 2 * H  # q,k,v,out + fc1 + fc2 + 2 LN = 3280
+NONBLOCK = V * H + (POS + 2) * H + 2 * H  # tied embed/head once, positions, final LN = 2688
+B, T, P, W = 2, 8, 2, 4  # batch, tokens, probes, fp32 bytes
+
+# Hand-computed pieces of the peak (fp32, sdpa, scratch "unit"):
+SLOTS = 3 * W * BLOCK  # k = d + 1 = 3 slots
+SCRATCH = W * (2 * BLOCK + V * H)  # z + perturbed copy of the largest unit (a block), tied z
+BOUNDARY = 3 * P * B * T * H * W  # unit input + per-probe outputs + their concatenation
+
+
+def logits(mb):
+    return P * mb * T * V * (W + 8)  # compute-dtype logits + two fp32 copies
+
+
+def resident(r):
+    return W * (NONBLOCK + r * BLOCK)
+
+
+MIN_PEAK = resident(0) + SLOTS + SCRATCH + BOUNDARY + logits(1)  # = 108096
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = OPTConfig(vocab_size=V, hidden_size=H, ffn_dim=F, num_hidden_layers=L, num_attention_heads=NH,
+                    max_position_embeddings=POS, word_embed_proj_dim=H, tie_word_embeddings=True)
+    return shape_from_config(cfg, "tiny-opt")
+
+
+def plan(shape, budget, **kw):
+    return make_plan(shape, budget, batch_size=kw.pop("batch_size", B), max_length=T, dtype="fp32", **kw)
+
+
+def test_shape_by_hand(tiny):
+    assert (BLOCK, NONBLOCK) == (3280, 2688)
+    assert tiny.block_numel == BLOCK and tiny.nonblock_numel == NONBLOCK and tiny.n_blocks == L
+    assert tiny.n_params == NONBLOCK + L * BLOCK and tiny.tied_numel == V * H
+    assert tiny.max_unit_numel == BLOCK
+
+
+def test_accounting_by_hand(tiny):
+    assert MIN_PEAK == 108096
+    p = plan(tiny, MIN_PEAK)  # the smallest plan, exactly
+    assert (p.resident_blocks, p.streamed_blocks, p.slots, p.prefetch, p.micro_batch) == (0, 8, 3, 2, 1)
+    assert (p.resident_weights_bytes, p.slot_bytes, p.scratch_bytes) == (resident(0), SLOTS, SCRATCH)
+    assert (p.boundary_act_bytes, p.logits_bytes) == (BOUNDARY, logits(1))
+    assert p.working_act_bytes == 1 * T * (4 * H + 2 * F) * W
+    assert p.peak_device_bytes == p.min_budget_bytes == MIN_PEAK
+    assert p.cpu_bytes == W * (NONBLOCK + L * BLOCK)
+    assert p.upload_bytes_per_step == p.writeback_bytes_per_step == 8 * W * BLOCK
+    assert p.t_transfer_s == pytest.approx(2 * 8 * W * BLOCK / 25e9)
+    assert p.t_compute_s == pytest.approx(P * 2 * (NONBLOCK + L * BLOCK) * B * T / 312e12)
+    # blocks first: one block's bytes more keeps one block resident (micro-batch still 1)
+    one = plan(tiny, MIN_PEAK + W * BLOCK)
+    assert (one.resident_blocks, one.micro_batch, one.upload_bytes_per_step) == (1, 1, 7 * W * BLOCK)
+    # 4 resident blocks: streaming 1..3 blocks through 3 slots is never chosen
+    four = resident(4) + SLOTS + SCRATCH + BOUNDARY + logits(1)
+    assert plan(tiny, four).resident_blocks == 4 and plan(tiny, four - 1).resident_blocks == 3
+    every = resident(L) + SCRATCH + BOUNDARY + logits(1)
+    q = plan(tiny, every)
+    assert (q.resident_blocks, q.streamed_blocks, q.slots, q.prefetch, q.micro_batch) == (L, 0, 0, 0, 1)
+    assert q.t_transfer_s == 0 and plan(tiny, every - 1).resident_blocks == 4
+    # then the micro-batch, once its logits fit
+    assert plan(tiny, every + logits(2) - logits(1)).micro_batch == 2
+    # codecs and options
+    i8 = plan(tiny, 10**6, transfer="int8", write_back=False, batch_size=1)
+    enc = BLOCK + 4 * -(-BLOCK // 256)  # int8 + one fp32 scale per 256 elements
+    assert i8.resident_blocks == L  # everything fits a 1 MB budget
+    low = plan(tiny, 10**6, transfer="int8").min_budget_bytes  # smaller slots: a smaller minimum
+    assert low == MIN_PEAK - SLOTS + 3 * enc + W * BLOCK
+    i8 = plan(tiny, low, transfer="int8", write_back=False)
+    assert i8.slot_bytes == 3 * enc + W * BLOCK and i8.upload_bytes_per_step == 8 * enc
+    assert i8.writeback_bytes_per_step == 0
+    assert plan(tiny, MIN_PEAK, scratch="fused").scratch_bytes == W * BLOCK
+    eager = plan(tiny, 10**7, attention="eager", batch_size=1)
+    assert eager.working_act_bytes == T * (4 * H + 2 * F) * W + 2 * NH * T * T * W
+
+
+def test_monotone_in_budget(tiny):
+    prev = None
+    start = plan(tiny, 10**7, batch_size=6).min_budget_bytes
+    for budget in range(start, 300_000, 1_500):
+        p = plan(tiny, budget, batch_size=6)
+        assert p.peak_device_bytes <= budget
+        if prev is not None:
+            assert p.resident_blocks >= prev.resident_blocks
+            assert p.step_time_lb_s <= prev.step_time_lb_s
+        prev = p
+    assert prev.resident_blocks == L and prev.micro_batch > 1
+
+
+def test_monotone_opt30b():
+    prev = None
+    for gb in range(9, 90, 3):
+        p = make_plan("opt-30b", gb * 10**9, batch_size=16, max_length=256)
+        assert p.peak_device_bytes <= p.gpu_mem_bytes and p.resident_blocks + p.streamed_blocks == 48
+        if prev is not None:
+            assert p.resident_blocks >= prev.resident_blocks and p.step_time_lb_s <= prev.step_time_lb_s
+        prev = p
+    assert prev.streamed_blocks == 0
+
+
+def test_refusal_names_a_budget_that_fits(tiny):
+    with pytest.raises(UsageError) as e:
+        make_plan("opt-30b", "1GB", batch_size=1, max_length=2048)
+    msg = str(e.value)
+    m = re.fullmatch(r"--gpu-mem 1GB cannot fit opt-30b: the smallest plan needs (\d+\.\d\d) GB "
+                     r"\(batch 1 x 2048 tokens\); raise --gpu-mem or lower --batch-size/--max-length", msg)
+    assert m, msg
+    named = f"{m.group(1)}GB"
+    p = make_plan("opt-30b", named, batch_size=1, max_length=2048)  # the named budget fits
+    assert p.peak_device_bytes <= p.gpu_mem_bytes and p.resident_blocks == 0 and p.slots == 3
+    exact = p.min_budget_bytes
+    assert min_budget_from_message(exact) == round(float(m.group(1)) * 1e9)
+    assert make_plan("opt-30b", exact, batch_size=1, max_length=2048).micro_batch == 1
+    with pytest.raises(UsageError):
+        make_plan("opt-30b", exact - 1, batch_size=1, max_length=2048)
+    with pytest.raises(UsageError, match="smallest plan needs 0.01 GB"):  # 108096 B, rounded up
+        plan(tiny, MIN_PEAK - 1)
+
+
+def test_cli_opt175b_offline(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB", "--scratch", "fused",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "opt-175b" in text and "step time >=" in text
+    d = json.loads(out.read_text())
+    assert d["resident_blocks"] + d["streamed_blocks"] == 96 and d["gpu_mem_bytes"] == 18 * 10**9
+    assert d["peak_device_bytes"] <= 18 * 10**9
+    # today's engine keeps z and a perturbed copy per unit: 18 GB is refused, one line, exit 2
+    assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("zoft: error: --gpu-mem 18GB cannot fit opt-175b: the smallest plan needs")
+    assert "\n" not in err
+
+
+def test_cli_gib_and_opt30b(capsys):
+    assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GiB", "--batch-size", "1",
+                 "--max-length", "2048"]) == 0
+    text = capsys.readouterr().out
+    assert f"--gpu-mem {18 * 2**30 / 1e9:.2f} GB" in text
+    p = make_plan("opt-30b", "18GB", batch_size=1, max_length=2048)
+    assert p.resident_blocks + p.streamed_blocks == 48 and p.peak_device_bytes <= 18e9
+
+
+def test_reproduces_published_estimates():
+    # ALGORITHMS.md, OPT-30B, 16 x 256, bf16 transfer at 55 GB/s: compute ~0.7 s, H2D ~1.08 s
+    p = make_plan("opt-30b", "9.5GB", batch_size=16, max_length=256, tflops=700, h2d_gbps=55,
+                  transfer="bf16", write_back=False)
+    assert p.resident_blocks == 0
+    assert p.t_compute_s == pytest.approx(0.70, abs=0.01) and p.t_transfer_s == pytest.approx(1.08, abs=0.01)

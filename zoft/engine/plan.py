@@ -1,0 +1,348 @@
+"""The offload planner: from a device budget, a model config and a batch shape, decide what stays
+resident, how many static slots stream the rest, the prefetch depth and the micro-batch; predict
+peak device bytes, CPU RAM and a step-time lower bound. Nothing here loads weights: the model is
+built on the meta device (shapes only), so OPT-175B plans in seconds with no memory.
+
+Units: bytes everywhere; "GB" means 10^9 bytes, "GiB" 2^30 (``zoft.config.parse_size``).
+The formulas are in ``docs/plan.md``; every term below names its formula in a comment.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import torch
+
+from zoft.errors import UsageError
+
+Dtype = Literal["fp16", "bf16", "fp32"]
+Transfer = Literal["same", "bf16", "int8"]
+Attention = Literal["sdpa", "eager"]
+Scratch = Literal["unit", "fused"]
+_DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+INT8_GROUP = 256  # int8 codec: one fp32 scale per 256 consecutive elements of a unit's flat buffer
+MIN_PREFETCH = 2  # uploads run d >= 2 units ahead; k = d + 1 slots (d in flight + 1 computing)
+GB = 10**9
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs to know about a model, read from its meta-device layout."""
+
+    name: str
+    n_params: int  # every parameter once (tied ones once)
+    nonblock_numel: int  # embeddings, final norm, head (tied once): always resident
+    block_numel: int  # the largest block (blocks are one class; sizes are equal in practice)
+    n_blocks: int
+    max_unit_numel: int  # the largest unit (a tied weight counts in each unit holding it)
+    tied_numel: int  # parameters shared by two units (input embedding = LM head)
+    hidden: int
+    ffn: int
+    heads: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One placement. All ``*_bytes`` fields are bytes; times are seconds."""
+
+    model: str
+    gpu_mem_bytes: int
+    batch_size: int
+    max_length: int
+    num_probes: int
+    dtype: str
+    transfer: str
+    attention: str
+    scratch: str
+    write_back: bool
+    n_params: int
+    n_blocks: int
+    resident_blocks: int  # blocks 0 .. resident_blocks-1 stay on the device
+    streamed_blocks: int
+    slots: int  # k static device slots for streamed blocks (0 when nothing streams)
+    prefetch: int  # d: uploads in flight ahead of the computing unit (0 when nothing streams)
+    micro_batch: int  # examples per micro-batch (per probe); every unit runs ceil(B/mb) of them
+    n_micro: int
+    resident_weights_bytes: int
+    slot_bytes: int
+    scratch_bytes: int
+    boundary_act_bytes: int
+    working_act_bytes: int
+    logits_bytes: int
+    peak_device_bytes: int
+    min_budget_bytes: int  # peak of the smallest plan (0 resident blocks, k = 3, mb = 1)
+    cpu_bytes: int
+    upload_bytes_per_step: int
+    writeback_bytes_per_step: int
+    t_compute_s: float
+    t_transfer_s: float
+    step_time_lb_s: float
+    h2d_gbps: float
+    tflops: float
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.boundary_act_bytes + max(self.working_act_bytes, self.logits_bytes)
+
+    @property
+    def bound(self) -> str:
+        return "transfer" if self.t_transfer_s > self.t_compute_s else "compute"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["activation_bytes"] = self.activation_bytes
+        d["bound"] = self.bound
+        return d
+
+
+# -- model shape ------------------------------------------------------------------------------
+def _cfg_int(config: Any, *names: str, default: int | None = None) -> int:
+    for n in names:
+        v = getattr(config, n, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    if default is None:
+        raise UsageError(f"cannot plan {type(config).__name__}: none of {names} is set in the config")
+    return default
+
+
+def shape_from_config(config: Any, name: str = "model") -> ModelShape:
+    """Build the model on the meta device and read its unit layout (no memory, no weights)."""
+    from zoft.models.layout import discover_layout
+    from zoft.models.loading import _auto_class, model_kind
+
+    with torch.device("meta"):
+        model = _auto_class(model_kind(config)).from_config(config)
+    layout = discover_layout(model)
+    seen: set[str] = set()
+    counts: dict[str, int] = {}
+    for u in layout.units:
+        for k in {k for k, _ in u.params}:
+            counts[k] = counts.get(k, 0) + 1
+    numel = {k: p.numel() for u in layout.units for k, p in u.params}
+    nonblock = 0
+    for u in layout.units:
+        if u.kind != "block":
+            for k, _ in u.params:
+                if k not in seen:
+                    seen.add(k)
+                    nonblock += numel[k]
+    unit_numel = [sum(numel[k] for k in {k for k, _ in u.params}) for u in layout.units]
+    hidden = _cfg_int(config, "hidden_size", "d_model", "n_embd")
+    return ModelShape(
+        name=name,
+        n_params=sum(numel.values()),
+        nonblock_numel=nonblock,
+        block_numel=max(u.numel for u in layout.blocks),
+        n_blocks=len(layout.blocks),
+        max_unit_numel=max(unit_numel),
+        tied_numel=sum(numel[k] for k, c in counts.items() if c > 1),
+        hidden=hidden,
+        ffn=_cfg_int(config, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
+        heads=_cfg_int(config, "num_attention_heads", "n_head"),
+        vocab=_cfg_int(config, "vocab_size"),
+    )
+
+
+@lru_cache(maxsize=8)
+def _shape_of_name(name: str) -> ModelShape:
+    from zoft.models.loading import resolve
+
+    _, config = resolve(name)
+    return shape_from_config(config, name)
+
+
+# -- accounting -------------------------------------------------------------------------------
+def _encoded_bytes(numel: int, transfer: str, dtype_bytes: int) -> int:
+    """Bytes of one unit's flat buffer as it crosses the link."""
+    if transfer == "int8":
+        return numel + 4 * math.ceil(numel / INT8_GROUP)
+    if transfer == "bf16":
+        return 2 * numel
+    return dtype_bytes * numel
+
+
+def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: int,
+                  transfer: str, attention: str, scratch: str) -> dict[str, int]:
+    """Peak device bytes of the plan with ``r`` resident blocks and micro-batch ``mb``."""
+    streamed = s.n_blocks - r
+    k = MIN_PREFETCH + 1 if streamed else 0
+    resident = b * (s.nonblock_numel + r * s.block_numel)
+    if not streamed:
+        slots = 0
+    elif transfer == "same":
+        slots = k * b * s.block_numel  # k slots in the compute dtype
+    else:  # k slots hold encoded units; one more buffer holds the decoded unit being computed
+        slots = k * _encoded_bytes(s.block_numel, transfer, b) + b * s.block_numel
+    if scratch == "unit":
+        # core.py today, per running unit: z (unit-sized) + the perturbed copy w0 + scale*z
+        # (unit-sized); z of tied weights is kept for the whole step (embedding and head share it).
+        scratch_b = b * (2 * s.max_unit_numel + s.tied_numel)
+    else:
+        # fused: copy w0 into one unit-sized buffer and add scale*z(seed) in the fused Philox
+        # kernel (``zoft.kernels.fused_axpy``): z is never materialised, nor kept for tied weights.
+        scratch_b = b * s.max_unit_numel
+    H, F, nh, V = s.hidden, s.ffn, s.heads, s.vocab
+    # Unit boundary, the whole step's P*B rows: input + per-probe outputs + their concatenation.
+    boundary = 3 * P * B * T * H * b
+    # Inside a block, one probe's micro-batch at a time: q, k, v, attention output (4H) and the
+    # MLP's up-projection and activation (2F); eager attention adds scores + probabilities.
+    working = mb * T * (4 * H + 2 * F) * b
+    if attention == "eager":
+        working += 2 * mb * nh * T * T * b
+    # Head: P*mb rows of logits in the compute dtype, plus two fp32 copies for the loss
+    # (``logits.float()`` and cross-entropy's log-softmax).
+    logits = P * mb * T * V * (b + 8)
+    peak = resident + slots + scratch_b + boundary + max(working, logits)
+    return {"resident": resident, "slots": slots, "k": k, "scratch": scratch_b, "boundary": boundary,
+            "working": working, "logits": logits, "peak": peak}
+
+
+def _resident_choices(n_blocks: int) -> list[int]:
+    """Resident-block counts worth planning, most first. Streaming 1..k blocks through k slots
+    costs as much device memory as keeping them resident, so those counts are never chosen."""
+    k = MIN_PREFETCH + 1
+    return [n_blocks] + list(range(n_blocks - k - 1, -1, -1))
+
+
+def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int, max_length: int,
+              num_probes: int = 2, dtype: Dtype = "fp16", transfer: Transfer = "same",
+              h2d_gbps: float = 25.0, tflops: float = 312.0, attention: Attention = "sdpa",
+              scratch: Scratch = "unit", write_back: bool = True) -> Plan:
+    """Plan a streamed ZO step under ``gpu_mem_bytes`` (int bytes, or "18GB" / "16GiB").
+
+    Order of priority: embeddings, final norm and head stay resident; then as many blocks as fit
+    (at micro-batch 1); then the largest micro-batch <= ``batch_size`` that fits. ``h2d_gbps`` is
+    the pinned host-to-device bandwidth in GB/s (10^9 bytes/s), ``tflops`` the device's dense
+    throughput in the compute dtype (312: A100 bf16). ``write_back``: full-parameter training
+    writes every streamed unit back to the CPU each step (counted on the same link); frozen or
+    adapter-only base weights are never written back. ``scratch``: "unit" is what
+    ``zoft/engine/core.py`` keeps today (z and the perturbed copy, both unit-sized); "fused" draws
+    z inside the perturbed-copy pass (no z buffer), as the streaming scheduler may.
+
+    Raises ``UsageError`` naming the smallest budget that fits when none does.
+    """
+    from zoft.config import parse_size
+
+    budget = parse_size(gpu_mem_bytes)
+    if dtype not in _DTYPE_BYTES:
+        raise UsageError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPE_BYTES)}")
+    if transfer not in ("same", "bf16", "int8"):
+        raise UsageError(f"unknown transfer codec '{transfer}'; use same, bf16 or int8")
+    if attention not in ("sdpa", "eager"):
+        raise UsageError(f"unknown attention '{attention}'; use sdpa or eager")
+    if scratch not in ("unit", "fused"):
+        raise UsageError(f"unknown scratch '{scratch}'; use unit or fused")
+    if batch_size < 1 or max_length < 1 or num_probes < 1:
+        raise UsageError("batch size, max length and probe count must be positive")
+    if isinstance(config_or_name, ModelShape):
+        s = config_or_name
+    elif isinstance(config_or_name, str):
+        s = _shape_of_name(config_or_name)
+    else:
+        s = shape_from_config(config_or_name, getattr(config_or_name, "name_or_path", "") or "model")
+    b = _DTYPE_BYTES[dtype]
+    if transfer == dtype:
+        transfer = "same"  # bf16 over the link for a bf16 model: no codec
+    kw = {"B": batch_size, "T": max_length, "P": num_probes, "b": b, "transfer": transfer,
+          "attention": attention, "scratch": scratch}
+
+    choices = _resident_choices(s.n_blocks)
+    smallest = _device_bytes(s, choices[-1], 1, **kw)["peak"]
+    if budget < smallest:
+        raise UsageError(
+            f"--gpu-mem {_fmt_budget(budget)} cannot fit {s.name}: the smallest plan needs "
+            f"{_gb_up(smallest)} GB (batch {batch_size} x {max_length} tokens); "
+            "raise --gpu-mem or lower --batch-size/--max-length")
+    r = next(r for r in choices if _device_bytes(s, r, 1, **kw)["peak"] <= budget)
+    lo, hi = 1, batch_size  # the peak grows with mb: binary search the largest that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _device_bytes(s, r, mid, **kw)["peak"] <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    mb = lo
+    acc = _device_bytes(s, r, mb, **kw)
+    streamed = s.n_blocks - r
+    upload = streamed * _encoded_bytes(s.block_numel, transfer, b)
+    writeback = streamed * b * s.block_numel if write_back else 0
+    t_compute = num_probes * 2 * s.n_params * batch_size * max_length / (tflops * 1e12)
+    t_transfer = (upload + writeback) / (h2d_gbps * 1e9)
+    return Plan(
+        model=s.name, gpu_mem_bytes=budget, batch_size=batch_size, max_length=max_length,
+        num_probes=num_probes, dtype=dtype, transfer=transfer, attention=attention,
+        scratch=scratch, write_back=write_back, n_params=s.n_params, n_blocks=s.n_blocks, resident_blocks=r,
+        streamed_blocks=streamed, slots=acc["k"], prefetch=MIN_PREFETCH if streamed else 0,
+        micro_batch=mb, n_micro=math.ceil(batch_size / mb), resident_weights_bytes=acc["resident"],
+        slot_bytes=acc["slots"], scratch_bytes=acc["scratch"], boundary_act_bytes=acc["boundary"],
+        working_act_bytes=acc["working"], logits_bytes=acc["logits"], peak_device_bytes=acc["peak"],
+        min_budget_bytes=smallest, cpu_bytes=_cpu_bytes(s, b, transfer, acc["k"]),
+        upload_bytes_per_step=upload, writeback_bytes_per_step=writeback, t_compute_s=t_compute,
+        t_transfer_s=t_transfer, step_time_lb_s=max(t_compute, t_transfer), h2d_gbps=h2d_gbps,
+        tflops=tflops)
+
+
+def _cpu_bytes(s: ModelShape, b: int, transfer: str, k: int) -> int:
+    """Master weights in the compute dtype, in pinned flat per-unit buffers (1x), plus k pinned
+    staging buffers of encoded units when a codec is used."""
+    staging = k * _encoded_bytes(s.block_numel, transfer, b) if transfer != "same" else 0
+    return b * s.n_params + staging
+
+
+def _gb_up(n: int) -> str:
+    """``n`` bytes in GB (10^9), 2 decimals, rounded up: that budget always fits ``n``."""
+    return f"{math.ceil(n / GB * 100) / 100:.2f}"
+
+
+def min_budget_from_message(n: int) -> int:
+    """The budget (bytes) that a refusal message names for a smallest plan of ``n`` bytes."""
+    return round(float(_gb_up(n)) * GB)
+
+
+def _fmt_budget(n: int) -> str:
+    if n % GB == 0:
+        return f"{n // GB}GB"
+    if n % 2**30 == 0:
+        return f"{n // 2**30}GiB"
+    return f"{n / GB:.2f}GB" if n >= 10**7 else f"{n}B"
+
+
+# -- output -----------------------------------------------------------------------------------
+def format_plan(p: Plan) -> str:
+    """A short human table (GB = 10^9 bytes)."""
+    def gb(n: int) -> str:
+        return f"{n / GB:8.2f} GB"
+
+    res = f"blocks 0-{p.resident_blocks - 1}" if p.resident_blocks else "none"
+    rows = [
+        (f"plan: {p.model} ({p.n_params / 1e9:.2f}B params, {p.n_blocks} blocks), --gpu-mem "
+         f"{p.gpu_mem_bytes / GB:.2f} GB, batch {p.batch_size} x {p.max_length} tokens, "
+         f"{p.num_probes} probes, {p.dtype}, transfer {p.transfer}, {p.attention} attention"),
+        f"  resident         embeddings, final norm, head + {res} ({p.resident_blocks} blocks)",
+        f"  streamed         {p.streamed_blocks} blocks through k={p.slots} slots, prefetch d={p.prefetch}",
+        f"  micro-batch      {p.micro_batch} ({p.n_micro} per step, each unit loaded once per step)",
+        "  device peak (predicted):",
+        f"    resident weights   {gb(p.resident_weights_bytes)}",
+        f"    stream slots       {gb(p.slot_bytes)}",
+        f"    perturb scratch    {gb(p.scratch_bytes)}  ({p.scratch})",
+        (f"    activations        {gb(p.activation_bytes)}  (boundary {p.boundary_act_bytes / GB:.2f}"
+         f" + max(block {p.working_act_bytes / GB:.2f}, logits {p.logits_bytes / GB:.2f}))"),
+        (f"    total              {gb(p.peak_device_bytes)}  of {p.gpu_mem_bytes / GB:.2f} GB"
+         f" (smallest plan: {_gb_up(p.min_budget_bytes)} GB)"),
+        f"  CPU RAM          {gb(p.cpu_bytes)}  (pinned master weights, {p.dtype})",
+        (f"  per step         upload {p.upload_bytes_per_step / GB:.2f} GB"
+         + (f" + write-back {p.writeback_bytes_per_step / GB:.2f} GB" if p.write_back else "")
+         + f" at {p.h2d_gbps:g} GB/s"),
+        (f"  step time >=     {p.step_time_lb_s:.3f} s  ({p.bound}-bound: compute {p.t_compute_s:.3f} s"
+         f" at {p.tflops:g} TFLOP/s, transfer {p.t_transfer_s:.3f} s)"),
+    ]
+    return "\n".join(rows)
+
+
+def plan_json(p: Plan) -> str:
+    return json.dumps(p.to_dict(), indent=1)
