@@ -48,9 +48,11 @@ _HELP = {
     "max_nan_steps": "stop after N consecutive NaN/inf losses (their updates are skipped)",
     "output_dir": "run directory (metrics, trajectory, checkpoint, loss.png)",
     "trainable": "comma-separated substrings of parameter names to train (default: all parameters)",
+    "peft": "train a peft adapter on a frozen base: lora (r=8, alpha=16 on q/v) or prefix (5 virtual "
+            "tokens); the checkpoint is the adapter (PeftModel.from_pretrained); options: peft_options in --config",
     "freeze": "comma-separated substrings of parameter names to keep frozen (e.g. word_embeddings)",
 }
-_SKIP = {"task_options", "optimizer_options", "progress"}
+_SKIP = {"task_options", "optimizer_options", "peft_options", "progress"}
 
 
 def _add_finetune(sub) -> None:
@@ -110,13 +112,15 @@ def _add_replay(sub) -> None:
     p.add_argument("--output", required=True, help="folder for the rebuilt model (save_pretrained)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="default: the device type the run used (needed for bit-identical weights)")
+    p.add_argument("--merge", action="store_true",
+                   help="--peft lora runs: write the base with the adapter merged in (a plain model)")
     p.set_defaults(func=lambda a: _run_replay(a))
 
 
 def _run_replay(args: argparse.Namespace) -> int:
     from zoft.train import replay
 
-    replay(args.run_dir, args.output, device=args.device)
+    replay(args.run_dir, args.output, device=args.device, merge=args.merge)
     print(f"replayed {args.run_dir} -> {args.output}")
     return 0
 

@@ -66,6 +66,8 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=list)  # name substrings to train (empty: all)
     freeze: list[str] = field(default_factory=list)  # name substrings kept frozen (after trainable)
     distribution: Literal["gaussian", "rademacher", "sphere"] = "gaussian"
+    peft: Literal["none", "lora", "prefix"] = "none"  # train a peft adapter only (base frozen)
+    peft_options: dict[str, Any] = field(default_factory=dict)  # LoraConfig / PrefixTuningConfig keys
     # loop
     steps: int = 1000
     batch_size: int = 16

@@ -30,6 +30,7 @@ from zoft.config import TrainConfig, parse_size
 from zoft.engine import Update, ZOEngine
 from zoft.errors import UsageError, ZoftError
 from zoft.models import LoadedModel, load_model
+from zoft.models.adapters import apply_peft, load_adapter_weights
 from zoft.noise import make_noise, mix
 from zoft.optim import bind, evaluate_step, make_optimizer, update_record
 from zoft.tasks import builtin_sentiment, load_examples, make_task
@@ -37,7 +38,8 @@ from zoft.tasks import builtin_sentiment, load_examples, make_task
 # Config keys that change the trajectory: a resumed run must keep them.
 _TRAJECTORY_KEYS = ("model", "random_init", "task", "task_options", "train", "max_length", "optimizer", "lr",
                     "eps", "weight_decay", "n_queries", "one_sided", "schedule", "warmup_steps",
-                    "optimizer_options", "noise", "distribution", "batch_size", "seed", "dtype", "trainable", "freeze")
+                    "optimizer_options", "noise", "distribution", "batch_size", "seed", "dtype", "trainable", "freeze",
+                    "peft", "peft_options")
 
 
 @dataclass
@@ -110,9 +112,17 @@ def _load_data(cfg: TrainConfig, task) -> tuple[list[dict], list[dict] | None]:
 
 
 def _load(cfg: TrainConfig, device: torch.device, checkpoint: Path | None) -> LoadedModel:
-    if checkpoint is None:
-        return load_model(cfg.model, random_init=cfg.random_init, dtype=cfg.dtype, device=device,
-                          seed=cfg.seed, tokenizer=cfg.tokenizer)
+    """The model to train: the initial weights, or the checkpoint's. With ``cfg.peft`` the base always
+    comes from ``cfg.model`` (it is never written), wrapped with a seed-determined adapter init that
+    the checkpoint's adapter (peft's ``save_pretrained`` layout) then overwrites."""
+    if checkpoint is None or cfg.peft != "none":
+        lm = load_model(cfg.model, random_init=cfg.random_init, dtype=cfg.dtype, device=device,
+                        seed=cfg.seed, tokenizer=cfg.tokenizer)
+        if cfg.peft != "none":
+            lm.model = apply_peft(lm.model, cfg.peft, cfg.peft_options, seed=cfg.seed)
+            if checkpoint is not None:
+                load_adapter_weights(lm.model, checkpoint)
+        return lm
     lm = load_model(str(checkpoint), dtype=cfg.dtype, device=device, tokenizer=cfg.tokenizer)
     lm.name = cfg.model or lm.name
     return lm
@@ -310,11 +320,13 @@ def finetune(config: TrainConfig | dict[str, Any]) -> RunResult:
     return Trainer(cfg).run()
 
 
-def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, device: str | None = None):
+def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, device: str | None = None,
+           merge: bool = False):
     """Rebuild a run's checkpointed weights from its initial weights and ``trajectory.jsonl``.
 
-    Returns the model; with ``output`` also writes it (and the tokenizer) with ``save_pretrained``.
-    Bit-identical to the checkpoint on the device type the run used (``state.json``).
+    Returns the model; with ``output`` also writes it (and the tokenizer) with ``save_pretrained``
+    (for a ``--peft`` run: the adapter, loadable with ``PeftModel.from_pretrained``; with ``merge``,
+    a LoRA adapter is folded into the base and the plain merged model is returned and written). Bit-identical to the checkpoint on the device type the run used (``state.json``).
     """
     import json
 
@@ -325,8 +337,7 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
     ckpt = find_checkpoint(run)
     state = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
     dev = resolve_device(device or state.get("device_type", "cpu"))
-    lm = load_model(cfg.model, random_init=cfg.random_init, dtype=cfg.dtype, device=dev, seed=cfg.seed,
-                    tokenizer=cfg.tokenizer)
+    lm = _load(cfg, dev, None)  # with --peft: the base plus the adapter's seed-determined init
     records = read_jsonl(run / "trajectory.jsonl", state.get("trajectory_lines"))
     engine = build_engine(cfg, lm.model)
     opt = build_optimizer(cfg)  # stateful optimizers rebuild each update (and their buffers) from its record
@@ -334,6 +345,10 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
     for r in records:
         engine.set_update(opt.update_from_record(r))
     engine.close()
+    if merge:
+        if cfg.peft != "lora":
+            raise UsageError(f"--merge needs a --peft lora run; '{run}' is --peft {cfg.peft}")
+        lm.model = lm.model.merge_and_unload()
     if output is not None:
         out = Path(output)
         try:

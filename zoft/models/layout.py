@@ -136,8 +136,9 @@ def discover_layout(model: nn.Module) -> Layout:
             path = f"{prefix}{child_name}"
             if child is blocks:
                 continue
-            if any(m is blocks for m in child.modules()):
-                visit(path + ".", child)
+            if any(m is blocks for m in child.modules()) or (
+                    isinstance(child, (nn.ModuleDict, nn.ModuleList)) and any(True for _ in child.parameters())):
+                visit(path + ".", child)  # containers have no forward of their own: their items are units
             elif any(True for _ in child.parameters()):
                 kind = _kind_of(path, child, head)
                 is_pre = kind == "embed" or child_name in pre_names
