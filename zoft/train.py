@@ -7,6 +7,7 @@ initial ones and ``trajectory.jsonl`` (kilobytes, not gigabytes).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -175,8 +176,6 @@ class Trainer:
             if ckpt is None:
                 raise UsageError(f"nothing to resume in '{self.out}' (no checkpoint); drop --resume to start a new run")
             self._check_resume_config()
-            import json
-
             self.state = json.loads((ckpt / "state.json").read_text())
         lm = _load(cfg, self.device, ckpt)
         if lm.tokenizer is None:
@@ -328,8 +327,6 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
     (for a ``--peft`` run: the adapter, loadable with ``PeftModel.from_pretrained``; with ``merge``,
     a LoRA adapter is folded into the base and the plain merged model is returned and written). Bit-identical to the checkpoint on the device type the run used (``state.json``).
     """
-    import json
-
     run = Path(run_dir)
     if not (run / "config.yaml").is_file() or not (run / "trajectory.jsonl").is_file():
         raise UsageError(f"'{run}' is not a zoft run directory (config.yaml and trajectory.jsonl expected)")

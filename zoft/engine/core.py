@@ -107,13 +107,14 @@ class ZOEngine:
                 if p.requires_grad and p.dtype.is_floating_point:
                     self.params[k] = p
         self.decays = {k: not any(s in k.lower() for s in self.no_decay) for k in self.params}
-
-    def _unit_params(self, unit: Unit) -> list[tuple[str, nn.Parameter]]:
-        seen: dict[str, nn.Parameter] = {}
-        for k, p in unit.params:
-            if k in self.params:
-                seen.setdefault(k, p)
-        return list(seen.items())
+        # each unit's trainable (key, parameter) pairs, a key once: read by every hook call
+        self._unit_params: dict[int, list[tuple[str, nn.Parameter]]] = {}
+        for u in self.layout.units:
+            seen: dict[str, nn.Parameter] = {}
+            for k, p in u.params:
+                if k in self.params:
+                    seen.setdefault(k, p)
+            self._unit_params[id(u.module)] = list(seen.items())
 
     # -- pending update -------------------------------------------------------------------
     @property
@@ -205,8 +206,7 @@ class ZOEngine:
         self._release_z(res)
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
-        unit = self._units[id(module)]
-        params = self._unit_params(unit)
+        params = self._unit_params[id(module)]
         probes = self._probes
         if not probes or not params:
             for k, p in params:

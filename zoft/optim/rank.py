@@ -28,8 +28,7 @@ import torch
 
 from zoft.engine.probes import Probe, Update
 from zoft.noise import step_seed
-from zoft.optim.schedule import Schedule
-from zoft.optim.zo_sgd import ZOSGD, SphereNorm
+from zoft.optim.zo_sgd import ZOSGD, ZOConfig
 
 
 # -- comparison graphs -------------------------------------------------------------------------
@@ -173,7 +172,7 @@ class CallableOracle:
 
 # -- the optimizer -----------------------------------------------------------------------------
 @dataclass
-class RankSGDConfig:
+class RankSGDConfig(ZOConfig):
     """ZO-RankSGD. lr: step length (g is scale-free); eps: the paper's mu; m: candidates per group;
     n_queries: independent groups per step (averaged); top_k: 0 = full ranking, else the loss
     oracle reveals only an ordered top-k; rank_oracle: what ``zoft finetune`` ranks by (the task
@@ -181,25 +180,16 @@ class RankSGDConfig:
     step lengths ``lr gamma^l`` tried in a second phase (0: off)."""
 
     lr: float = 1e-3
-    eps: float = 1e-3
-    weight_decay: float = 0.0
-    n_queries: int = 1
-    one_sided: bool = False
-    schedule: Schedule = "constant"
-    warmup_steps: int = 0
     m: int = 8
     top_k: int = 0
     rank_oracle: Literal["loss"] = "loss"
     line_search: int = 0
     gamma: float = 0.5
-    sphere: bool = False
-    sphere_norm: SphereNorm = "exact"
 
     def __post_init__(self):
-        if self.eps <= 0:
-            raise ValueError("eps must be > 0")
-        if self.n_queries < 1 or self.m < 2:
-            raise ValueError("zo-ranksgd needs n_queries >= 1 and m >= 2")
+        super().__post_init__()  # eps, n_queries, sphere_norm
+        if self.m < 2:
+            raise ValueError("zo-ranksgd needs m >= 2")
         if self.one_sided:
             raise ValueError("one_sided does not apply to zo-ranksgd (candidates are compared, not differenced)")
         if not 0 <= self.top_k <= self.m:
@@ -209,8 +199,6 @@ class RankSGDConfig:
                              "through the Python API (zoft.optim.step)")
         if self.line_search < 0 or not 0 < self.gamma < 1:
             raise ValueError("line_search must be >= 0 and gamma in (0, 1)")
-        if self.sphere_norm not in ("exact", "sqrt_d"):
-            raise ValueError(f"sphere_norm must be 'exact' or 'sqrt_d', not {self.sphere_norm!r}")
 
 
 class ZORankSGD(ZOSGD):

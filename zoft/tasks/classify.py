@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from zoft.errors import UsageError
 from zoft.tasks.base import Batch
 from zoft.tasks.data import check_fields, where
-from zoft.tasks.lm import IGNORE, call_model, makes_token_types, model_device, pad_labels, pad_rows, per_probe
+from zoft.tasks.lm import IGNORE, call_model, eval_outputs, makes_token_types, pad_labels, pad_rows, per_probe
 
 Kind = Literal["causal", "masked", "encoder"]
 KINDS = ("causal", "masked", "encoder")
@@ -261,22 +261,14 @@ class ClassifyTask:
         gold = per_probe(batch.targets["label"], B, P).to(logits.device)  # (P*B,)
         return F.cross_entropy(logits.reshape(P * B, C), gold, reduction="none").view(P, B).mean(1)
 
-    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, examples: list[dict], batch_size: int) -> dict[str, float]:
         """Accuracy (argmax class == label, in [0, 1]) and mean cross-entropy, model in eval mode."""
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
         correct, loss_sum = 0, 0.0
-        try:
-            for i in range(0, len(examples), batch_size):
-                batch = self.collate(examples[i : i + batch_size]).to(device)
-                logits = self.class_logits(self.forward(model, batch), batch, 1)[0]  # (B, C)
-                gold = batch.targets["label"]
-                loss_sum += F.cross_entropy(logits, gold, reduction="sum").item()
-                correct += int((logits.argmax(-1) == gold).sum().item())
-        finally:
-            model.train(was_training)
+        for batch, outputs in eval_outputs(self, model, examples, batch_size):
+            logits = self.class_logits(outputs, batch, 1)[0]  # (B, C)
+            gold = batch.targets["label"]
+            loss_sum += F.cross_entropy(logits, gold, reduction="sum").item()
+            correct += int((logits.argmax(-1) == gold).sum().item())
         return {"accuracy": correct / len(examples), "loss": loss_sum / len(examples)}
 
 

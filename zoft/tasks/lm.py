@@ -75,6 +75,21 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def eval_outputs(task: Any, model: torch.nn.Module, examples: list[dict], batch_size: int):
+    """Yield ``(batch, outputs)`` for consecutive slices of ``examples`` (plain forward, no autograd,
+    model in eval mode); the model's train/eval mode is restored when the loop ends."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                batch = task.collate(examples[i : i + batch_size]).to(device)
+                yield batch, task.forward(model, batch)
+    finally:
+        model.train(was_training)
+
+
 class LMTask:
     """Next-token NLL on ``{"text": ...}`` examples for causal LMs.
 
@@ -139,20 +154,12 @@ class LMTask:
         nll, count = self.token_nll(outputs, batch, num_probes)
         return nll / count
 
-    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, examples: list[dict], batch_size: int) -> dict[str, float]:
         """Token-weighted mean NLL over all examples, and its exp (perplexity)."""
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
         nll_sum, tokens = 0.0, 0
-        try:
-            for i in range(0, len(examples), batch_size):
-                batch = self.collate(examples[i : i + batch_size]).to(device)
-                nll, count = self.token_nll(self.forward(model, batch), batch, 1)
-                nll_sum += nll.item()
-                tokens += int(count.item())
-        finally:
-            model.train(was_training)
+        for batch, outputs in eval_outputs(self, model, examples, batch_size):
+            nll, count = self.token_nll(outputs, batch, 1)
+            nll_sum += nll.item()
+            tokens += int(count.item())
         loss = nll_sum / tokens
         return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
