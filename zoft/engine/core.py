@@ -25,9 +25,11 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from torch import nn
 
+from zoft.engine.offload import Meter, Offloader, tensor_bytes
+from zoft.engine.precision import stochastic_round
 from zoft.engine.probes import Probe, Update, combine_outputs, split_args
 from zoft.models.layout import Layout, Unit, discover_layout
-from zoft.noise import NoiseBackend, make_noise
+from zoft.noise import NoiseBackend, key_hash, make_noise, mix
 
 # MeZO skips weight decay for names containing "bias", "layer_norm", "layernorm"; "norm" and
 # "ln_" cover those and the other families' norms (model.norm, ln_f, input_layernorm, ...).
@@ -58,6 +60,7 @@ class _Residency:
     z_pooled: set[str] = field(default_factory=set)  # keys whose z lives in a pooled buffer
     outputs: list[Any] = field(default_factory=list)
     was_split: bool = True
+    in_bytes: int = 0  # the whole call's inputs (for the device-bytes meter)
 
 
 class ZOEngine:
@@ -67,15 +70,26 @@ class ZOEngine:
     noise:    the keyed noise backend (default: per-tensor ``torch.Generator``, Gaussian).
     no_decay: substrings of parameter names that take no weight decay.
 
+    offload:  a ``zoft.engine.offload.Streaming`` placement (device, resident blocks, prefetch,
+              codec): streamed blocks live in CPU memory and pass through device slots; the
+              results are those of the resident engine (``tests/test_offload.py``).
+
     Trainable parameters are those with ``requires_grad`` (floating point); the rest are never
     perturbed nor written. ``close()`` removes the hooks; the model is then exactly the plain model.
     """
 
     def __init__(self, model: nn.Module, noise: NoiseBackend | None = None,
-                 no_decay: Sequence[str] = NO_DECAY, layout: Layout | None = None):
+                 no_decay: Sequence[str] = NO_DECAY, layout: Layout | None = None,
+                 offload: Any = None):
         self.model = model
         self.layout = layout or discover_layout(model)
         self.noise = noise or make_noise()
+        self.meter = Meter()  # bytes on the device that the engine and the scheduler own
+        self.offload: Offloader | None = None
+        if offload is not None:
+            self.offload = Offloader(model, self.layout, offload.device, resident_blocks=offload.resident_blocks,
+                                     prefetch=offload.prefetch, transfer=offload.transfer, meter=self.meter)
+        self._acquired: dict[int, tuple[nn.Module, bool]] = {}  # streamed units between pre and post hook
         self.no_decay = tuple(no_decay)
         self._probes: list[Probe] | None = None
         self._rows = 0
@@ -115,6 +129,8 @@ class ZOEngine:
                 if k in self.params:
                     seen.setdefault(k, p)
             self._unit_params[id(u.module)] = list(seen.items())
+        if getattr(self, "offload", None) is not None:
+            self.offload.refresh_trainable()
 
     # -- pending update -------------------------------------------------------------------
     @property
@@ -123,7 +139,7 @@ class ZOEngine:
 
     def set_update(self, update: Update | None) -> None:
         """Queue ``update``; it is applied lazily as units next run, or by ``flush()``."""
-        self.flush()
+        self._apply_all_pending()
         self._pending = None if update is None or update.is_noop() else update
         self._applied = set()
 
@@ -131,16 +147,39 @@ class ZOEngine:
         if self._pending is None or key in self._applied:
             return
         with torch.no_grad():
-            self._pending.apply(key, p.data, self.noise, self.decays[key])
+            if p.dtype in (torch.bfloat16, torch.float16):
+                # a low-precision weight is updated in fp32 and stochastically rounded back:
+                # round-to-nearest would drop ZO-sized updates (|lr*g*z| << half an ulp of w)
+                w32 = p.data.float()
+                self._pending.apply(key, w32, self.noise, self.decays[key])
+                # keyed by the whole update (seeds, coefficients, decay) and the parameter: replay
+                # rounds identically; two steps' updates differ in their coefficients
+                seed = mix(key_hash(repr((self._pending.terms, self._pending.decay))), key + "/sround")
+                p.data.copy_(stochastic_round(w32, p.dtype, seed))
+            else:
+                self._pending.apply(key, p.data, self.noise, self.decays[key])
         self._applied.add(key)
 
-    def flush(self) -> None:
-        """Apply whatever is left of the pending update to every parameter (before eval/save)."""
+    def _apply_all_pending(self) -> None:
         if self._pending is not None:
+            if self.offload is not None:  # stream the units the last pass did not reach
+                for s in self.offload.units_in_order():
+                    keys = [k for k, _ in self._unit_params[id(s.unit.module)]]
+                    if any(k not in self._applied for k in keys):
+                        self._pre_hook(s.unit.module, (), {})
+                        self._post_hook(s.unit.module, (), {}, None)
             for k, p in self.params.items():
                 self._apply_pending(k, p)
         self._pending = None
         self._applied = set()
+
+    def flush(self) -> None:
+        """Apply whatever is left of the pending update to every parameter and wait for every
+        transfer: the model's weights (streamed ones in their CPU masters) are then final
+        (before eval, save, first-order steps and exit)."""
+        self._apply_all_pending()
+        if self.offload is not None:
+            self.offload.synchronize()
 
     # -- probes ---------------------------------------------------------------------------
     def _set_weights(self, res: _Residency, probe: Probe) -> None:
@@ -173,6 +212,7 @@ class ZOEngine:
             z = self._tied_z.get((seed, key))
             if z is None:  # a tied weight (embedding = LM head) is drawn once per step, not per unit
                 z = self._tied_z[(seed, key)] = self.noise.sample(seed, key, p).to(p.dtype)
+                self.meter.alloc(z.numel() * z.element_size(), "scratch")
             return z
         if p.dtype not in (torch.float32, torch.float64):  # z is fp32: convert
             return self.noise.sample(seed, key, p).to(p.dtype)
@@ -186,7 +226,18 @@ class ZOEngine:
 
     def _take(self, like: torch.Tensor) -> torch.Tensor:
         free = self._pool.get((like.shape, like.dtype, like.device))
-        return free.pop() if free else torch.empty_like(like, memory_format=torch.contiguous_format)
+        if free:
+            return free.pop()
+        self.meter.alloc(like.numel() * like.element_size(), "scratch")
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+
+    def _trim_pool(self, params: list[tuple[str, nn.Parameter]]) -> None:
+        """Free pooled buffers no parameter of this unit can use: scratch stays one unit's worth
+        (blocks share shapes, so the pool survives from block to block)."""
+        keep = {(p.shape, p.dtype, p.device) for _, p in params}
+        for key in [k for k in self._pool if k not in keep]:
+            for buf in self._pool.pop(key):
+                self.meter.free(buf.numel() * buf.element_size(), "scratch")
 
     def _give(self, buf: torch.Tensor) -> None:
         self._pool.setdefault((buf.shape, buf.dtype, buf.device), []).append(buf)
@@ -208,11 +259,18 @@ class ZOEngine:
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         params = self._unit_params[id(module)]
         probes = self._probes
+        if self.offload is not None and self.offload.is_streamed(module):
+            self.offload.acquire(module)  # weights now in a device slot
+            dirty = self._pending is not None and any(k not in self._applied for k, _ in params)
+            self._acquired[id(module)] = (module, dirty)
         if not probes or not params:
             for k, p in params:
                 self._apply_pending(k, p)
+            self.meter.observe(tensor_bytes(args) + tensor_bytes(kwargs))
             return None
+        self._trim_pool(params)
         res = _Residency(params, w0={k: p.data for k, p in params})  # the update is in place
+        res.in_bytes = tensor_bytes(args) + tensor_bytes(kwargs)
         self._live[id(module)] = res
         P = len(probes)
         # The first direction's z depends on (seed, key) and shapes only, not on the weights: draw
@@ -244,14 +302,23 @@ class ZOEngine:
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         res = self._live.pop(id(module), None)
-        if res is None:
-            return None
-        with torch.no_grad():
-            self._restore(res)
-        if len(self._probes) == 1:
-            return None
-        rows = self._rows // len(self._probes)
-        return combine_outputs([output, *res.outputs], rows, res.was_split, self._units[id(module)].name)
+        combined = None
+        if res is not None:
+            with torch.no_grad():
+                self._restore(res)
+            if len(self._probes) > 1:
+                rows = self._rows // len(self._probes)
+                combined = combine_outputs([output, *res.outputs], rows, res.was_split, self._units[id(module)].name)
+            # live at this point: the call's inputs, every probe's output and their concatenation
+            self.meter.observe(res.in_bytes + tensor_bytes(output) + tensor_bytes(res.outputs)
+                               + tensor_bytes(combined))
+        self._release(module)
+        return combined
+
+    def _release(self, module: nn.Module) -> None:
+        held = self._acquired.pop(id(module), None)
+        if held is not None:
+            self.offload.release(module, held[1])
 
     # -- public step API ------------------------------------------------------------------
     def evaluate(self, probes: Sequence[Probe], batch: Any, objective: Objective) -> torch.Tensor:
@@ -270,6 +337,8 @@ class ZOEngine:
         first = next(v for v in rep.inputs.values() if isinstance(v, torch.Tensor))
         self._rows = first.shape[0]
         self._probes = probes
+        self._release_stale()
+        self.meter.reset_peak()
         try:
             with torch.no_grad():
                 out = objective.forward(self.model, rep)
@@ -279,18 +348,41 @@ class ZOEngine:
                 with torch.no_grad():
                     self._restore(res)
             self._live.clear()
+            self._release_stale()
+            for z in self._tied_z.values():
+                self.meter.free(z.numel() * z.element_size(), "scratch")
             self._tied_z.clear()
             self._probes = None
-            self.flush()
+            self._apply_all_pending()
             self.model.train(was_training)
         losses = losses.detach().to("cpu", torch.float64)
         if losses.shape != (len(probes),):
             raise ValueError(f"objective returned shape {tuple(losses.shape)}, expected ({len(probes)},)")
         return losses
 
+    def _release_stale(self) -> None:
+        """Release streamed units whose forward raised between the pre- and the post-hook
+        (their pending update, if applied, is written back: nothing is lost)."""
+        stale = list(self._acquired.values())
+        for module, _ in stale:
+            self._release(module)
+        if stale:
+            self.offload.abandon()
+
+    @property
+    def device_peak_bytes(self) -> int:
+        """Peak bytes on the device since the last ``evaluate`` began: what the engine and the
+        scheduler own (resident weights, slots, perturbation scratch) plus the activations seen at
+        unit boundaries. Activations inside a unit are not counted (on CUDA, read
+        ``torch.cuda.max_memory_allocated``)."""
+        return self.meter.peak
+
     def close(self) -> None:
-        """Flush and remove the hooks: the model is the plain Hugging Face model again."""
+        """Flush and remove the hooks: the model is the plain Hugging Face model again (streamed
+        blocks keep their CPU masters as their parameters' storage)."""
         self.flush()
+        if self.offload is not None:
+            self.offload.close()
         for h in self._handles:
             h.remove()
         self._handles = []

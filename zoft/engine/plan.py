@@ -19,7 +19,7 @@ import torch
 from zoft.errors import UsageError
 
 Dtype = Literal["fp16", "bf16", "fp32"]
-Transfer = Literal["same", "bf16", "int8"]
+Transfer = Literal["same", "bf16", "fp16", "int8"]
 Attention = Literal["sdpa", "eager"]
 Scratch = Literal["unit", "fused"]
 _DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -161,13 +161,13 @@ def _encoded_bytes(numel: int, transfer: str, dtype_bytes: int) -> int:
     """Bytes of one unit's flat buffer as it crosses the link."""
     if transfer == "int8":
         return numel + 4 * math.ceil(numel / INT8_GROUP)
-    if transfer == "bf16":
+    if transfer in ("bf16", "fp16"):
         return 2 * numel
     return dtype_bytes * numel
 
 
 def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: int,
-                  transfer: str, attention: str, scratch: str) -> dict[str, int]:
+                  transfer: str, attention: str, scratch: str, write_back: bool = True) -> dict[str, int]:
     """Peak device bytes of the plan with ``r`` resident blocks and micro-batch ``mb``."""
     streamed = s.n_blocks - r
     k = MIN_PREFETCH + 1 if streamed else 0
@@ -186,6 +186,10 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
         # fused: copy w0 into one unit-sized buffer and add scale*z(seed) in the fused Philox
         # kernel (``zoft.kernels.fused_axpy``): z is never materialised, nor kept for tied weights.
         scratch_b = b * s.max_unit_numel
+    if streamed and transfer != "same" and write_back:
+        # a lossy codec writes back the change made on the device: decoded - decode(upload),
+        # two block-sized temporaries at the block's release (zoft/engine/offload.py)
+        scratch_b += 2 * b * s.block_numel
     H, F, nh, V = s.hidden, s.ffn, s.heads, s.vocab
     # Unit boundary, the whole step's P*B rows: input + per-probe outputs + their concatenation.
     boundary = 3 * P * B * T * H * b
@@ -231,8 +235,8 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     budget = parse_size(gpu_mem_bytes)
     if dtype not in _DTYPE_BYTES:
         raise UsageError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPE_BYTES)}")
-    if transfer not in ("same", "bf16", "int8"):
-        raise UsageError(f"unknown transfer codec '{transfer}'; use same, bf16 or int8")
+    if transfer not in ("same", "bf16", "fp16", "int8"):
+        raise UsageError(f"unknown transfer codec '{transfer}'; use same, bf16, fp16 or int8")
     if attention not in ("sdpa", "eager"):
         raise UsageError(f"unknown attention '{attention}'; use sdpa or eager")
     if scratch not in ("unit", "fused"):
@@ -249,7 +253,7 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     if transfer == dtype:
         transfer = "same"  # bf16 over the link for a bf16 model: no codec
     kw = {"B": batch_size, "T": max_length, "P": num_probes, "b": b, "transfer": transfer,
-          "attention": attention, "scratch": scratch}
+          "attention": attention, "scratch": scratch, "write_back": write_back}
 
     choices = _resident_choices(s.n_blocks)
     smallest = _device_bytes(s, choices[-1], 1, **kw)["peak"]

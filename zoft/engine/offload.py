@@ -1,0 +1,483 @@
+"""Block streaming under a device budget: master weights in CPU memory, static device slots.
+
+The scheduler owns *where* a unit's weights are; ``zoft.engine.core.ZOEngine`` owns what is done
+to them while they are there (pending update, probes, exact restore). The engine's pre-hook calls
+``acquire(unit)`` before touching a unit and its post-hook ``release(unit, dirty)`` after; that is
+the whole interface, so a streamed step runs the same code as a resident one.
+
+Placement (from ``zoft.engine.plan``): embeddings, final norm, head and blocks ``0..r-1`` are
+*resident* (moved to the device once); blocks ``r..L-1`` are *streamed*. A streamed unit's
+floating-point parameters live in one flat CPU buffer per unit (the *master*, pinned with
+``cudaHostRegister`` on CUDA: no power-of-two rounding of the caching host allocator), and its
+parameters' ``.data`` are views into it while it is away. The device holds ``k = d + 1`` static
+slots, each one unit's worth; uploads run ``d`` units ahead on their own stream, write-backs on
+another; CUDA events are the only dependencies inside a step (no host synchronisation), and the
+first ``d`` uploads of the next pass are issued as soon as the last streamed unit of this one is
+acquired (they do not depend on the update, which is applied on the device after upload).
+
+Transfer codecs (``transfer``): ``same`` moves the master's bytes; ``bf16``/``fp16`` (fp32 masters)
+and ``int8`` (per-block absmax, ``zoft.kernels.codec8``) encode on the host, move fewer bytes and
+decode on the device. A lossy upload is never written back as weights: the write-back carries the
+*change* made on the device (``slot_after - decode(upload)``) and the host adds it to the master,
+so codec error never accumulates in the master.
+
+CPU twin: on a CPU "device" the same scheduler runs with synchronous copies (the slots are
+separate CPU buffers) and a ``Meter`` accounts the bytes that would sit on the device: resident
+weights, slots, the engine's perturbation scratch and the activations crossing unit boundaries.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import torch
+from torch import nn
+
+from zoft.errors import UsageError
+from zoft.models.layout import Layout, Unit
+
+Codec = Literal["same", "bf16", "fp16", "int8"]
+CODECS = ("same", "bf16", "fp16", "int8")
+INT8_BLOCK = 256  # elements per fp32 scale of the int8 codec (= zoft.engine.plan.INT8_GROUP)
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """Where to stream: what ``ZOEngine(offload=...)`` takes. ``from_plan`` reads a planner's
+    ``zoft.engine.plan.Plan``; on a ``cpu`` device the scheduler is the CPU twin."""
+
+    device: str = "cpu"
+    resident_blocks: int = 0
+    prefetch: int = 2
+    transfer: Codec = "same"
+
+    @classmethod
+    def from_plan(cls, plan: Any, device: str | torch.device) -> "Streaming":
+        transfer = "same" if plan.transfer == "same" else plan.transfer
+        return cls(str(device), plan.resident_blocks, max(plan.prefetch, 1), transfer)
+
+
+class Meter:
+    """Bytes that sit on the (possibly pretend) device: ``now``, and the ``peak`` of
+    ``now + transient`` where ``transient`` are activations observed at unit boundaries."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+        self.by_kind: dict[str, int] = {}
+
+    def alloc(self, nbytes: int, kind: str) -> None:
+        self.now += nbytes
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes
+        self.peak = max(self.peak, self.now)
+
+    def free(self, nbytes: int, kind: str) -> None:
+        self.now -= nbytes
+        self.by_kind[kind] -= nbytes
+
+    def observe(self, transient: int) -> None:
+        self.peak = max(self.peak, self.now + transient)
+
+    def reset_peak(self) -> None:
+        self.peak = self.now
+
+
+def tensor_bytes(x: Any) -> int:
+    """Bytes of every tensor in a nested structure (args, kwargs, model outputs)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tensor_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tensor_bytes(v) for v in x)
+    if hasattr(x, "to_tuple"):  # transformers ModelOutput
+        return tensor_bytes(x.to_tuple())
+    return 0
+
+
+@dataclass
+class _Streamed:
+    """One streamed unit: its flat master and the views of its parameters."""
+
+    unit: Unit
+    index: int  # position among streamed units (execution order)
+    params: list[tuple[str, nn.Parameter]]  # each parameter once
+    offsets: list[tuple[int, int]]  # (start, numel) in the flat buffer
+    master: torch.Tensor  # (numel,) on the host, the model dtype
+    host_views: list[torch.Tensor]
+    trainable: bool
+    numel: int
+    n_write: int = 0  # elements written back: the trainable prefix of the flat buffer
+    writeback_event: Any = None  # the last write-back into ``master`` (CUDA event)
+    pending_delta: Any = None  # (host delta buffer, event): a lossy codec's change to add to ``master``
+
+
+@dataclass
+class _Slot:
+    index: int
+    flat: torch.Tensor | None  # (max numel,) on the device, the model dtype (codec "same")
+    enc: torch.Tensor | None = None  # encoded upload (bf16/fp16/int8 bytes) on the device
+    scales: torch.Tensor | None = None  # int8 codec: fp32 scales on the device
+    unit: _Streamed | None = None
+    in_use: bool = False  # acquired and not yet released
+    ready: Any = None  # upload finished (CUDA event)
+    free_after: Any = None  # previous occupant written back (CUDA event)
+
+
+@dataclass
+class OffloadStats:
+    uploads: int = 0
+    upload_bytes: int = 0
+    writebacks: int = 0
+    writeback_bytes: int = 0
+    stalls: int = 0  # acquires that found their unit not prefetched (uploaded synchronously)
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Offloader:
+    """Streams ``streamed`` units of ``layout`` through ``slots`` device slots.
+
+    model:     the model (its non-streamed parameters and all buffers are moved to ``device``).
+    layout:    its unit layout (``ZOEngine.layout``).
+    device:    ``torch.device("cuda", i)`` for real streams, ``cpu`` for the twin.
+    resident_blocks: blocks ``0..r-1`` stay resident; the rest stream.
+    prefetch:  ``d >= 1`` uploads in flight ahead of the computing unit; ``k = d + 1`` slots.
+    transfer:  codec over the link (``same``, ``bf16``, ``fp16``, ``int8``).
+    meter:     byte accounting (created if not given).
+    """
+
+    def __init__(self, model: nn.Module, layout: Layout, device: torch.device | str, *,
+                 resident_blocks: int, prefetch: int = 2, transfer: Codec = "same",
+                 meter: Meter | None = None):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if transfer not in CODECS:
+            raise UsageError(f"unknown transfer codec '{transfer}'; use one of {', '.join(CODECS)}")
+        if prefetch < 1:
+            raise UsageError("prefetch must be >= 1")
+        blocks = layout.blocks
+        if not 0 <= resident_blocks <= len(blocks):
+            raise UsageError(f"resident_blocks must be in 0..{len(blocks)}, not {resident_blocks}")
+        self.model, self.layout, self.transfer = model, layout, transfer
+        self.meter = meter or Meter()
+        self.stats = OffloadStats()
+        streamed_units = list(blocks[resident_blocks:])
+        owners: dict[str, int] = {}
+        for u in layout.units:
+            for k in {k for k, _ in u.params}:
+                owners[k] = owners.get(k, 0) + 1
+        self.streamed: list[_Streamed] = []
+        self._by_module: dict[int, _Streamed] = {}
+        dtype = None
+        for i, u in enumerate(streamed_units):
+            s = self._make_master(u, i, owners)
+            if dtype is not None and s.master.dtype != dtype:
+                raise UsageError("streamed blocks must share one dtype")
+            dtype = s.master.dtype
+            self.streamed.append(s)
+            self._by_module[id(u.module)] = s
+        self.dtype = dtype
+        if transfer in ("bf16", "fp16") and dtype not in (None, torch.float32):
+            raise UsageError(f"--transfer {transfer} encodes fp32 masters; this model is {dtype} "
+                             "(use --transfer same, which already moves 2-byte weights)")
+        # resident units (and every buffer: rotary tables, position ids) go to the device once
+        streamed_ids = {id(s.unit.module) for s in self.streamed}
+        for u in layout.units:
+            if id(u.module) in streamed_ids:
+                continue
+            for _, p in u.params:
+                if p.device != self.device:
+                    p.data = p.data.to(self.device)
+        self._resident_bytes = sum(p.numel() * p.element_size() for _, p in model.named_parameters()
+                                   if id(p) not in self._streamed_param_ids())
+        self.meter.alloc(self._resident_bytes, "resident")
+        for m in model.modules():
+            for n, b in list(m.named_buffers(recurse=False)):
+                if b.device != self.device:
+                    m._buffers[n] = b.to(self.device)
+        self.prefetch = min(prefetch, max(len(self.streamed) - 1, 0)) if self.streamed else 0
+        n_slots = self.prefetch + 1 if self.streamed else 0
+        max_numel = max((s.numel for s in self.streamed), default=0)
+        self.slots = [self._make_slot(i, max_numel) for i in range(n_slots)]
+        # a codec's slots hold encoded units; the computing unit is decoded into one buffer
+        self.decoded = None
+        if transfer != "same" and self.streamed:
+            self.decoded = torch.empty(max_numel, dtype=self.dtype, device=self.device)
+            self.meter.alloc(max_numel * self.decoded.element_size(), "slots")
+        self._rr = 0  # uploads issued: the next one goes to slot _rr % k
+        self._holder: dict[int, _Slot] = {}  # streamed index -> slot holding it
+        if self.cuda:
+            self.up_stream = torch.cuda.Stream(self.device)
+            self.wb_stream = torch.cuda.Stream(self.device)
+
+    # -- setup --------------------------------------------------------------------------
+    def _streamed_param_ids(self) -> set[int]:
+        if not hasattr(self, "_sp_ids"):
+            self._sp_ids = {id(p) for s in self.streamed for _, p in s.params}
+        return self._sp_ids
+
+    def _make_master(self, u: Unit, index: int, owners: dict[str, int]) -> _Streamed:
+        params: list[tuple[str, nn.Parameter]] = []  # trainable first: write-back is a prefix
+        seen: set[str] = set()
+        for k, p in u.params:
+            if k in seen:
+                continue
+            seen.add(k)
+            if owners.get(k, 1) > 1:
+                raise UsageError(f"parameter '{k}' is shared with another unit; streamed blocks cannot hold tied weights")
+            if not p.dtype.is_floating_point:
+                raise UsageError(f"unit '{u.name}' holds non-floating-point parameter '{k}' ({p.dtype}); "
+                                 "streaming quantized (packed) weights is not supported: drop --gpu-mem or --quant")
+            params.append((k, p))
+        params.sort(key=lambda kp: not kp[1].requires_grad)
+        dtypes = {p.dtype for _, p in params}
+        if len(dtypes) != 1:
+            raise UsageError(f"unit '{u.name}' mixes parameter dtypes {sorted(map(str, dtypes))}; load the model in one dtype")
+        dtype = dtypes.pop()
+        numel = sum(p.numel() for _, p in params)
+        master = torch.empty(numel, dtype=dtype)
+        if self.cuda:
+            _pin(master)
+        offsets, views, pos = [], [], 0
+        for _, p in params:
+            n = p.numel()
+            view = master[pos:pos + n].view(p.shape)
+            view.copy_(p.data)
+            p.data = view  # the original storage is released here: one unit at a time
+            offsets.append((pos, n))
+            views.append(view)
+            pos += n
+        _return_freed_memory()  # glibc keeps freed heap pages: give the originals back now
+        s = _Streamed(u, index, params, offsets, master, views, False, numel)
+        self._set_trainable(s)
+        return s
+
+    @staticmethod
+    def _set_trainable(s: _Streamed) -> None:
+        """The written-back prefix: up to the last trainable parameter (adapters, selected
+        parameters); a frozen unit is never written back (upload only)."""
+        ends = [start + n for (_, p), (start, n) in zip(s.params, s.offsets) if p.requires_grad]
+        s.trainable = bool(ends)
+        s.n_write = max(ends, default=0)
+
+    def _make_slot(self, i: int, numel: int) -> _Slot:
+        if self.transfer == "same":
+            flat = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self.meter.alloc(flat.numel() * flat.element_size(), "slots")
+            return _Slot(i, flat)
+        slot = _Slot(i, None)
+        if self.transfer in ("bf16", "fp16"):
+            slot.enc = torch.empty(numel, dtype=_CODEC_DTYPE[self.transfer], device=self.device)
+        elif self.transfer == "int8":
+            slot.enc = torch.empty(numel, dtype=torch.int8, device=self.device)
+            slot.scales = torch.empty(-(-numel // INT8_BLOCK), dtype=torch.float32, device=self.device)
+        for t in (slot.enc, slot.scales):
+            if t is not None:
+                self.meter.alloc(t.numel() * t.element_size(), "slots")
+        return slot
+
+    def refresh_trainable(self) -> None:
+        for s in self.streamed:
+            self._set_trainable(s)
+
+    # -- streams ------------------------------------------------------------------------
+    def _stream(self, which: str):
+        if not self.cuda:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self.up_stream if which == "up" else self.wb_stream)
+
+    def _record(self, which: str):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.up_stream if which == "up" else self.wb_stream if which == "wb"
+                  else torch.cuda.current_stream(self.device))
+        return ev
+
+    def _wait(self, which: str, ev) -> None:
+        if ev is None or not self.cuda:
+            return
+        stream = {"up": self.up_stream, "wb": self.wb_stream}.get(which) or torch.cuda.current_stream(self.device)
+        stream.wait_event(ev)
+
+    # -- the pass -----------------------------------------------------------------------
+    def is_streamed(self, module: nn.Module) -> bool:
+        return id(module) in self._by_module
+
+    def _upload(self, s: _Streamed) -> _Slot:
+        """Issue the upload of ``s`` into the next slot in round-robin order: the slot of the unit
+        acquired ``k - 1 = d`` uploads ago, whose compute is issued (never the one in use)."""
+        slot = self.slots[self._rr % len(self.slots)]
+        if slot.in_use:
+            slot = next(x for x in self.slots if not x.in_use)
+        self._rr += 1
+        if slot.unit is not None:  # evict a prefetched unit (only after an out-of-order acquire)
+            self._holder.pop(slot.unit.index, None)
+        self._settle_delta(s)  # a lossy codec's last change must reach the master first
+        n = s.numel
+        with self._stream("up"):
+            self._wait("up", slot.free_after)  # the previous occupant is written back
+            self._wait("up", s.writeback_event)  # the master holds this unit's last update
+            if self.transfer == "same":
+                slot.flat[:n].copy_(s.master, non_blocking=True)
+                sent = n * s.master.element_size()
+            elif self.transfer in ("bf16", "fp16"):
+                host = s.master.to(_CODEC_DTYPE[self.transfer])  # encode on the host
+                if self.cuda:
+                    host = host.pin_memory()
+                slot.enc[:n].copy_(host, non_blocking=True)
+                sent = n * 2
+            else:
+                from zoft.kernels.codec8 import quantize8
+
+                q, scales = quantize8(s.master, INT8_BLOCK)
+                if self.cuda:
+                    q, scales = q.pin_memory(), scales.pin_memory()
+                slot.enc[:n].copy_(q, non_blocking=True)
+                slot.scales[:scales.numel()].copy_(scales, non_blocking=True)
+                sent = n + 4 * scales.numel()
+            slot.ready = self._record("up")
+        slot.unit = s
+        self._holder[s.index] = slot
+        self.stats.uploads += 1
+        self.stats.upload_bytes += sent
+        return slot
+
+    def acquire(self, module: nn.Module) -> None:
+        """Make a streamed unit's weights resident (no-op for resident units) and issue the uploads
+        of the next ``d`` streamed units, wrapping into the next pass at the tail."""
+        s = self._by_module.get(id(module))
+        if s is None:
+            return
+        slot = self._holder.get(s.index)
+        if slot is None:  # not prefetched (first pass, or called out of order): upload now
+            if self._rr:
+                self.stats.stalls += 1
+            slot = self._upload(s)
+        slot.in_use = True
+        S = len(self.streamed)
+        for j in range(1, self.prefetch + 1):  # prefetch <= S - 1: never s itself
+            t = self.streamed[(s.index + j) % S]
+            if t.index not in self._holder:
+                self._upload(t)
+        self._wait("compute", slot.ready)
+        flat = slot.flat
+        if flat is None:  # decode on the compute stream into the one decoded buffer
+            flat = self.decoded
+            flat[:s.numel].copy_(self._decoded(slot, s.numel))
+        for (_, p), (start, n) in zip(s.params, s.offsets):
+            p.data = flat[start:start + n].view(p.shape)
+
+    def release(self, module: nn.Module, dirty: bool) -> None:
+        """The unit's compute is issued: write it back if ``dirty`` and point it at its master."""
+        s = self._by_module.get(id(module))
+        if s is None:
+            return
+        slot = self._holder.pop(s.index)
+        n = s.n_write
+        if dirty and s.trainable:
+            delta = None
+            if self.transfer != "same":  # lossy upload: the change made on the device, on the
+                # compute stream (the next unit decodes into the same buffer after it)
+                delta = self.decoded[:n] - self._decoded(slot, n)
+                self.meter.observe(2 * n * delta.element_size())
+            done = self._record("compute")
+            with self._stream("wb"):
+                self._wait("wb", done)
+                if delta is None:
+                    s.master[:n].copy_(slot.flat[:n], non_blocking=True)
+                else:  # the host adds it to the master before the unit's next upload
+                    s.pending_delta = torch.empty(n, dtype=delta.dtype, pin_memory=self.cuda)
+                    s.pending_delta.copy_(delta, non_blocking=True)
+                    if self.cuda:
+                        delta.record_stream(self.wb_stream)
+                s.writeback_event = self._record("wb")
+            slot.free_after = s.writeback_event
+            self.stats.writebacks += 1
+            self.stats.writeback_bytes += n * s.master.element_size()
+            if not self.cuda:
+                self._settle_delta(s)
+        else:
+            slot.free_after = self._record("compute")
+        slot.unit = None
+        slot.in_use = False
+        for (_, p), view in zip(s.params, s.host_views):
+            p.data = view
+
+    def _decoded(self, slot: _Slot, n: int) -> torch.Tensor:
+        if self.transfer == "int8":
+            from zoft.kernels.codec8 import dequantize8
+
+            nb = -(-n // INT8_BLOCK)
+            return dequantize8(slot.enc[:n], slot.scales[:nb], INT8_BLOCK, (n,), self.dtype)
+        return slot.enc[:n].to(self.dtype)
+
+    def _settle_delta(self, s: _Streamed) -> None:
+        if s.pending_delta is None:
+            return
+        if s.writeback_event is not None:
+            s.writeback_event.synchronize()  # long done: it was issued a whole pass ago
+        s.master[:s.pending_delta.numel()].add_(s.pending_delta)
+        s.pending_delta = None
+
+    def abandon(self) -> None:
+        """Forget prefetched slots (after an exception or a partial pass): the next pass restarts
+        at the first streamed unit. Slots hold clean copies of masters, so nothing is lost."""
+        for slot in self.slots:
+            if slot.unit is not None and slot.in_use:  # an acquired unit whose release never came
+                for (_, p), view in zip(slot.unit.params, slot.unit.host_views):
+                    p.data = view
+            slot.unit = None
+            slot.in_use = False
+        self._holder.clear()
+
+    def synchronize(self) -> None:
+        """Wait for every transfer and fold lossy deltas into the masters (before save/eval/exit)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        for s in self.streamed:
+            self._settle_delta(s)
+
+    def units_in_order(self) -> Iterable[_Streamed]:
+        return list(self.streamed)
+
+    def close(self) -> None:
+        self.synchronize()
+        self.abandon()
+        if self.cuda:
+            for s in self.streamed:
+                _unpin(s.master)
+
+
+_CODEC_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _return_freed_memory() -> None:
+    """``malloc_trim(0)`` where glibc provides it: freed parameter storage goes back to the OS as
+    each unit moves into its master, so host RAM stays at ~1x the model, not 1x + what was freed."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
+def _pin(t: torch.Tensor) -> None:
+    """Page-lock ``t``'s memory in place (exact size; the caching host allocator would round up to
+    a power of two)."""
+    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    if int(rc) != 0:
+        raise RuntimeError(f"cudaHostRegister failed ({rc})")
+
+
+def _unpin(t: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
