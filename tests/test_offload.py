@@ -351,3 +351,69 @@ def test_host_ram_stays_within_15_percent_of_the_masters(tmp_path):
     assert r["master"] > 150e6
     assert r["rss"] <= 1.15 * r["master"], r
     assert r["peak"] <= 1.15 * r["master"], r
+
+
+# -- the training loop -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory):
+    from conftest import make_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("deep-opt")
+    deep_model("opt").save_pretrained(d)
+    make_tiny_tokenizer().save_pretrained(d)
+    data = d / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                            ["the movie was great", "an awful waste of time", "a fine film", "hello world"]))
+    return d
+
+
+def test_finetune_with_gpu_mem_streams_and_equals_the_resident_run(deep_dir, tmp_path, capsys):
+    """``zoft finetune --device cpu --gpu-mem B`` runs the CPU twin: the planner streams some
+    blocks, metrics.jsonl records device_peak_bytes <= B, and the checkpoint equals the run
+    without a budget; replaying the streamed run's trajectory gives the same weights. A budget
+    below the smallest plan is refused in one line, naming the smallest budget that fits."""
+    from safetensors.torch import load_file
+
+    from zoft.cli import main
+    from zoft.train import plan_for, replay
+    from zoft.config import TrainConfig
+
+    base = ["finetune", "--model", str(deep_dir), "--task", "lm", "--train", str(deep_dir / "train.jsonl"),
+            "--steps", "4", "--batch-size", "2", "--lr", "1e-3", "--max-length", "12", "--no-progress",
+            "--device", "cpu"]
+    cfg = TrainConfig(model=str(deep_dir), task="lm", train="x", batch_size=2, max_length=12, gpu_mem="1GB")
+    smallest = plan_for(cfg).min_budget_bytes
+    budget = str(smallest + 2000)
+    plan = plan_for(TrainConfig(**{**cfg.to_dict(), "gpu_mem": budget}))
+    assert 0 < plan.streamed_blocks
+    assert main(base + ["--output-dir", str(tmp_path / "s"), "--gpu-mem", budget]) == 0
+    assert main(base + ["--output-dir", str(tmp_path / "r")]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    peaks = [r["device_peak_bytes"] for r in recs if "device_peak_bytes" in r]
+    assert len(peaks) == 4 and max(peaks) <= int(budget)
+    ws = load_file(str(tmp_path / "s" / "checkpoint" / "model.safetensors"))
+    wr = load_file(str(tmp_path / "r" / "checkpoint" / "model.safetensors"))
+    for k in wr:
+        torch.testing.assert_close(ws[k], wr[k], rtol=RTOL, atol=0, msg=k)
+    model = replay(tmp_path / "s")
+    for k, p in model.state_dict().items():
+        if k in ws:
+            torch.testing.assert_close(p, ws[k], rtol=0, atol=0, msg=k)
+    capsys.readouterr()
+    assert main(base + ["--output-dir", str(tmp_path / "x"), "--gpu-mem", str(smallest - 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "smallest plan needs" in err[0]
+
+
+@pytest.mark.parametrize("family", ["opt", "bloom"])
+@pytest.mark.parametrize("micro_batch", [1, 2])
+def test_micro_batches_equal_whole_slices(family, micro_batch):
+    """Blocks running each probe's 3 examples in micro-batches of 1 or 2 (uneven: 2 + 1) give the
+    losses and weights of whole slices; BLOOM's (batch * heads)-row ALiBi bias is cut per example."""
+    ref_model, model = deep_model(family), deep_model(family)
+    ref = ZOEngine(ref_model)
+    eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=2, micro_batch=micro_batch))
+    torch.testing.assert_close(run_steps(eng, family), run_steps(ref, family), rtol=RTOL, atol=1e-6)
+    eng.close()
+    ref.close()
+    assert_same_weights(model, ref_model)

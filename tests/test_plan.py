@@ -1,5 +1,6 @@
 """The offload planner: byte accounting against hand-computed numbers, monotonicity, refusals,
 and the ``zoft plan`` CLI offline on the shipped OPT-30B / OPT-175B configs (meta tensors only)."""
+import dataclasses
 import json
 import re
 
@@ -22,15 +23,14 @@ SCRATCH = W * (2 * BLOCK + V * H)  # z + perturbed copy of the largest unit (a b
 BOUNDARY = 3 * P * B * T * H * W  # unit input + per-probe outputs + their concatenation
 
 
-def logits(mb):
-    return P * mb * T * V * (W + 8)  # compute-dtype logits + two fp32 copies
+LOGITS = P * B * T * V * (W + 8)  # the whole step's compute-dtype logits + two fp32 copies
 
 
 def resident(r):
     return W * (NONBLOCK + r * BLOCK)
 
 
-MIN_PEAK = resident(0) + SLOTS + SCRATCH + BOUNDARY + logits(1)  # = 108096
+MIN_PEAK = resident(0) + SLOTS + SCRATCH + BOUNDARY + LOGITS  # = 127296
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,12 @@ def test_shape_by_hand(tiny):
 
 
 def test_accounting_by_hand(tiny):
-    assert MIN_PEAK == 108096
+    assert MIN_PEAK == 127296
     p = plan(tiny, MIN_PEAK)  # the smallest plan, exactly
-    assert (p.resident_blocks, p.streamed_blocks, p.slots, p.prefetch, p.micro_batch) == (0, 8, 3, 2, 1)
+    assert (p.resident_blocks, p.streamed_blocks, p.slots, p.prefetch, p.micro_batch) == (0, 8, 3, 2, B)
     assert (p.resident_weights_bytes, p.slot_bytes, p.scratch_bytes) == (resident(0), SLOTS, SCRATCH)
-    assert (p.boundary_act_bytes, p.logits_bytes) == (BOUNDARY, logits(1))
-    assert p.working_act_bytes == 1 * T * (4 * H + 2 * F) * W
+    assert (p.boundary_act_bytes, p.logits_bytes) == (BOUNDARY, LOGITS)
+    assert p.working_act_bytes == B * T * (4 * H + 2 * F) * W
     assert p.peak_device_bytes == p.min_budget_bytes == MIN_PEAK
     assert p.cpu_bytes == W * (NONBLOCK + L * BLOCK)
     assert p.upload_bytes_per_step == p.writeback_bytes_per_step == 8 * W * BLOCK
@@ -65,16 +65,24 @@ def test_accounting_by_hand(tiny):
     assert p.t_compute_s == pytest.approx(P * 2 * (NONBLOCK + L * BLOCK) * B * T / 312e12)
     # blocks first: one block's bytes more keeps one block resident (micro-batch still 1)
     one = plan(tiny, MIN_PEAK + W * BLOCK)
-    assert (one.resident_blocks, one.micro_batch, one.upload_bytes_per_step) == (1, 1, 7 * W * BLOCK)
+    assert (one.resident_blocks, one.micro_batch, one.upload_bytes_per_step) == (1, B, 7 * W * BLOCK)
     # 4 resident blocks: streaming 1..3 blocks through 3 slots is never chosen
-    four = resident(4) + SLOTS + SCRATCH + BOUNDARY + logits(1)
+    four = resident(4) + SLOTS + SCRATCH + BOUNDARY + LOGITS
     assert plan(tiny, four).resident_blocks == 4 and plan(tiny, four - 1).resident_blocks == 3
-    every = resident(L) + SCRATCH + BOUNDARY + logits(1)
+    every = resident(L) + SCRATCH + BOUNDARY + LOGITS
     q = plan(tiny, every)
-    assert (q.resident_blocks, q.streamed_blocks, q.slots, q.prefetch, q.micro_batch) == (L, 0, 0, 0, 1)
+    assert (q.resident_blocks, q.streamed_blocks, q.slots, q.prefetch, q.micro_batch) == (L, 0, 0, 0, B)
     assert q.t_transfer_s == 0 and plan(tiny, every - 1).resident_blocks == 4
     # then the micro-batch, once its logits fit
-    assert plan(tiny, every + logits(2) - logits(1)).micro_batch == 2
+    # then the micro-batch, once a block's working activations fit (a 2-token vocabulary so that
+    # they, not the logits, decide)
+    small_v = dataclasses.replace(tiny, vocab=2)
+    w1 = T * (4 * H + 2 * F) * W  # one example's working activations
+    hi = plan(small_v, 10**9, batch_size=4)
+    assert hi.micro_batch == 4 and hi.working_act_bytes == 4 * w1
+    at1 = hi.peak_device_bytes - 3 * w1
+    assert plan(small_v, at1, batch_size=4).micro_batch == 1
+    assert plan(small_v, at1 + w1, batch_size=4).micro_batch == 2
     # codecs and options
     i8 = plan(tiny, 10**6, transfer="int8", write_back=False, batch_size=1)
     enc = BLOCK + 4 * -(-BLOCK // 256)  # int8 + one fp32 scale per 256 elements
@@ -106,7 +114,7 @@ def test_monotone_in_budget(tiny):
 
 def test_monotone_opt30b():
     prev = None
-    for gb in range(9, 90, 3):
+    for gb in range(14, 90, 3):  # 16 x 256 needs 12.11 GB at least (its logits alone: 4.1 GB)
         p = make_plan("opt-30b", gb * 10**9, batch_size=16, max_length=256)
         assert p.peak_device_bytes <= p.gpu_mem_bytes and p.resident_blocks + p.streamed_blocks == 48
         if prev is not None:
@@ -130,13 +138,13 @@ def test_refusal_names_a_budget_that_fits(tiny):
     assert make_plan("opt-30b", exact, batch_size=1, max_length=2048).micro_batch == 1
     with pytest.raises(UsageError):
         make_plan("opt-30b", exact - 1, batch_size=1, max_length=2048)
-    with pytest.raises(UsageError, match="smallest plan needs 0.01 GB"):  # 108096 B, rounded up
+    with pytest.raises(UsageError, match="smallest plan needs 0.01 GB"):  # 127296 B, rounded up
         plan(tiny, MIN_PEAK - 1)
 
 
 def test_cli_opt175b_offline(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB", "--scratch", "fused",
+    assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB", "--scratch", "fused", "--batch-size", "4",
                  "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "opt-175b" in text and "step time >=" in text
@@ -144,7 +152,7 @@ def test_cli_opt175b_offline(tmp_path, capsys):
     assert d["resident_blocks"] + d["streamed_blocks"] == 96 and d["gpu_mem_bytes"] == 18 * 10**9
     assert d["peak_device_bytes"] <= 18 * 10**9
     # today's engine keeps z and a perturbed copy per unit: 18 GB is refused, one line, exit 2
-    assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB"]) == 2
+    assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB", "--batch-size", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("zoft: error: --gpu-mem 18GB cannot fit opt-175b: the smallest plan needs")
     assert "\n" not in err
@@ -161,7 +169,7 @@ def test_cli_gib_and_opt30b(capsys):
 
 def test_reproduces_published_estimates():
     # ALGORITHMS.md, OPT-30B, 16 x 256, bf16 transfer at 55 GB/s: compute ~0.7 s, H2D ~1.08 s
-    p = make_plan("opt-30b", "9.5GB", batch_size=16, max_length=256, tflops=700, h2d_gbps=55,
+    p = make_plan("opt-30b", "13.4GB", batch_size=16, max_length=256, tflops=700, h2d_gbps=55,
                   transfer="bf16", write_back=False)
     assert p.resident_blocks == 0
     assert p.t_compute_s == pytest.approx(0.70, abs=0.01) and p.t_transfer_s == pytest.approx(1.08, abs=0.01)

@@ -61,6 +61,7 @@ class _Residency:
     outputs: list[Any] = field(default_factory=list)
     was_split: bool = True
     in_bytes: int = 0  # the whole call's inputs (for the device-bytes meter)
+    first: list[Any] = field(default_factory=list)  # probe 0's micro-batches after its first
 
 
 class ZOEngine:
@@ -80,7 +81,7 @@ class ZOEngine:
 
     def __init__(self, model: nn.Module, noise: NoiseBackend | None = None,
                  no_decay: Sequence[str] = NO_DECAY, layout: Layout | None = None,
-                 offload: Any = None):
+                 offload: Any = None, micro_batch: int | None = None):
         self.model = model
         self.layout = layout or discover_layout(model)
         self.noise = noise or make_noise()
@@ -90,6 +91,10 @@ class ZOEngine:
             self.offload = Offloader(model, self.layout, offload.device, resident_blocks=offload.resident_blocks,
                                      prefetch=offload.prefetch, transfer=offload.transfer, meter=self.meter)
         self._acquired: dict[int, tuple[nn.Module, bool]] = {}  # streamed units between pre and post hook
+        # examples per probe that a block runs at once (None: the probe's whole slice); the
+        # planner's choice under a budget. Each block is still loaded once per step.
+        self.micro_batch = micro_batch or (offload.micro_batch if offload is not None else None)
+        self._blocks = {id(u.module) for u in self.layout.blocks}
         self.no_decay = tuple(no_decay)
         self._probes: list[Probe] | None = None
         self._rows = 0
@@ -285,19 +290,23 @@ class ZOEngine:
         finally:
             if drawn is not None:
                 drawn.result()
+        R = self._rows // P
+        mb = self.micro_batch if self.micro_batch and id(module) in self._blocks else R
+        chunks = [(lo, min(lo + mb, R)) for lo in range(0, R, mb)] if mb < R else [(0, None)]
         with torch.no_grad():
-            if P == 1:
+            if P == 1 and len(chunks) == 1:
                 self._set_weights(res, probes[0])
                 return None
-            for i in range(1, P):
+            for i in [*range(1, P), 0]:  # probe 0 last: the regular call runs its first chunk
                 self._set_weights(res, probes[i])
-                a, split_a = split_args(args, i, P, self._rows)
-                kw, split_kw = split_args(kwargs, i, P, self._rows)
-                res.outputs.append(module.forward(*a, **kw))
-            res.was_split = split_a or split_kw
-            self._set_weights(res, probes[0])
-        a, _ = split_args(args, 0, P, self._rows)
-        kw, _ = split_args(kwargs, 0, P, self._rows)
+                for lo, hi in (chunks if i else chunks[1:]):
+                    a, split_a = split_args(args, i, P, self._rows, lo, hi)
+                    kw, split_kw = split_args(kwargs, i, P, self._rows, lo, hi)
+                    (res.outputs if i else res.first).append(module.forward(*a, **kw))
+                    res.was_split = split_a or split_kw
+        lo, hi = chunks[0]
+        a, _ = split_args(args, 0, P, self._rows, lo, hi)
+        kw, _ = split_args(kwargs, 0, P, self._rows, lo, hi)
         return a, kw
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
@@ -306,9 +315,10 @@ class ZOEngine:
         if res is not None:
             with torch.no_grad():
                 self._restore(res)
-            if len(self._probes) > 1:
+            if res.outputs or res.first:
                 rows = self._rows // len(self._probes)
-                combined = combine_outputs([output, *res.outputs], rows, res.was_split, self._units[id(module)].name)
+                combined = combine_outputs([output, *res.first, *res.outputs], rows, res.was_split,
+                                           self._units[id(module)].name)
             # live at this point: the call's inputs, every probe's output and their concatenation
             self.meter.observe(res.in_bytes + tensor_bytes(output) + tensor_bytes(res.outputs)
                                + tensor_bytes(combined))

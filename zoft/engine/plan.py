@@ -198,9 +198,11 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
     working = mb * T * (4 * H + 2 * F) * b
     if attention == "eager":
         working += 2 * mb * nh * T * T * b
-    # Head: P*mb rows of logits in the compute dtype, plus two fp32 copies for the loss
-    # (``logits.float()`` and cross-entropy's log-softmax).
-    logits = P * mb * T * V * (b + 8)
+    # Head: the whole step's P*B rows of logits (the objective's loss reads them all) in the
+    # compute dtype, plus two fp32 copies for the loss (``logits.float()`` and cross-entropy's
+    # log-softmax); at the head's exit the per-probe outputs and their concatenation (2b) are
+    # live instead, which is no more for b <= 8. Micro-batching does not shrink this term.
+    logits = P * B * T * V * (b + 8)
     peak = resident + slots + scratch_b + boundary + max(working, logits)
     return {"resident": resident, "slots": slots, "k": k, "scratch": scratch_b, "boundary": boundary,
             "working": working, "logits": logits, "peak": peak}

@@ -69,8 +69,9 @@ def is_split(t: torch.Tensor, n_rows: int) -> bool:
     return t.ndim >= 2 and t.shape[0] >= n_rows and t.shape[0] % n_rows == 0
 
 
-def split_args(x: Any, p: int, num_probes: int, n_rows: int) -> tuple[Any, bool]:
-    """Probe ``p``'s slice of every split tensor in ``x``; also whether anything was split."""
+def split_args(x: Any, p: int, num_probes: int, n_rows: int, lo: int = 0, hi: int | None = None) -> tuple[Any, bool]:
+    """Probe ``p``'s slice of every split tensor in ``x`` (with ``lo``/``hi``: only its examples
+    ``lo..hi-1``, a micro-batch); also whether anything was split."""
     found = False
 
     def take(t: torch.Tensor) -> torch.Tensor:
@@ -79,16 +80,21 @@ def split_args(x: Any, p: int, num_probes: int, n_rows: int) -> tuple[Any, bool]
             return t
         found = True
         chunk = t.shape[0] // num_probes
-        return t[p * chunk:(p + 1) * chunk]
+        if hi is None:
+            return t[p * chunk:(p + 1) * chunk]
+        per = t.shape[0] // n_rows  # rows per example (ALiBi: heads)
+        return t[p * chunk + lo * per:p * chunk + hi * per]
 
     return _map(x, take), found
 
 
 def combine_outputs(outs: Sequence[Any], rows: int, was_split: bool, unit: str) -> Any:
-    """Concatenate the P probes' outputs along dim 0 (probe-major), mirroring ``split_args``.
+    """Concatenate the P probes' outputs (or their micro-batches') along dim 0 (probe-major),
+    mirroring ``split_args``.
 
     When no input was split (e.g. a position embedding called on (1, T) ids), each probe's
-    (1, ...) output is expanded to its ``rows`` rows so that probe p's rows see probe p's value.
+    (1, ...) output is expanded to its ``rows`` rows so that probe p's rows see probe p's value
+    (micro-batches are only run for split inputs).
     """
     first = outs[0]
     if isinstance(first, torch.Tensor):
