@@ -417,3 +417,32 @@ def test_micro_batches_equal_whole_slices(family, micro_batch):
     eng.close()
     ref.close()
     assert_same_weights(model, ref_model)
+
+
+def test_lora_streamed_equals_resident_and_uploads_only():
+    """Adapters on a streamed base (issue 8): only the LoRA parameters are perturbed, updated and
+    written back (the trainable prefix of each block's flat master); the frozen base's bytes are
+    untouched; losses and adapter weights equal the resident engine's."""
+    from zoft.models.adapters import apply_peft
+
+    out = []
+    for offload in (None, Streaming("cpu", resident_blocks=1)):
+        model = apply_peft(deep_model("opt"), "lora", {"target_modules": ["q_proj", "v_proj"]}, seed=1)
+        with torch.no_grad():  # LoRA's B starts at zero: move it so the adapter matters
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        eng = ZOEngine(model, offload=offload)
+        losses = run_steps(eng, "opt", steps=3)
+        if offload is not None:
+            st = eng.offload.stats
+            lora = sum(p.numel() for _, p in eng.offload.streamed[0].params if p.requires_grad)
+            assert st.writeback_bytes == st.writebacks * lora * 4 and st.writebacks == 3 * 5
+        eng.close()
+        for n, p in model.named_parameters():
+            if n in base:
+                assert torch.equal(p, base[n]), n
+        out.append((losses, model))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=RTOL, atol=0)
+    assert_same_weights(out[1][1], out[0][1])

@@ -91,6 +91,7 @@ class ZOEngine:
             self.offload = Offloader(model, self.layout, offload.device, resident_blocks=offload.resident_blocks,
                                      prefetch=offload.prefetch, transfer=offload.transfer, meter=self.meter)
         self._acquired: dict[int, tuple[nn.Module, bool]] = {}  # streamed units between pre and post hook
+        self._streamed_keys = {k for s in self.offload.streamed for k, _ in s.params} if self.offload else set()
         # examples per probe that a block runs at once (None: the probe's whole slice); the
         # planner's choice under a budget. Each block is still loaded once per step.
         self.micro_batch = micro_batch or (offload.micro_batch if offload is not None else None)
@@ -151,6 +152,11 @@ class ZOEngine:
     def _apply_pending(self, key: str, p: nn.Parameter) -> None:
         if self._pending is None or key in self._applied:
             return
+        # a stateful optimizer's buffers (momentum, Adam moments) of a streamed unit live on the
+        # host between steps and come to the device only while the unit is there
+        store = getattr(self._pending, "store", None) if key in self._streamed_keys else None
+        if store:
+            self._move_state(store, key, p.device)
         with torch.no_grad():
             if p.dtype in (torch.bfloat16, torch.float16):
                 # a low-precision weight is updated in fp32 and stochastically rounded back:
@@ -163,7 +169,16 @@ class ZOEngine:
                 p.data.copy_(stochastic_round(w32, p.dtype, seed))
             else:
                 self._pending.apply(key, p.data, self.noise, self.decays[key])
+        if store:
+            self._move_state(store, key, torch.device("cpu"))
         self._applied.add(key)
+
+    @staticmethod
+    def _move_state(store: dict[str, dict[str, torch.Tensor]], key: str, device: torch.device) -> None:
+        for bufs in store.values():
+            t = bufs.get(key)
+            if t is not None and t.device != device:
+                bufs[key] = t.to(device)  # synchronous: correct before the next use, not overlapped
 
     def _apply_all_pending(self) -> None:
         if self._pending is not None:
