@@ -11,8 +11,9 @@ planner's lower bound. One script, meant to finish in < 8 minutes on one H200.
      host-to-device bandwidth and the fp16 matmul throughput are measured first and fed to the
      planner, and each streamed step is reported as a multiple of the planner's lower bound.
 
-    python bench/gpu_offload.py [--json FILE] [--skip-6.7b] [--steps 4]
+    python bench/gpu_offload.py [--json FILE] [--models opt-2.7b,opt-6.7b] [--batches 1x2048,16x512] [--steps 4]
     python bench/gpu_offload.py --device cpu --tiny     # smoke test of this script on a CPU
+    python bench/gpu_offload.py --device cpu --models opt-125m --batches 4x128   # the CPU twin's overhead
 
 Prints one table; ``--json`` also writes every number.
 """
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small shapes (smoke test of the script)")
-    ap.add_argument("--skip-6.7b", dest="skip67", action="store_true")
+    ap.add_argument("--models", default="opt-2.7b,opt-6.7b", help="comma-separated aliases")
+    ap.add_argument("--batches", default="1x2048,16x512", help="comma-separated BxT")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -215,9 +217,8 @@ def main(argv=None) -> int:
         shapes = [("tiny-opt", OPTConfig(vocab_size=1000, hidden_size=128, ffn_dim=512, num_hidden_layers=8,
                                          num_attention_heads=4, max_position_embeddings=512), [(1, 256), (4, 64)])]
     else:
-        shapes = [("opt-2.7b", resolve("opt-2.7b")[1], [(1, 2048), (16, 512)])]
-        if not args.skip67:
-            shapes.append(("opt-6.7b", resolve("opt-6.7b")[1], [(1, 2048), (16, 512)]))
+        batches = [tuple(int(v) for v in b.split("x")) for b in args.batches.split(",")]
+        shapes = [(m, resolve(m)[1], batches) for m in args.models.split(",")]
     report["rows"] = []
     for name, config, batches in shapes:
         for B, T in batches:
