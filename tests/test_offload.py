@@ -13,10 +13,10 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, OPTConfig
+from transformers import AutoModelForCausalLM, OPTConfig
 
 from test_engine import TokenNLL, make_batch
-from tiny_models import ENCODERS, FAMILIES
+from tiny_models import ENCODERS, tiny_model
 from zoft.engine import Probe, Streaming, Update, ZOEngine
 from zoft.engine.plan import make_plan
 from zoft.engine.precision import stochastic_round
@@ -28,23 +28,7 @@ L = 6  # blocks: enough for d = 2 prefetch, resident + streamed mixes
 
 
 def deep_model(family: str, layers: int = L, seed: int = 0) -> torch.nn.Module:
-    cfg = FAMILIES[family]()
-    for attr in ("num_hidden_layers", "n_layer"):
-        if hasattr(cfg, attr):
-            setattr(cfg, attr, layers)
-    if getattr(cfg, "layer_types", None):  # per-layer attention types (Qwen2, ...): one per layer
-        cfg.layer_types = cfg.layer_types[:1] * layers
-    if hasattr(cfg, "use_cache"):
-        cfg.use_cache = False
-    cls = AutoModelForMaskedLM if family in ENCODERS else AutoModelForCausalLM
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls.from_config(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 1:
-                    p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return tiny_model(family, seed, layers=layers)
 
 
 def run_steps(engine, family, steps=3, probes_per_step=None, lr=1e-2, flush=True):

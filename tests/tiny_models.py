@@ -45,9 +45,16 @@ FAMILIES = {
 ENCODERS = {"bert"}
 
 
-def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A tiny random-weight model of ``family`` in eval mode (fixed init for a given seed)."""
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int | None = None) -> torch.nn.Module:
+    """A tiny random-weight model of ``family`` in eval mode (fixed init for a given seed), with
+    2 blocks or ``layers``."""
     cfg = FAMILIES[family]()
+    if layers is not None:
+        for attr in ("num_hidden_layers", "n_layer"):
+            if hasattr(cfg, attr):
+                setattr(cfg, attr, layers)
+        if getattr(cfg, "layer_types", None):  # per-layer attention types (Qwen2, ...): one per layer
+            cfg.layer_types = cfg.layer_types[:1] * layers
     if hasattr(cfg, "use_cache"):
         cfg.use_cache = False
     cls = AutoModelForMaskedLM if family in ENCODERS else AutoModelForCausalLM
