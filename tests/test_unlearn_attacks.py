@@ -1,0 +1,85 @@
+"""Robustness attacks: the quantization attack is bitsandbytes' own load-time quantization, and
+relearning is AdamW on the forget rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+from eval_helpers import one_torch_thread, tiny_eval_opt, tok_fixture  # noqa: F401
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from zoft.unlearn import lm_metrics, quantize, relearn
+
+
+@pytest.fixture(scope="module")
+def saved(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    m = tiny_eval_opt(tok, hidden=64)
+    m.save_pretrained(d)
+    return d, m
+
+
+@pytest.mark.parametrize("mode", ["nf4", "fp4", "int8"])
+def test_quantize_equals_direct_bitsandbytes_load(saved, mode):
+    d, m = saved
+    ours = quantize(d, mode)
+    cfg = (BitsAndBytesConfig(load_in_8bit=True) if mode == "int8" else
+           BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_compute_dtype=torch.float32))
+    direct = AutoModelForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu").eval()
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, full = ours(input_ids=ids).logits, direct(input_ids=ids).logits, m(input_ids=ids).logits
+    assert torch.equal(a, b)
+    assert not torch.equal(a, full)  # quantization did change the model
+    lin = ours.model.decoder.layers[0].fc1
+    w = m.model.decoder.layers[0].fc1.weight.detach()
+    if mode == "int8":
+        assert isinstance(lin, bnb.nn.Linear8bitLt) and lin.weight.dtype == torch.int8
+        # LLM.int8(): row-wise absmax int8 codes
+        codes = torch.round(w * 127 / w.abs().amax(1, keepdim=True)).to(torch.int8)
+        assert (lin.weight.data.to(torch.int16) - codes.to(torch.int16)).abs().max() <= 1
+    else:
+        assert isinstance(lin, bnb.nn.Linear4bit)
+        q, state = bnb.functional.quantize_4bit(w, blocksize=64, quant_type=mode)
+        want = bnb.functional.dequantize_4bit(q, state)
+        got = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+        assert torch.equal(got, want)
+
+
+def test_relearn_lowers_forget_nll_and_leaves_input(tok):
+    m = tiny_eval_opt(tok)
+    rows = [tok(t)["input_ids"] for t in ["the movie was great and the acting was wonderful", "a fine film"]]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    r = relearn(m, tok, rows, lr=1e-2, steps=10, samples=1, batch_size=2)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    nll0, _ = lm_metrics(m, tok, rows[:1])
+    nll1, _ = lm_metrics(r, tok, rows[:1])
+    assert nll1 < nll0 - 0.5
+    r2 = relearn(m, tok, rows, lr=1e-2, steps=10, samples=1, batch_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(r.parameters(), r2.parameters()))  # deterministic
+
+
+def test_muse_and_wmdp_evaluators_report_the_eval_packages_numbers(tok):
+    """The robustness report's MUSE and WMDP evaluators (on the official-format fixtures) give
+    exactly what ``zoft.eval`` gives for the same model: one number per metric, MUSE's ``value``
+    and WMDP's accuracy in %."""
+    from pathlib import Path
+
+    from zoft.errors import UsageError
+    from zoft.eval import eval_muse, eval_wmdp
+    from zoft.unlearn.report import make_evaluator
+
+    fix = Path(__file__).parent / "fixtures"
+    model = tiny_eval_opt(tok)
+    muse = make_evaluator("muse", data=str(fix / "muse"), options={"limit": 2, "batch_size": 2})(model, tok)
+    direct = eval_muse(model, tok, fix / "muse", corpus="news", limit=2, batch_size=2, progress=False)
+    assert set(muse) == {"verbmem_f", "knowmem_f", "knowmem_r", "auc", "privleak"}
+    assert all(muse[k] == direct[k]["value"] for k in muse)
+    wmdp = make_evaluator("wmdp", data=str(fix / "wmdp"), options={"limit": 3, "batch_size": 2,
+                                                                     "mmlu_data": str(fix / "mmlu")})(model, tok)
+    dw = eval_wmdp(model, tok, fix / "wmdp", subsets=("bio", "cyber"), limit=3, batch_size=2, progress=False)
+    assert set(wmdp) == {*dw, "mmlu"} and all(wmdp[k] == 100.0 * dw[k]["acc"] for k in dw)
+    with pytest.raises(UsageError, match="needs --eval-data"):
+        make_evaluator("muse")
