@@ -16,6 +16,36 @@ kernel, anything else the torch reference. Tests run the Triton kernels on the C
 """
 import importlib.util
 
+if __name__ == "kernels":
+    # Imported as a top-level ``kernels``: the repository root is on sys.path (``python -m pytest`` or
+    # a script run from the root, PYTHONPATH=.) and a library asked for Hugging Face's ``kernels``
+    # (bitsandbytes: ``from kernels import get_kernel``; transformers' availability check imports
+    # whatever ``find_spec("kernels")`` found). This folder must not answer, and raising ImportError
+    # here is not enough: find_spec has already found the folder and transformers imports it without
+    # a guard, so every model load would crash. Instead the module replaces itself in ``sys.modules``
+    # (the import statement returns what is there once this file has run): with the real package if
+    # one is installed further down sys.path, else with an empty namespace package (no file, no
+    # attributes, no submodules), which transformers and bitsandbytes both read as "not installed".
+    # No submodule of this folder is ever imported under the wrong name.
+    import os as _os
+    import sys as _sys
+    from importlib.machinery import ModuleSpec as _ModuleSpec
+    from importlib.machinery import PathFinder as _PathFinder
+
+    def _installed_kernels():
+        """The spec of a regular ``kernels`` package on sys.path other than this folder, or None."""
+        me = _os.path.realpath(__file__)
+        for entry in list(_sys.path):
+            spec = _PathFinder.find_spec("kernels", [entry])
+            if spec is not None and spec.origin and spec.loader and _os.path.realpath(spec.origin) != me:
+                return spec
+        return None
+
+    _spec = _installed_kernels() or _ModuleSpec("kernels", None, is_package=True)
+    _sys.modules["kernels"] = _mod = importlib.util.module_from_spec(_spec)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_mod)
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = ["HAS_TRITON"]

@@ -19,6 +19,7 @@ from torch import nn
 from zoft.errors import UsageError, ZoftError
 
 ModelKind = Literal["causal", "masked", "encoder"]
+Quant = Literal["none", "4bit", "8bit"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EMBEDDED_DEFAULT = "all-minilm-l6-v2"
 _ENCODER_TYPES = {"bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta", "mpnet", "albert"}
@@ -133,6 +134,80 @@ def build_random(config: Any, kind: ModelKind, dtype: torch.dtype, seed: int) ->
     return model.to(dtype)
 
 
+def bnb_config(quant: Quant, options: dict[str, Any] | None = None, dtype: str | torch.dtype = "fp32"):
+    """The ``transformers.BitsAndBytesConfig`` of ``--quant`` ("4bit" or "8bit").
+
+    4bit defaults: NF4 (``bnb_4bit_quant_type="nf4"``), no double quantization, compute in ``dtype``
+    (``bnb_4bit_compute_dtype``). 8bit: LLM.int8 with transformers' defaults. ``options`` override
+    any ``BitsAndBytesConfig`` keyword except ``load_in_4bit`` / ``load_in_8bit`` (set by ``quant``).
+    """
+    import inspect
+
+    if quant not in ("4bit", "8bit"):
+        raise UsageError(f"--quant must be 4bit or 8bit, not '{quant}'")
+    try:
+        import bitsandbytes  # noqa: F401 - transformers needs it for BitsAndBytesConfig loading
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise UsageError(f"--quant {quant} needs bitsandbytes: pip install 'zoft[quant]'") from None
+    options = dict(options or {})
+    valid = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    bad = sorted(k for k in options if k not in valid or k in ("load_in_4bit", "load_in_8bit"))
+    if bad:
+        raise UsageError(f"quant_options: {bad[0]!r} is not a BitsAndBytesConfig key this --quant accepts "
+                         "(load_in_4bit / load_in_8bit come from --quant)")
+    if quant == "4bit":
+        kw = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+              "bnb_4bit_compute_dtype": str(parse_dtype(dtype)).removeprefix("torch.")}
+    else:
+        kw = {"load_in_8bit": True}
+    try:
+        return BitsAndBytesConfig(**{**kw, **options})
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UsageError(f"quant_options: {e}") from None
+
+
+class _OnceFilter:
+    """A ``logging`` filter that lets a message starting with ``prefix`` through once per process."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        passed, self.seen = not self.seen, True
+        return passed
+
+
+def _quiet_int8_cast_warning() -> None:
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" on every 8-bit matmul with
+    fp32/bf16 inputs (every forward of every layer of a ZO run): keep the first, drop the repeats."""
+    import logging
+
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in log.filters):
+        log.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
+
+
+def _load_quantized(source: str, config: Any, kind: ModelKind, torch_dtype: torch.dtype, device: torch.device,
+                    quant: Quant, quant_options: dict[str, Any] | None, built: nn.Module | None) -> nn.Module:
+    """``source``'s weights (or those of ``built``, a random-init model, written to a temporary folder
+    first) loaded through transformers' bitsandbytes integration, placed on ``device``."""
+    import tempfile
+
+    qcfg = bnb_config(quant, quant_options, torch_dtype)
+    if quant == "8bit":
+        _quiet_int8_cast_warning()
+    kw = dict(config=config, dtype=torch_dtype, quantization_config=qcfg, device_map={"": str(device)})
+    if built is None:
+        return _auto_class(kind).from_pretrained(source, **kw)
+    # One code path for pretrained and random weights: bitsandbytes quantizes as transformers loads.
+    with tempfile.TemporaryDirectory(prefix="zoft-quant-") as tmp:
+        built.save_pretrained(tmp, safe_serialization=True)
+        return _auto_class(kind).from_pretrained(tmp, **kw)
+
+
 def load_model(
     name_or_path: str | None = None,
     *,
@@ -141,13 +216,19 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     tokenizer: str | None = None,
+    quant: Quant = "none",
+    quant_options: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a model for ZO training or evaluation.
 
-    name_or_path: alias (``opt-125m``), local directory, hub id, or None for the embedded default.
-    random_init:  build the weights from the config alone (benchmarks, tests); deterministic in ``seed``.
-    tokenizer:    where to load the tokenizer from (defaults to the model's source; ``None`` in the
-                  result when none can be found offline for a random-init alias).
+    name_or_path:  alias (``opt-125m``), local directory, hub id, or None for the embedded default.
+    random_init:   build the weights from the config alone (benchmarks, tests); deterministic in ``seed``.
+    tokenizer:     where to load the tokenizer from (defaults to the model's source; ``None`` in the
+                   result when none can be found offline for a random-init alias).
+    quant:         "4bit" / "8bit": the linear layers' weights are quantized by bitsandbytes as they
+                   load (``bnb_config(quant, quant_options, dtype)``); they become packed integer
+                   tensors (uint8 / int8, ``requires_grad=False``) that only a peft adapter can train
+                   on. With ``random_init`` the random model is quantized the same way.
     """
     from transformers import AutoTokenizer
 
@@ -155,17 +236,27 @@ def load_model(
     source, config = resolve(name_or_path)
     kind = model_kind(config)
     display = name_or_path or EMBEDDED_DEFAULT
+    device = torch.device(device)
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    if random_init:
+    if quant != "none":
+        built = build_random(config, kind, torch_dtype, seed) if random_init else None
+        try:
+            model = _load_quantized(source, config, kind, torch_dtype, device, quant, quant_options, built)
+        except OSError as e:
+            raise ZoftError(f"could not load weights of '{display}' from '{source}': {str(e).splitlines()[0]}") from None
+    elif random_init:
         model = build_random(config, kind, torch_dtype, seed)
     else:
         try:
             model = _auto_class(kind).from_pretrained(source, config=config, dtype=torch_dtype)
         except OSError as e:
             raise ZoftError(f"could not load weights of '{display}' from '{source}': {str(e).splitlines()[0]}") from None
-    model.to(device).eval()
-    model.requires_grad_(True)
+    if quant == "none":
+        model.to(device)  # a quantized model was placed by device_map
+    model.eval()
+    for p in model.parameters():  # packed quantized weights are integer tensors: never trainable
+        p.requires_grad_(p.dtype.is_floating_point)
     tok = None
     try:
         tok = AutoTokenizer.from_pretrained(tokenizer or source)
