@@ -306,35 +306,43 @@ def test_bf16_weights_track_fp32_under_stochastic_rounding_not_round_to_nearest(
 # -- host memory -----------------------------------------------------------------------------
 def test_host_ram_stays_within_15_percent_of_the_masters(tmp_path):
     """A fresh process (libraries warmed up) builds an OPT-shaped model (~200 MB fp32) and streams
-    every block: the resident-set growth from before building the model to after the masters
-    exist, and the process's peak RSS over the same baseline, are within 15% of the master bytes
-    (flat per-unit masters replace the parameters unit by unit and the freed storage is returned
-    to the OS: never two copies of the model). Measured: 1.007x now, 1.05x peak."""
+    every block: after the masters exist the resident set is within 15% of the master bytes above
+    the pre-model baseline, and while they are built (RSS sampled every millisecond) it never rises
+    more than 15% of the master bytes above where the built model left it: flat per-unit masters
+    replace the parameters unit by unit and the freed storage goes back to the OS, never two
+    copies of the model. Measured on an idle machine: 1.007x after, +5% peak."""
     script = textwrap.dedent("""
-        import json, resource, gc, psutil, torch
+        import ctypes, gc, json, threading, time, psutil, torch
         from transformers import OPTConfig, AutoModelForCausalLM
         from zoft.engine import Streaming, ZOEngine
         torch.set_num_threads(1)
         proc = psutil.Process()
         AutoModelForCausalLM.from_config(OPTConfig(vocab_size=10, hidden_size=8, ffn_dim=8, num_hidden_layers=1,
                                                    num_attention_heads=2, max_position_embeddings=8))  # warm-up
-        gc.collect()
+        gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
         base = proc.memory_info().rss
         cfg = OPTConfig(vocab_size=1000, hidden_size=512, ffn_dim=2048, num_hidden_layers=16,
                         num_attention_heads=8, max_position_embeddings=64, use_cache=False)
         model = AutoModelForCausalLM.from_config(cfg).eval()
+        gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)  # what from_config left behind is not ours
+        built = proc.memory_info().rss
+        peak, done = [built], []
+        def sample():
+            while not done:
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.001)
+        t = threading.Thread(target=sample); t.start()
         eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, prefetch=2))
-        gc.collect()
+        done.append(1); t.join(); gc.collect()
         master = sum(p.numel() * 4 for _, p in model.named_parameters())
-        print(json.dumps({"master": master, "rss": proc.memory_info().rss - base,
-                          "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+        print(json.dumps({"master": master, "rss": proc.memory_info().rss - base, "peak": peak[0] - built}))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["master"] > 150e6
     assert r["rss"] <= 1.15 * r["master"], r
-    assert r["peak"] <= 1.15 * r["master"], r
+    assert r["peak"] <= 0.15 * r["master"], r
 
 
 # -- the training loop -----------------------------------------------------------------------

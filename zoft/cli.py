@@ -4,6 +4,7 @@
     zoft replay RUN_DIR --output DIR
     zoft plan --model M --gpu-mem SIZE [--batch-size 16] [--max-length 256] [--json FILE]
     zoft eval {muse,wmdp,mmlu} ...
+    zoft unlearn --model M --forget FILE [--retain FILE] --objective O --optimizer OPT [--config FILE]
 
 Errors in user input print one line and exit 2; runtime failures print one line and exit 1.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -20,7 +22,10 @@ _HELP = {
     "model": "alias (opt-125m ... opt-175b, llama-2-7b, qwen3-0.6b, ...), local directory or hub id; "
              "default: the embedded pretrained MiniLM demo",
     "random_init": "build the weights from the config alone (benchmarks, tests)",
-    "gpu_mem": "device memory budget: 18GB (10^9 bytes), 16GiB (2^30 bytes) or plain bytes",
+    "gpu_mem": "device memory budget: 18GB (10^9 bytes), 16GiB (2^30 bytes) or plain bytes; blocks that do "
+               "not fit stream from CPU RAM (on --device cpu: the CPU twin with byte accounting)",
+    "transfer": "codec of streamed blocks: same (master bytes), bf16/fp16 (fp32 masters), int8 (per-block "
+                "absmax; the forward sees the codec's rounding, updates reach the master exactly)",
     "train": "JSONL/CSV/TSV/JSON file or hf:NAME[:CONFIG]:SPLIT (default: the built-in sentiment set)",
     "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config)",
     "eval_every": "evaluate every N steps (0: only before and after training)",
@@ -41,7 +46,11 @@ _HELP = {
     "noise": "perturbation backend: torch (default, reference), table (fast), triton (CUDA)",
     "distribution": "direction distribution",
     "steps": "optimizer steps",
-    "batch_size": "examples per step",
+    "batch_size": "examples per step (data-parallel: per rank, like DDP; zo-ranksgd: the batch all ranks share)",
+    "nproc": "data-parallel: launch N local worker processes (gloo on CPU, NCCL on CUDA); multi-node: torchrun "
+             "--nnodes ... -m zoft finetune; see docs/distributed.md",
+    "dist_timeout": "data-parallel: seconds a rank waits for its peers (per collective; must exceed a checkpoint "
+                    "write) before stopping with an error",
     "seed": "run seed: data order, probe seeds, --random-init weights",
     "eval_batch_size": "examples per evaluation batch",
     "save_every": "checkpoint every N steps (0: only at the end)",
@@ -50,9 +59,11 @@ _HELP = {
     "trainable": "comma-separated substrings of parameter names to train (default: all parameters)",
     "peft": "train a peft adapter on a frozen base: lora (r=8, alpha=16 on q/v) or prefix (5 virtual "
             "tokens); the checkpoint is the adapter (PeftModel.from_pretrained); options: peft_options in --config",
+    "quant": "load the frozen base quantized by bitsandbytes (4bit: nf4, 8bit: LLM.int8) and train the --peft "
+             "adapter on it (ZO-QLoRA); options: quant_options in --config (BitsAndBytesConfig keys)",
     "freeze": "comma-separated substrings of parameter names to keep frozen (e.g. word_embeddings)",
 }
-_SKIP = {"task_options", "optimizer_options", "peft_options", "progress"}
+_SKIP = {"task_options", "optimizer_options", "peft_options", "quant_options", "progress"}
 
 
 def _add_finetune(sub) -> None:
@@ -97,13 +108,28 @@ def _run_finetune(args: argparse.Namespace) -> int:
     else:
         base = {}
     cfg = TrainConfig.from_dict({**base, **given})
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # launch the ranks here; they do the run
+        from zoft.distributed import launch_local
+        from zoft.train import read_run
+
+        code = launch_local(cfg)
+        if code == 0:
+            _print_done(cfg, *read_run(cfg.output_dir, cfg.steps))
+        return code
     res = finetune(cfg)
-    ev = ", ".join(f"{k}={v:.4f}" for k, v in res.final_eval.items() if isinstance(v, float))
-    print(f"done: {cfg.steps} steps in {res.output_dir}" + (f"; {ev}" if ev else ""))
-    first = next((m for m in res.metrics if "eval_accuracy" in m), None)
-    if first and "eval_accuracy" in res.final_eval:
-        print(f"held-out accuracy: {first['eval_accuracy']:.3f} (step 0) -> {res.final_eval['eval_accuracy']:.3f}")
+    if os.environ.get("RANK", "0") == "0" and os.environ.get("ZOFT_LAUNCHED") != "1":  # data-parallel: once
+        _print_done(cfg, res.metrics, res.final_eval)
     return 0
+
+
+def _print_done(cfg, metrics: list, final_eval: dict) -> None:
+    from pathlib import Path
+
+    ev = ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items() if isinstance(v, float))
+    print(f"done: {cfg.steps} steps in {Path(cfg.output_dir)}" + (f"; {ev}" if ev else ""))
+    first = next((m for m in metrics if "eval_accuracy" in m), None)
+    if first and "eval_accuracy" in final_eval:
+        print(f"held-out accuracy: {first['eval_accuracy']:.3f} (step 0) -> {final_eval['eval_accuracy']:.3f}")
 
 
 def _add_replay(sub) -> None:
@@ -136,7 +162,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--max-length", type=int, default=256, help="tokens per example")
     p.add_argument("--num-probes", type=int, default=2, help="perturbed evaluations per step (MeZO: 2)")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="compute and master dtype")
-    p.add_argument("--transfer", choices=("same", "bf16", "int8"), default="same", help="host-to-device codec")
+    p.add_argument("--transfer", choices=("same", "bf16", "fp16", "int8"), default="same", help="host-to-device codec")
     p.add_argument("--h2d-gbps", type=float, default=25.0, help="pinned host-to-device GB/s (PCIe Gen4 x16: 25)")
     p.add_argument("--tflops", type=float, default=312.0, help="device dense TFLOP/s in the compute dtype")
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
@@ -164,7 +190,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoft", description="Memory-constrained zeroth-order fine-tuning.")
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,plan,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,plan,eval,unlearn}")
     sub.required = True
     _add_finetune(sub)
     _add_replay(sub)
@@ -172,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     from zoft.eval.cli import add_parser as add_eval
 
     add_eval(sub)
+    from zoft.unlearn.cli import add_parser as add_unlearn
+
+    add_unlearn(sub)
     return parser
 
 

@@ -45,6 +45,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     gpu_mem: str | None = None  # "18GB" = 18e9 bytes, "16GiB" = 16 * 2^30 bytes
+    transfer: Literal["same", "bf16", "fp16", "int8"] = "same"  # codec of streamed blocks (with gpu_mem)
     # task and data
     task: Literal["lm", "sst2", "classify"] = "sst2"
     task_options: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +69,8 @@ class TrainConfig:
     distribution: Literal["gaussian", "rademacher", "sphere"] = "gaussian"
     peft: Literal["none", "lora", "prefix"] = "none"  # train a peft adapter only (base frozen)
     peft_options: dict[str, Any] = field(default_factory=dict)  # LoraConfig / PrefixTuningConfig keys
+    quant: Literal["none", "4bit", "8bit"] = "none"  # bitsandbytes-quantized frozen base (needs peft)
+    quant_options: dict[str, Any] = field(default_factory=dict)  # BitsAndBytesConfig keys (with quant)
     # loop
     steps: int = 1000
     batch_size: int = 16
@@ -79,16 +82,21 @@ class TrainConfig:
     output_dir: str = "runs/zoft"
     resume: bool = False
     progress: bool = True
+    # data-parallel (docs/distributed.md); neither changes a rank's data or seeds at a given world size
+    nproc: int = 1  # local worker processes to launch (under torchrun: leave 1, WORLD_SIZE decides)
+    dist_timeout: float = 600.0  # seconds a rank waits for its peers in one collective before stopping
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
-        for name in ("steps", "batch_size", "max_length", "n_queries", "max_nan_steps", "eval_batch_size"):
+        for name in ("steps", "batch_size", "max_length", "n_queries", "max_nan_steps", "eval_batch_size", "nproc"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         for name in ("eval_every", "save_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+        if not self.dist_timeout > 0:
+            raise UsageError("--dist-timeout must be > 0 seconds")
         if self.eps <= 0 or self.lr < 0:
             raise UsageError("--eps must be > 0 and --lr >= 0")
         if self.gpu_mem is not None:
@@ -96,6 +104,9 @@ class TrainConfig:
                 parse_size(self.gpu_mem)
             except UsageError as e:
                 raise UsageError(f"--gpu-mem: {e}") from None
+        if self.quant != "none" and self.peft == "none":
+            raise UsageError(f"--quant {self.quant} needs --peft lora|prefix: a quantized base is packed integers "
+                             "that a ZO step cannot perturb or update in place, so only an adapter on it can train")
         if self.task == "lm" and self.train is None:
             raise UsageError("--task lm needs --train FILE (JSONL lines with a \"text\" field)")
 

@@ -27,8 +27,16 @@ from zoft.checkpoint import (
     save_checkpoint,
     truncate_jsonl,
 )
-from zoft.config import TrainConfig, parse_size
-from zoft.engine import Update, ZOEngine
+from zoft.config import TrainConfig
+from zoft.distributed import (
+    DataParallel,
+    init_distributed,
+    is_launched_worker,
+    launch_local,
+    run_digest,
+    weights_digest,
+)
+from zoft.engine import Streaming, Update, ZOEngine
 from zoft.errors import UsageError, ZoftError
 from zoft.models import LoadedModel, load_model
 from zoft.models.adapters import apply_peft, load_adapter_weights
@@ -40,7 +48,7 @@ from zoft.tasks import builtin_sentiment, load_examples, make_task
 _TRAJECTORY_KEYS = ("model", "random_init", "task", "task_options", "train", "max_length", "optimizer", "lr",
                     "eps", "weight_decay", "n_queries", "one_sided", "schedule", "warmup_steps",
                     "optimizer_options", "noise", "distribution", "batch_size", "seed", "dtype", "trainable", "freeze",
-                    "peft", "peft_options")
+                    "peft", "peft_options", "quant", "quant_options", "transfer")
 
 
 @dataclass
@@ -115,10 +123,11 @@ def _load_data(cfg: TrainConfig, task) -> tuple[list[dict], list[dict] | None]:
 def _load(cfg: TrainConfig, device: torch.device, checkpoint: Path | None) -> LoadedModel:
     """The model to train: the initial weights, or the checkpoint's. With ``cfg.peft`` the base always
     comes from ``cfg.model`` (it is never written), wrapped with a seed-determined adapter init that
-    the checkpoint's adapter (peft's ``save_pretrained`` layout) then overwrites."""
+    the checkpoint's adapter (peft's ``save_pretrained`` layout) then overwrites. With ``cfg.quant``
+    the base is quantized again as it loads (same weights, same config: the same packed bytes)."""
     if checkpoint is None or cfg.peft != "none":
         lm = load_model(cfg.model, random_init=cfg.random_init, dtype=cfg.dtype, device=device,
-                        seed=cfg.seed, tokenizer=cfg.tokenizer)
+                        seed=cfg.seed, tokenizer=cfg.tokenizer, quant=cfg.quant, quant_options=cfg.quant_options)
         if cfg.peft != "none":
             lm.model = apply_peft(lm.model, cfg.peft, cfg.peft_options, seed=cfg.seed)
             if checkpoint is not None:
@@ -129,10 +138,13 @@ def _load(cfg: TrainConfig, device: torch.device, checkpoint: Path | None) -> Lo
     return lm
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module) -> ZOEngine:
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, num_probes: int = 2,
+                 device: torch.device | None = None, plan: Any = None) -> ZOEngine:
     """The engine over ``model``. With ``cfg.trainable`` only parameters whose names contain one of
     its entries are trained; then those containing a ``cfg.freeze`` entry are frozen. Frozen means
-    ``requires_grad=False``: never perturbed nor written."""
+    ``requires_grad=False``: never perturbed nor written. With ``cfg.gpu_mem`` the planner places
+    the model under that budget for ``num_probes`` probes of ``cfg.batch_size x cfg.max_length``
+    and blocks that do not fit stream through ``device`` (CUDA, or the CPU twin on ``cpu``)."""
     for what, patterns in (("trainable", cfg.trainable), ("freeze", cfg.freeze)):
         if patterns and not any(s in n for n, _ in model.named_parameters() for s in patterns):
             raise UsageError(f"--{what} {','.join(patterns)} matches no parameter name")
@@ -141,7 +153,22 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module) -> ZOEngine:
             p.requires_grad_(False)
         if any(s in n for s in cfg.freeze):
             p.requires_grad_(False)
-    return ZOEngine(model, noise=make_noise(cfg.noise, cfg.distribution))
+    offload = None
+    if cfg.gpu_mem is not None:
+        offload = Streaming.from_plan(plan or plan_for(cfg, num_probes), device or resolve_device(cfg.device))
+    return ZOEngine(model, noise=make_noise(cfg.noise, cfg.distribution), offload=offload)
+
+
+def plan_for(cfg: TrainConfig, num_probes: int = 2):
+    """The planner's placement of ``cfg.model`` (its config alone: no weights) under
+    ``cfg.gpu_mem`` for ``num_probes`` probes; a budget that cannot fit is refused with the
+    smallest one that would (``UsageError``). Adapter runs plan the base and write nothing back."""
+    from zoft.engine.plan import make_plan
+    from zoft.models import resolve
+
+    _, config = resolve(cfg.model)
+    return make_plan(config, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                     num_probes=num_probes, dtype=cfg.dtype, transfer=cfg.transfer, write_back=cfg.peft == "none")
 
 
 def build_optimizer(cfg: TrainConfig):
@@ -151,41 +178,49 @@ def build_optimizer(cfg: TrainConfig):
     return make_optimizer(cfg.optimizer, opts, seed=cfg.seed, total_steps=cfg.steps)
 
 
-def _check_budget(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> None:
-    if cfg.gpu_mem is None or device.type != "cuda":
-        return
-    budget = parse_size(cfg.gpu_mem)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if weights > budget:
-        raise UsageError(
-            f"the model's weights alone take {weights / 1e9:.2f} GB > --gpu-mem {budget / 1e9:.2f} GB, and this "
-            "build keeps every unit resident (block streaming is not built yet); raise --gpu-mem"
-        )
-
-
 class Trainer:
     """One fine-tuning run. ``run()`` trains, evaluates and checkpoints; see ``finetune``."""
 
     def __init__(self, cfg: TrainConfig):
+        # data-parallel under torchrun / --nproc (docs/distributed.md); world size 1 otherwise
+        self.dist = init_distributed(cfg, resolve_device(cfg.device))
+        self.dist.hint = f"the last checkpoint in '{cfg.output_dir}' continues with --resume (any number of ranks)"
+        with self.dist.agree("setting up the run"):  # one rank's bad input stops every rank at once
+            self._setup(cfg)
+        if self.dist.world_size > 1:  # same config, data and starting weights everywhere, or stop now
+            same = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "nproc", "dist_timeout")}
+            self.dist.check_identical(run_digest(same, self.train, self.model),
+                                      "the ranks' configs, training examples or starting weights",
+                                      "start every rank with the same flags, files and checkpoint")
+
+    def _setup(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.out = _prepare_output_dir(cfg)
+        main = self.dist.is_main  # rank 0 alone checks and writes the run directory
+        self.out = _prepare_output_dir(cfg) if main else Path(cfg.output_dir)
         self.device = resolve_device(cfg.device)
         ckpt = find_checkpoint(self.out) if cfg.resume else None
         self.state: dict[str, Any] = {"step": 0, "nan_streak": 0, "metrics_lines": 0, "trajectory_lines": 0}
         if cfg.resume:
             if ckpt is None:
                 raise UsageError(f"nothing to resume in '{self.out}' (no checkpoint); drop --resume to start a new run")
-            self._check_resume_config()
+            if main:
+                self._check_resume_config()
             self.state = json.loads((ckpt / "state.json").read_text())
-        lm = _load(cfg, self.device, ckpt)
+        # streamed: planned (or refused) before any weight loads, loaded on the host; the
+        # scheduler then moves the resident units to the device
+        self.plan = plan_for(cfg, len(build_optimizer(cfg).probes(0))) if cfg.gpu_mem else None
+        lm = _load(cfg, torch.device("cpu") if cfg.gpu_mem else self.device, ckpt)
         if lm.tokenizer is None:
             raise UsageError(f"no tokenizer is available offline for '{lm.name}'; pass --tokenizer PATH")
-        _check_budget(cfg, lm.model, self.device)
         self.model, self.tokenizer, self.kind = lm.model, lm.tokenizer, lm.kind
         self.task = make_task(cfg.task, self.tokenizer, self.kind, cfg.max_length, **cfg.task_options)
         self.train, self.evals = _load_data(cfg, self.task)
-        self.engine = build_engine(cfg, self.model)
         self.opt = build_optimizer(cfg)
+        self.dp = DataParallel(self.dist, self.opt) if self.dist.world_size > 1 else None
+        if self.dp is not None:
+            self.opt = self.dp.opt  # the whole step's optimizer (all ranks' queries); its state is saved
+        self.engine = build_engine(cfg, self.model, len((self.dp or self.opt).probes(0)), self.device,
+                                   None if self.dp else self.plan)
         bind(self.opt, self.engine)
         self.opt.load_state_dict(self.state.get("optimizer", {}))
         if ckpt is not None and (ckpt / "optimizer.safetensors").is_file():
@@ -194,6 +229,9 @@ class Trainer:
             self.opt.load_tensor_state(load_file(str(ckpt / "optimizer.safetensors"), device=str(self.device)))
         self.metrics_path = self.out / "metrics.jsonl"
         self.traj_path = self.out / "trajectory.jsonl"
+        self.metrics: list[dict[str, Any]] = []
+        if not main:
+            return
         if cfg.resume:
             truncate_jsonl(self.metrics_path, self.state["metrics_lines"])
             truncate_jsonl(self.traj_path, self.state["trajectory_lines"])
@@ -202,7 +240,7 @@ class Trainer:
                 p.unlink(missing_ok=True)
         resolved = cfg.to_dict() | {"resume": False}
         (self.out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        self.metrics: list[dict[str, Any]] = read_jsonl(self.metrics_path)
+        self.metrics = read_jsonl(self.metrics_path)
 
     def _check_resume_config(self) -> None:
         saved_path = self.out / "config.yaml"
@@ -217,7 +255,8 @@ class Trainer:
 
     # -- records ----------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
-        append_jsonl(self.metrics_path, record)
+        if self.dist.is_main:
+            append_jsonl(self.metrics_path, record)
         self.metrics.append(record)
         self.state["metrics_lines"] += 1
 
@@ -231,8 +270,12 @@ class Trainer:
         self._log({"step": step, **rec, "eval_time_s": time.perf_counter() - t0})
         return rec
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int, verify: bool = True) -> None:
         self.engine.flush()
+        if verify and self.dist.world_size > 1:  # all ranks hold bit-identical weights, or nothing is written
+            self.dist.check_identical(weights_digest(self.model), f"the trained weights at step {step}")
+        if not self.dist.is_main:
+            return
         self.state.update(step=step, optimizer=self.opt.state_dict(), device_type=self.device.type)
         save_checkpoint(self.out, self.model, self.tokenizer, self.state, tensors=self.opt.tensor_state())
         try:
@@ -245,11 +288,16 @@ class Trainer:
         """One ZO step: returns the metrics record (already logged)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        idx = batch_indices(len(self.train), cfg.batch_size, step, cfg.seed)
+        dp = self.dp  # data-parallel: this rank's shard and probes, one all-gather (zoft/distributed.py)
+        idx = batch_indices(len(self.train), dp.global_batch(cfg.batch_size) if dp else cfg.batch_size, step, cfg.seed)
+        idx = dp.shard(idx) if dp else idx
         batch = self.task.collate([self.train[i] for i in idx]).to(self.device)
-        losses = evaluate_step(self.engine, self.opt, step, batch, self.task)  # every phase (zo-sgd-cons: 2)
+        if dp is None:
+            losses = evaluate_step(self.engine, self.opt, step, batch, self.task)  # every phase (zo-sgd-cons: 2)
+        else:
+            losses = dp.evaluate(self.engine, step, batch, self.task)  # every rank's losses, rank-major
         if torch.isfinite(losses).all():
-            upd, m = self.opt.update(step, losses)
+            upd, m = (dp or self.opt).update(step, losses)
             self.state["nan_streak"] = 0
             skipped = False
         else:
@@ -257,9 +305,17 @@ class Trainer:
             self.state["nan_streak"] += 1
             skipped = True
         self.engine.set_update(upd)
-        append_jsonl(self.traj_path, {"step": step, **update_record(upd)})
+        if self.dist.is_main:
+            append_jsonl(self.traj_path, {"step": step, **update_record(upd), **(dp.record(losses) if dp else {})})
         self.state["trajectory_lines"] += 1
-        rec = {"step": step, **m, "step_time_s": time.perf_counter() - t0, "examples": len(idx)}
+        rec = {"step": step, **m, "step_time_s": time.perf_counter() - t0,
+               "examples": dp.examples(len(idx)) if dp else len(idx)}
+        if dp is not None:
+            rec.update(world_size=self.dist.world_size, comm_bytes=dp.comm_bytes())
+        if self.engine.offload is not None:
+            rec["device_peak_bytes"] = self.engine.device_peak_bytes
+        if self.device.type == "cuda":
+            rec["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if skipped:
             rec["skipped"] = True
         self._log(rec)
@@ -272,7 +328,8 @@ class Trainer:
         start = self.state["step"]
         if start == 0 and not any("eval_loss" in m or "eval_accuracy" in m for m in self.metrics):
             self._evaluate(0)
-        bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="zoft", dynamic_ncols=True,
+        bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and self.dist.is_main), desc="zoft",
+                   dynamic_ncols=True,
                    file=sys.stderr)
         ema = None
         step = start
@@ -298,12 +355,13 @@ class Trainer:
         except KeyboardInterrupt:
             bar.close()
             self.state["step"] = step  # the interrupted step is redone on resume
-            self._save(step)
+            self._save(step, verify=False)  # peers may be gone: no collective
             raise ZoftError(f"interrupted at step {step}; checkpoint saved in '{self.out}'; continue with --resume") from None
         bar.close()
         final = self._evaluate(cfg.steps)
         self._save(cfg.steps)
         self.engine.close()
+        self.dist.close()
         return RunResult(self.model, self.tokenizer, self.out, self.metrics, final)
 
 
@@ -316,7 +374,28 @@ def finetune(config: TrainConfig | dict[str, Any]) -> RunResult:
     >>> res.final_eval["eval_accuracy"]                                       # doctest: +SKIP
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if cfg.nproc > 1 and not is_launched_worker() and "WORLD_SIZE" not in os.environ:
+        return _finetune_local_ranks(cfg)
     return Trainer(cfg).run()
+
+
+def _finetune_local_ranks(cfg: TrainConfig) -> RunResult:
+    """``nproc`` > 1 from Python or the CLI: run the ranks as worker processes (``launch_local``),
+    then return rank 0's result as read back from the run directory (the checkpoint's model)."""
+    code = launch_local(cfg)
+    if code:
+        raise (UsageError if code == 2 else ZoftError)(f"the {cfg.nproc} ranks stopped (exit {code}); their "
+                                                        "errors are above")
+    out = Path(cfg.output_dir)
+    lm = _load(cfg, torch.device("cpu"), find_checkpoint(out))
+    return RunResult(lm.model, lm.tokenizer, out, *read_run(out, cfg.steps))
+
+
+def read_run(run_dir: str | os.PathLike, steps: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """A finished run's metrics records and its final held-out metrics (the eval line at ``steps``)."""
+    metrics = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    last = next((m for m in reversed(metrics) if m.get("step") == steps and any(k.startswith("eval_") for k in m)), {})
+    return metrics, {k: v for k, v in last.items() if k.startswith("eval_") and k != "eval_time_s"}
 
 
 def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, device: str | None = None,
@@ -331,13 +410,17 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
     if not (run / "config.yaml").is_file() or not (run / "trajectory.jsonl").is_file():
         raise UsageError(f"'{run}' is not a zoft run directory (config.yaml and trajectory.jsonl expected)")
     cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    if merge and cfg.quant != "none":
+        raise UsageError(f"--merge of a --quant {cfg.quant} run would re-quantize the merged weights (lossy); "
+                         "replay without --merge and load the adapter onto the quantized base")
     ckpt = find_checkpoint(run)
     state = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
     dev = resolve_device(device or state.get("device_type", "cpu"))
-    lm = _load(cfg, dev, None)  # with --peft: the base plus the adapter's seed-determined init
+    # with --peft: the base plus the adapter's seed-determined init; streamed runs load on the host
+    lm = _load(cfg, torch.device("cpu") if cfg.gpu_mem else dev, None)
     records = read_jsonl(run / "trajectory.jsonl", state.get("trajectory_lines"))
-    engine = build_engine(cfg, lm.model)
     opt = build_optimizer(cfg)  # stateful optimizers rebuild each update (and their buffers) from its record
+    engine = build_engine(cfg, lm.model, len(opt.probes(0)), dev)
     bind(opt, engine)
     for r in records:
         engine.set_update(opt.update_from_record(r))

@@ -18,6 +18,7 @@ scheduler streams.
 """
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -91,6 +92,7 @@ class ZOEngine:
             self.offload = Offloader(model, self.layout, offload.device, resident_blocks=offload.resident_blocks,
                                      prefetch=offload.prefetch, transfer=offload.transfer, meter=self.meter)
         self._acquired: dict[int, tuple[nn.Module, bool]] = {}  # streamed units between pre and post hook
+        self._paused = False
         self._streamed_keys = {k for s in self.offload.streamed for k, _ in s.params} if self.offload else set()
         # examples per probe that a block runs at once (None: the probe's whole slice); the
         # planner's choice under a budget. Each block is still loaded once per step.
@@ -277,6 +279,8 @@ class ZOEngine:
         self._release_z(res)
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self._paused:
+            return None
         params = self._unit_params[id(module)]
         probes = self._probes
         if self.offload is not None and self.offload.is_streamed(module):
@@ -325,6 +329,8 @@ class ZOEngine:
         return a, kw
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        if self._paused:
+            return None
         res = self._live.pop(id(module), None)
         combined = None
         if res is not None:
@@ -384,6 +390,21 @@ class ZOEngine:
         if losses.shape != (len(probes),):
             raise ValueError(f"objective returned shape {tuple(losses.shape)}, expected ({len(probes)},)")
         return losses
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Hand the model out (first-order steps, external edits): the pending update is flushed,
+        the hooks do nothing inside the block (autograd sees the plain model; streamed blocks'
+        parameters are their host masters, so this is for resident models or the CPU twin), and
+        prefetched copies of streamed blocks are dropped after it (the masters may have changed)."""
+        self.flush()
+        self._paused = True
+        try:
+            yield self.model
+        finally:
+            self._paused = False
+            if self.offload is not None:
+                self.offload.abandon()
 
     def _release_stale(self) -> None:
         """Release streamed units whose forward raised between the pre- and the post-hook
