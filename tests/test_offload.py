@@ -391,6 +391,12 @@ def test_finetune_with_gpu_mem_streams_and_equals_the_resident_run(deep_dir, tmp
     for k, p in model.state_dict().items():
         if k in ws:
             torch.testing.assert_close(p, ws[k], rtol=0, atol=0, msg=k)
+    # stopped after 2 steps and resumed under the same budget: the same weights
+    part = base + ["--output-dir", str(tmp_path / "p"), "--gpu-mem", budget]
+    assert main([*part[:part.index("--steps") + 1], "2", *part[part.index("--steps") + 2:]]) == 0
+    assert main(part + ["--resume"]) == 0
+    wp = load_file(str(tmp_path / "p" / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(wp[k], ws[k]) for k in ws)
     capsys.readouterr()
     assert main(base + ["--output-dir", str(tmp_path / "x"), "--gpu-mem", str(smallest - 1)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
