@@ -444,3 +444,56 @@ def test_lora_streamed_equals_resident_and_uploads_only():
         out.append((losses, model))
     torch.testing.assert_close(out[1][0], out[0][0], rtol=RTOL, atol=0)
     assert_same_weights(out[1][1], out[0][1])
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_streams_packed_and_equals_resident(bits, tmp_path):
+    """ZO-QLoRA under streaming (issue 8): a bitsandbytes 4-/8-bit base streams its packed bytes as
+    they are (upload only: the uint8/int8 weights cross the link, the small quantization
+    constants stay resident), LoRA parameters are the only ones written back, losses and adapter
+    weights equal the resident engine's, and every packed byte is unchanged after training."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from zoft.models.adapters import apply_peft
+
+    tiny_model("opt", layers=4).save_pretrained(tmp_path)
+    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == "4bit"
+         else BitsAndBytesConfig(load_in_8bit=True))
+    out = []
+    for offload in (None, Streaming("cpu", resident_blocks=0, prefetch=2)):
+        base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu").eval()
+        model = apply_peft(base, "lora", {"target_modules": ["q_proj", "v_proj"]}, seed=1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+        packed = {n: p.detach().clone() for n, p in model.named_parameters() if not p.dtype.is_floating_point}
+        assert packed
+        eng = ZOEngine(model, offload=offload)
+        losses = run_steps(eng, "opt", steps=3)
+        if offload is not None:
+            st, s0 = eng.offload.stats, eng.offload.streamed[0]
+            assert s0.packed and st.stalls == 0
+            unit_up = s0.numel * 4 + s0.packed_master.numel()
+            assert st.upload_bytes == st.uploads * unit_up
+            assert st.writeback_bytes == st.writebacks * s0.n_write * 4 and s0.n_write < s0.numel
+        eng.close()
+        for n, p in model.named_parameters():
+            if n in packed:
+                assert torch.equal(p, packed[n]), n
+        out.append((losses, model))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=RTOL, atol=0)
+    assert_same_weights(out[1][1], out[0][1])
+    # the planner knows packed blocks: at its smallest budget for this base everything streams and
+    # the accounted peak stays within the budget and the prediction
+    model = out[1][1]
+    plan = make_plan(model.get_base_model().config, 10**9, batch_size=3, max_length=9, num_probes=2, dtype="fp32",
+                     quant=bits)
+    plan = make_plan(model.get_base_model().config, plan.min_budget_bytes, batch_size=3, max_length=9,
+                     num_probes=2, dtype="fp32", quant=bits)
+    assert plan.resident_blocks == 0 and plan.writeback_bytes_per_step == 0
+    eng = ZOEngine(model, offload=Streaming.from_plan(plan, "cpu"))
+    run_steps(eng, "opt", steps=2)
+    assert eng.device_peak_bytes <= min(plan.gpu_mem_bytes, plan.peak_device_bytes)
+    eng.close()

@@ -169,6 +169,10 @@ def _add_plan(sub) -> None:
                    help="eager materialises the attention scores")
     p.add_argument("--scratch", choices=("unit", "fused"), default="unit",
                    help="perturbation scratch: unit (today's engine: z + perturbed copy) or fused (copy only)")
+    p.add_argument("--peft", action="store_true",
+                   help="adapter training: the base is frozen, streamed blocks are never written back")
+    p.add_argument("--quant", choices=("none", "4bit", "8bit"), default="none",
+                   help="bitsandbytes-packed base (implies --peft): blocks move in their packed form")
     p.add_argument("--json", help="also write the plan as JSON to this file")
     p.set_defaults(func=_run_plan)
 
@@ -181,7 +185,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     plan = make_plan(args.model, args.gpu_mem, batch_size=args.batch_size, max_length=args.max_length,
                      num_probes=args.num_probes, dtype=args.dtype, transfer=args.transfer,
                      h2d_gbps=args.h2d_gbps, tflops=args.tflops, attention=args.attention,
-                     scratch=args.scratch)
+                     scratch=args.scratch, adapters=args.peft, quant=args.quant)
     print(format_plan(plan))
     if args.json:
         Path(args.json).write_text(plan_json(plan) + "\n")

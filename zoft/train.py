@@ -168,7 +168,8 @@ def plan_for(cfg: TrainConfig, num_probes: int = 2):
 
     _, config = resolve(cfg.model)
     return make_plan(config, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                     num_probes=num_probes, dtype=cfg.dtype, transfer=cfg.transfer, write_back=cfg.peft == "none")
+                     num_probes=num_probes, dtype=cfg.dtype, transfer=cfg.transfer, adapters=cfg.peft != "none",
+                     quant=cfg.quant)
 
 
 def build_optimizer(cfg: TrainConfig):

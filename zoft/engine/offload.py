@@ -110,6 +110,10 @@ class _Streamed:
     trainable: bool
     numel: int
     n_write: int = 0  # elements written back: the trainable prefix of the flat buffer
+    # quantized (bitsandbytes) weights and their 4-bit absmax, as bytes: (owner, attribute, start,
+    # nbytes, dtype, shape) in ``packed_master`` (uint8); moved as they are, never written back
+    packed: list[tuple[Any, str, int, int, torch.dtype, torch.Size]] = field(default_factory=list)
+    packed_master: torch.Tensor | None = None
     writeback_event: Any = None  # the last write-back into ``master`` (CUDA event)
     pending_delta: Any = None  # (host delta buffer, event): a lossy codec's change to add to ``master``
 
@@ -120,6 +124,7 @@ class _Slot:
     flat: torch.Tensor | None  # (max numel,) on the device, the model dtype (codec "same")
     enc: torch.Tensor | None = None  # encoded upload (bf16/fp16/int8 bytes) on the device
     scales: torch.Tensor | None = None  # int8 codec: fp32 scales on the device
+    packed: torch.Tensor | None = None  # quantized bases: the packed bytes, moved as they are
     unit: _Streamed | None = None
     in_use: bool = False  # acquired and not yet released
     ready: Any = None  # upload finished (CUDA event)
@@ -170,6 +175,7 @@ class Offloader:
                 owners[k] = owners.get(k, 0) + 1
         self.streamed: list[_Streamed] = []
         self._by_module: dict[int, _Streamed] = {}
+        self._streamed_aux: set[int] = set()  # quantization constants that stream with their block
         dtype = None
         for i, u in enumerate(streamed_units):
             s = self._make_master(u, i, owners)
@@ -193,6 +199,12 @@ class Offloader:
         self._resident_bytes = sum(p.numel() * p.element_size() for _, p in model.named_parameters()
                                    if id(p) not in self._streamed_param_ids())
         self.meter.alloc(self._resident_bytes, "resident")
+        for _, p in model.named_parameters():  # bitsandbytes' other quantization constants: resident
+            if not p.dtype.is_floating_point:
+                aux = [t for t in _quant_aux(p) if id(t) not in self._streamed_aux]
+                self.meter.alloc(sum(t.numel() * t.element_size() for t in aux), "resident")
+                if self.cuda:
+                    _aux_to(p, self.device, skip=self._streamed_aux)
         for m in model.modules():
             for n, b in list(m.named_buffers(recurse=False)):
                 if b.device != self.device:
@@ -201,6 +213,12 @@ class Offloader:
         n_slots = self.prefetch + 1 if self.streamed else 0
         max_numel = max((s.numel for s in self.streamed), default=0)
         self.slots = [self._make_slot(i, max_numel) for i in range(n_slots)]
+        packed = [s.packed_master for s in self.streamed if s.packed_master is not None]
+        if packed:
+            n_packed = max(t.numel() for t in packed)
+            for slot in self.slots:
+                slot.packed = torch.empty(n_packed, dtype=packed[0].dtype, device=self.device)
+                self.meter.alloc(n_packed * slot.packed.element_size(), "slots")
         # a codec's slots hold encoded units; the computing unit is decoded into one buffer
         self.decoded = None
         if transfer != "same" and self.streamed:
@@ -215,11 +233,13 @@ class Offloader:
     # -- setup --------------------------------------------------------------------------
     def _streamed_param_ids(self) -> set[int]:
         if not hasattr(self, "_sp_ids"):
-            self._sp_ids = {id(p) for s in self.streamed for _, p in s.params}
+            self._sp_ids = {id(p) for s in self.streamed for _, p in s.params} | {
+                id(o) for s in self.streamed for o, a, *_ in s.packed if a == "data"}
         return self._sp_ids
 
     def _make_master(self, u: Unit, index: int, owners: dict[str, int]) -> _Streamed:
         params: list[tuple[str, nn.Parameter]] = []  # trainable first: write-back is a prefix
+        packed: list[nn.Parameter] = []
         seen: set[str] = set()
         for k, p in u.params:
             if k in seen:
@@ -228,8 +248,10 @@ class Offloader:
             if owners.get(k, 1) > 1:
                 raise UsageError(f"parameter '{k}' is shared with another unit; streamed blocks cannot hold tied weights")
             if not p.dtype.is_floating_point:
-                raise UsageError(f"unit '{u.name}' holds non-floating-point parameter '{k}' ({p.dtype}); "
-                                 "streaming quantized (packed) weights is not supported: drop --gpu-mem or --quant")
+                if p.requires_grad:
+                    raise UsageError(f"parameter '{k}' is {p.dtype} and trainable; only floating-point weights train")
+                packed.append(p)  # bitsandbytes' packed weights: streamed as they are, never written
+                continue
             params.append((k, p))
         params.sort(key=lambda kp: not kp[1].requires_grad)
         dtypes = {p.dtype for _, p in params}
@@ -249,8 +271,24 @@ class Offloader:
             offsets.append((pos, n))
             views.append(view)
             pos += n
-        _return_freed_memory()  # glibc keeps freed heap pages: give the originals back now
         s = _Streamed(u, index, params, offsets, master, views, False, numel)
+        if packed:
+            segs = [(p, "data", p.data) for p in packed] + [(o, a, getattr(o, a)) for p in packed
+                                                             for o, a in _streamed_aux(p)]
+            sizes = [-(-t.numel() * t.element_size() // 16) * 16 for _, _, t in segs]  # 16-byte aligned
+            s.packed_master = torch.empty(sum(sizes), dtype=torch.uint8)
+            if self.cuda:
+                _pin(s.packed_master)
+            pos = 0
+            for (owner, attr, t), size in zip(segs, sizes):
+                nb = t.numel() * t.element_size()
+                view = s.packed_master[pos:pos + nb].view(t.dtype).view(t.shape)
+                view.copy_(t)
+                setattr(owner, attr, view)
+                s.packed.append((owner, attr, pos, nb, t.dtype, t.shape))
+                self._streamed_aux.add(id(view))
+                pos += size
+        _return_freed_memory()  # glibc keeps freed heap pages: give the originals back now
         self._set_trainable(s)
         return s
 
@@ -338,6 +376,9 @@ class Offloader:
                 slot.enc[:n].copy_(q, non_blocking=True)
                 slot.scales[:scales.numel()].copy_(scales, non_blocking=True)
                 sent = n + 4 * scales.numel()
+            if s.packed_master is not None:  # packed bytes as they are
+                slot.packed[:s.packed_master.numel()].copy_(s.packed_master, non_blocking=True)
+                sent += s.packed_master.numel() * s.packed_master.element_size()
             slot.ready = self._record("up")
         slot.unit = s
         self._holder[s.index] = slot
@@ -369,6 +410,8 @@ class Offloader:
             flat[:s.numel].copy_(self._decoded(slot, s.numel))
         for (_, p), (start, n) in zip(s.params, s.offsets):
             p.data = flat[start:start + n].view(p.shape)
+        for owner, attr, start, nb, dt, shape in s.packed:
+            setattr(owner, attr, slot.packed[start:start + nb].view(dt).view(shape))
 
     def release(self, module: nn.Module, dirty: bool) -> None:
         """The unit's compute is issued: write it back if ``dirty`` and point it at its master."""
@@ -403,8 +446,14 @@ class Offloader:
             slot.free_after = self._record("compute")
         slot.unit = None
         slot.in_use = False
+        self._point_home(s)
+
+    @staticmethod
+    def _point_home(s: _Streamed) -> None:
         for (_, p), view in zip(s.params, s.host_views):
             p.data = view
+        for owner, attr, start, nb, dt, shape in s.packed:
+            setattr(owner, attr, s.packed_master[start:start + nb].view(dt).view(shape))
 
     def _decoded(self, slot: _Slot, n: int) -> torch.Tensor:
         if self.transfer == "int8":
@@ -427,8 +476,7 @@ class Offloader:
         at the first streamed unit. Slots hold clean copies of masters, so nothing is lost."""
         for slot in self.slots:
             if slot.unit is not None and slot.in_use:  # an acquired unit whose release never came
-                for (_, p), view in zip(slot.unit.params, slot.unit.host_views):
-                    p.data = view
+                self._point_home(slot.unit)
             slot.unit = None
             slot.in_use = False
         self._holder.clear()
@@ -449,9 +497,51 @@ class Offloader:
         if self.cuda:
             for s in self.streamed:
                 _unpin(s.master)
+                if s.packed_master is not None:
+                    _unpin(s.packed_master)
 
 
 _CODEC_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _quant_aux(p: torch.Tensor) -> list[torch.Tensor]:
+    """The quantization constants bitsandbytes keeps beside a packed weight (4-bit: the
+    ``quant_state``'s absmax, code and nested state; 8-bit: ``SCB``): they stay on the device."""
+    out: list[torch.Tensor] = []
+    qs = getattr(p, "quant_state", None)
+    while qs is not None:
+        out += [t for t in (getattr(qs, "absmax", None), getattr(qs, "code", None), getattr(qs, "offset", None))
+                if isinstance(t, torch.Tensor)]
+        qs = getattr(qs, "state2", None)
+    scb = getattr(p, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        out.append(scb)
+    return out
+
+
+def _streamed_aux(p: torch.Tensor) -> list[tuple[Any, str]]:
+    """The 4-bit quantization constants that scale with the weight (absmax, one per 64 weights,
+    and a nested state's): they stream with the block. The 16-entry code and 8-bit row scales
+    are small and stay resident."""
+    out = []
+    qs = getattr(p, "quant_state", None)
+    while qs is not None:
+        out += [(qs, a) for a in ("absmax", "offset") if isinstance(getattr(qs, a, None), torch.Tensor)]
+        qs = getattr(qs, "state2", None)
+    return out
+
+
+def _aux_to(p: torch.Tensor, device: torch.device, skip: set[int]) -> None:
+    """Move the resident quantization constants of ``p`` to ``device`` (not those in ``skip``)."""
+    qs = getattr(p, "quant_state", None)
+    while qs is not None:
+        for a in ("absmax", "offset", "code"):
+            t = getattr(qs, a, None)
+            if isinstance(t, torch.Tensor) and id(t) not in skip:
+                setattr(qs, a, t.to(device))
+        qs = getattr(qs, "state2", None)
+    if isinstance(getattr(p, "SCB", None), torch.Tensor):
+        p.SCB = p.SCB.to(device)
 
 
 def _return_freed_memory() -> None:

@@ -43,6 +43,9 @@ class ModelShape:
     ffn: int
     heads: int
     vocab: int
+    block_linear_numel: int = 0  # weights of the nn.Linear layers of a block (what bitsandbytes packs)
+    block_linear_rows: int = 0  # their output features, summed (8-bit: one fp32 scale per row)
+    block_linears: int = 0  # how many nn.Linear layers a block holds
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class Plan:
     step_time_lb_s: float
     h2d_gbps: float
     tflops: float
+    quant: str = "none"  # bitsandbytes-packed blocks ("4bit", "8bit"): moved as they are
 
     @property
     def activation_bytes(self) -> int:
@@ -133,6 +137,7 @@ def shape_from_config(config: Any, name: str = "model") -> ModelShape:
                     nonblock += numel[k]
     unit_numel = [sum(numel[k] for k in {k for k, _ in u.params}) for u in layout.units]
     hidden = _cfg_int(config, "hidden_size", "d_model", "n_embd")
+    linears = [m for m in max(layout.blocks, key=lambda u: u.numel).module.modules() if isinstance(m, torch.nn.Linear)]
     return ModelShape(
         name=name,
         n_params=sum(numel.values()),
@@ -145,6 +150,9 @@ def shape_from_config(config: Any, name: str = "model") -> ModelShape:
         ffn=_cfg_int(config, "intermediate_size", "ffn_dim", "n_inner", default=4 * hidden),
         heads=_cfg_int(config, "num_attention_heads", "n_head"),
         vocab=_cfg_int(config, "vocab_size"),
+        block_linear_numel=sum(m.weight.numel() for m in linears),
+        block_linear_rows=sum(m.out_features for m in linears),
+        block_linears=len(linears),
     )
 
 
@@ -166,16 +174,37 @@ def _encoded_bytes(numel: int, transfer: str, dtype_bytes: int) -> int:
     return dtype_bytes * numel
 
 
+def _block_bytes(s: ModelShape, b: int, quant: str) -> int:
+    """Bytes of one block's weights as stored and moved: bitsandbytes packs the nn.Linear weights
+    (4-bit: two per byte, plus one fp32 absmax per 64 weights, which streams with them; 8-bit: one
+    per byte); the rest (norms, biases) stays in the dtype."""
+    if quant == "none":
+        return b * s.block_numel
+    lin = s.block_linear_numel
+    packed = -(-lin // 2) + 4 * -(-lin // 64) if quant == "4bit" else lin
+    return b * (s.block_numel - lin) + packed
+
+
+def _block_aux(s: ModelShape, quant: str) -> int:
+    """Quantization constants of one block that stay on the device (4-bit: a 16-value fp32 code
+    per layer; 8-bit: one fp32 scale per output row)."""
+    if quant == "4bit":
+        return 64 * s.block_linears
+    return 4 * s.block_linear_rows if quant == "8bit" else 0
+
+
 def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: int,
-                  transfer: str, attention: str, scratch: str, write_back: bool = True) -> dict[str, int]:
+                  transfer: str, attention: str, scratch: str, write_back: bool = True,
+                  quant: str = "none", adapters: bool = False) -> dict[str, int]:
     """Peak device bytes of the plan with ``r`` resident blocks and micro-batch ``mb``."""
     streamed = s.n_blocks - r
     k = MIN_PREFETCH + 1 if streamed else 0
-    resident = b * (s.nonblock_numel + r * s.block_numel)
+    blk = _block_bytes(s, b, quant)
+    resident = b * s.nonblock_numel + r * blk + s.n_blocks * _block_aux(s, quant)
     if not streamed:
         slots = 0
     elif transfer == "same":
-        slots = k * b * s.block_numel  # k slots in the compute dtype
+        slots = k * blk  # k slots as the blocks are stored
     else:  # k slots hold encoded units; one more buffer holds the decoded unit being computed
         slots = k * _encoded_bytes(s.block_numel, transfer, b) + b * s.block_numel
     if scratch == "unit":
@@ -186,6 +215,9 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
         # fused: copy w0 into one unit-sized buffer and add scale*z(seed) in the fused Philox
         # kernel (``zoft.kernels.fused_axpy``): z is never materialised, nor kept for tied weights.
         scratch_b = b * s.max_unit_numel
+    if adapters:
+        # only adapter parameters are perturbed: their scratch is adapter-sized (not counted)
+        scratch_b = 0
     if streamed and transfer != "same" and write_back:
         # a lossy codec writes back the change made on the device: decoded - decode(upload),
         # two block-sized temporaries at the block's release (zoft/engine/offload.py)
@@ -218,7 +250,8 @@ def _resident_choices(n_blocks: int) -> list[int]:
 def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int, max_length: int,
               num_probes: int = 2, dtype: Dtype = "fp16", transfer: Transfer = "same",
               h2d_gbps: float = 25.0, tflops: float = 312.0, attention: Attention = "sdpa",
-              scratch: Scratch = "unit", write_back: bool = True) -> Plan:
+              scratch: Scratch = "unit", write_back: bool = True, quant: str = "none",
+              adapters: bool = False) -> Plan:
     """Plan a streamed ZO step under ``gpu_mem_bytes`` (int bytes, or "18GB" / "16GiB").
 
     Order of priority: embeddings, final norm and head stay resident; then as many blocks as fit
@@ -243,6 +276,14 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         raise UsageError(f"unknown attention '{attention}'; use sdpa or eager")
     if scratch not in ("unit", "fused"):
         raise UsageError(f"unknown scratch '{scratch}'; use unit or fused")
+    if quant not in ("none", "4bit", "8bit"):
+        raise UsageError(f"unknown quant '{quant}'; use none, 4bit or 8bit")
+    if quant != "none":
+        if transfer not in ("same", dtype):
+            raise UsageError("a quantized base moves its packed bytes as they are: use --transfer same")
+        adapters = True
+    if adapters:
+        write_back = False  # the base is frozen; adapters are written back (their bytes are not counted)
     if batch_size < 1 or max_length < 1 or num_probes < 1:
         raise UsageError("batch size, max length and probe count must be positive")
     if isinstance(config_or_name, ModelShape):
@@ -255,7 +296,8 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     if transfer == dtype:
         transfer = "same"  # bf16 over the link for a bf16 model: no codec
     kw = {"B": batch_size, "T": max_length, "P": num_probes, "b": b, "transfer": transfer,
-          "attention": attention, "scratch": scratch, "write_back": write_back}
+          "attention": attention, "scratch": scratch, "write_back": write_back, "quant": quant,
+          "adapters": adapters}
 
     choices = _resident_choices(s.n_blocks)
     smallest = _device_bytes(s, choices[-1], 1, **kw)["peak"]
@@ -275,7 +317,7 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     mb = lo
     acc = _device_bytes(s, r, mb, **kw)
     streamed = s.n_blocks - r
-    upload = streamed * _encoded_bytes(s.block_numel, transfer, b)
+    upload = streamed * (_encoded_bytes(s.block_numel, transfer, b) if quant == "none" else _block_bytes(s, b, quant))
     writeback = streamed * b * s.block_numel if write_back else 0
     t_compute = num_probes * 2 * s.n_params * batch_size * max_length / (tflops * 1e12)
     t_transfer = (upload + writeback) / (h2d_gbps * 1e9)
@@ -287,17 +329,17 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         micro_batch=mb, n_micro=math.ceil(batch_size / mb), resident_weights_bytes=acc["resident"],
         slot_bytes=acc["slots"], scratch_bytes=acc["scratch"], boundary_act_bytes=acc["boundary"],
         working_act_bytes=acc["working"], logits_bytes=acc["logits"], peak_device_bytes=acc["peak"],
-        min_budget_bytes=smallest, cpu_bytes=_cpu_bytes(s, b, transfer, acc["k"]),
+        min_budget_bytes=smallest, cpu_bytes=_cpu_bytes(s, b, transfer, acc["k"], quant),
         upload_bytes_per_step=upload, writeback_bytes_per_step=writeback, t_compute_s=t_compute,
         t_transfer_s=t_transfer, step_time_lb_s=max(t_compute, t_transfer), h2d_gbps=h2d_gbps,
-        tflops=tflops)
+        tflops=tflops, quant=quant)
 
 
-def _cpu_bytes(s: ModelShape, b: int, transfer: str, k: int) -> int:
-    """Master weights in the compute dtype, in pinned flat per-unit buffers (1x), plus k pinned
-    staging buffers of encoded units when a codec is used."""
+def _cpu_bytes(s: ModelShape, b: int, transfer: str, k: int, quant: str = "none") -> int:
+    """Master weights in the compute dtype (blocks packed for a quantized base), in pinned flat
+    per-unit buffers (1x), plus k pinned staging buffers of encoded units when a codec is used."""
     staging = k * _encoded_bytes(s.block_numel, transfer, b) if transfer != "same" else 0
-    return b * s.n_params + staging
+    return b * s.nonblock_numel + s.n_blocks * _block_bytes(s, b, quant) + staging
 
 
 def _gb_up(n: int) -> str:
@@ -328,7 +370,8 @@ def format_plan(p: Plan) -> str:
     rows = [
         (f"plan: {p.model} ({p.n_params / 1e9:.2f}B params, {p.n_blocks} blocks), --gpu-mem "
          f"{p.gpu_mem_bytes / GB:.2f} GB, batch {p.batch_size} x {p.max_length} tokens, "
-         f"{p.num_probes} probes, {p.dtype}, transfer {p.transfer}, {p.attention} attention"),
+         f"{p.num_probes} probes, {p.dtype}" + (f" ({p.quant} base)" if p.quant != "none" else "")
+         + f", transfer {p.transfer}, {p.attention} attention"),
         f"  resident         embeddings, final norm, head + {res} ({p.resident_blocks} blocks)",
         f"  streamed         {p.streamed_blocks} blocks through k={p.slots} slots, prefetch d={p.prefetch}",
         f"  micro-batch      {p.micro_batch} ({p.n_micro} per step, each unit loaded once per step)",
