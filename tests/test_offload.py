@@ -45,6 +45,20 @@ def run_steps(engine, family, steps=3, probes_per_step=None, lr=1e-2, flush=True
     return torch.stack(out)
 
 
+def close_keeping(engine, model, frozen):
+    """Close ``engine`` and check that every tensor of ``frozen`` (name -> copy) kept its bytes."""
+    engine.close()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def assert_same_runs(resident, streamed):
+    """(losses, model) of a streamed run equal the resident run's."""
+    torch.testing.assert_close(streamed[0], resident[0], rtol=RTOL, atol=0)
+    assert_same_weights(streamed[1], resident[1])
+
+
 def assert_same_weights(a, b, rtol=RTOL):
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), rtol=rtol, atol=0, msg=n)
@@ -437,13 +451,9 @@ def test_lora_streamed_equals_resident_and_uploads_only():
             st = eng.offload.stats
             lora = sum(p.numel() for _, p in eng.offload.streamed[0].params if p.requires_grad)
             assert st.writeback_bytes == st.writebacks * lora * 4 and st.writebacks == 3 * 5
-        eng.close()
-        for n, p in model.named_parameters():
-            if n in base:
-                assert torch.equal(p, base[n]), n
+        close_keeping(eng, model, base)
         out.append((losses, model))
-    torch.testing.assert_close(out[1][0], out[0][0], rtol=RTOL, atol=0)
-    assert_same_weights(out[1][1], out[0][1])
+    assert_same_runs(*out)
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
@@ -478,13 +488,9 @@ def test_quantized_base_streams_packed_and_equals_resident(bits, tmp_path):
             unit_up = s0.numel * 4 + s0.packed_master.numel()
             assert st.upload_bytes == st.uploads * unit_up
             assert st.writeback_bytes == st.writebacks * s0.n_write * 4 and s0.n_write < s0.numel
-        eng.close()
-        for n, p in model.named_parameters():
-            if n in packed:
-                assert torch.equal(p, packed[n]), n
+        close_keeping(eng, model, packed)
         out.append((losses, model))
-    torch.testing.assert_close(out[1][0], out[0][0], rtol=RTOL, atol=0)
-    assert_same_weights(out[1][1], out[0][1])
+    assert_same_runs(*out)
     # the planner knows packed blocks: at its smallest budget for this base everything streams and
     # the accounted peak stays within the budget and the prediction
     model = out[1][1]
