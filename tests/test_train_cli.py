@@ -190,3 +190,13 @@ def test_embedded_default_runs_offline(tmp_path, capsys):
     assert cfg["model"] is None and cfg["lr"] == demo["lr"] and cfg["steps"] == 2
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "eval_accuracy" in m] == [0, 2]
+
+
+@pytest.mark.parametrize("budget", [[], ["--device", "cpu", "--gpu-mem", "1GB"]])
+def test_sphere_directions_train_through_the_loop(tiny_dir, lm_data, tmp_path, budget):
+    """Unit-sphere directions need the engine to normalise z; the loop sizes its engine (and the
+    streaming plan) from ``optimizer.num_probes()``, never by drawing probes before binding."""
+    cfg = tmp_path / "sphere.yaml"
+    cfg.write_text("optimizer_options: {sphere: true}\n")
+    assert main(finetune_args(tiny_dir, lm_data, tmp_path / "run", "--config", str(cfg), *budget)) == 0
+    assert len((tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()) == 6

@@ -310,6 +310,12 @@ class DataParallel:
         """Distinct examples in the step (all ranks) from this rank's count."""
         return local if self.ranked else local * self.ctx.world_size
 
+    def num_probes(self) -> int:
+        """How many probes ``probes(step)`` gives this rank (needs no engine: for planning)."""
+        if self.ranked:
+            return math.ceil(self.opt.num_probes() / self.ctx.world_size)
+        return self.local.num_probes()
+
     def probes(self, step: int) -> list[Probe]:
         """This rank's probes: its q queries (two-sided: 2q; one-sided: L(w) on its shard and q),
         or, for ZO-RankSGD, its contiguous chunk of the ceil(M / R) candidates."""

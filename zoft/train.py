@@ -209,7 +209,7 @@ class Trainer:
             self.state = json.loads((ckpt / "state.json").read_text())
         # streamed: planned (or refused) before any weight loads, loaded on the host; the
         # scheduler then moves the resident units to the device
-        self.plan = plan_for(cfg, len(build_optimizer(cfg).probes(0))) if cfg.gpu_mem else None
+        self.plan = plan_for(cfg, build_optimizer(cfg).num_probes()) if cfg.gpu_mem else None
         lm = _load(cfg, torch.device("cpu") if cfg.gpu_mem else self.device, ckpt)
         if lm.tokenizer is None:
             raise UsageError(f"no tokenizer is available offline for '{lm.name}'; pass --tokenizer PATH")
@@ -220,7 +220,7 @@ class Trainer:
         self.dp = DataParallel(self.dist, self.opt) if self.dist.world_size > 1 else None
         if self.dp is not None:
             self.opt = self.dp.opt  # the whole step's optimizer (all ranks' queries); its state is saved
-        self.engine = build_engine(cfg, self.model, len((self.dp or self.opt).probes(0)), self.device,
+        self.engine = build_engine(cfg, self.model, (self.dp or self.opt).num_probes(), self.device,
                                    None if self.dp else self.plan)
         bind(self.opt, self.engine)
         self.opt.load_state_dict(self.state.get("optimizer", {}))
@@ -421,7 +421,7 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
     lm = _load(cfg, torch.device("cpu") if cfg.gpu_mem else dev, None)
     records = read_jsonl(run / "trajectory.jsonl", state.get("trajectory_lines"))
     opt = build_optimizer(cfg)  # stateful optimizers rebuild each update (and their buffers) from its record
-    engine = build_engine(cfg, lm.model, len(opt.probes(0)), dev)
+    engine = build_engine(cfg, lm.model, opt.num_probes(), dev)
     bind(opt, engine)
     for r in records:
         engine.set_update(opt.update_from_record(r))

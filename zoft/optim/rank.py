@@ -213,6 +213,9 @@ class ZORankSGD(ZOSGD):
         self._norms = {}
         return [Probe(s, self.config.eps / self.norm(s)) for s in self.seeds(step)]
 
+    def num_probes(self) -> int:
+        return self.config.n_queries * self.config.m
+
     def group_size(self, phase: int) -> int:
         return self.config.m if phase == 0 else self.config.line_search
 

@@ -153,7 +153,8 @@ class ZOSGD:
             return [Probe(None, 0.0)] + [Probe(s, eps / self.norm(s)) for s in seeds]
         return [p for s in seeds for p in (Probe(s, eps / self.norm(s)), Probe(s, -eps / self.norm(s)))]
 
-    def _n_phase1(self) -> int:
+    def num_probes(self) -> int:
+        """Probes of a step's first phase (what the engine evaluates at once); needs no engine."""
         q = self.config.n_queries
         return q + 1 if self.config.one_sided else 2 * q
 
@@ -222,8 +223,8 @@ class ZOSGDCons(ZOSGD):
         ps = super().probes(step)
         return ps if self.config.one_sided else [Probe(None, 0.0)] + ps
 
-    def _n_phase1(self):
-        return super()._n_phase1() + (0 if self.config.one_sided else 1)
+    def num_probes(self):
+        return super().num_probes() + (0 if self.config.one_sided else 1)
 
     def projected(self, losses):
         if self.config.one_sided:
@@ -239,7 +240,7 @@ class ZOSGDCons(ZOSGD):
         return self._noise.define(terms), 1.0
 
     def more_probes(self, step: int, losses: torch.Tensor, comparisons=None) -> list[Probe]:
-        if len(losses) != self._n_phase1():
+        if len(losses) != self.num_probes():
             return []
         grads, _ = self.projected(losses)
         seed, c = self._direction_probe_seed(step, grads)
@@ -247,7 +248,7 @@ class ZOSGDCons(ZOSGD):
         return [Probe(seed, -lr * c), Probe(seed, lr * c)]
 
     def update(self, step, losses):
-        n1 = self._n_phase1()
+        n1 = self.num_probes()
         if len(losses) != n1 + 2:
             raise RuntimeError("zo-sgd-cons needs its second phase (w -/+ lr G) evaluated on the same batch: "
                                "run it through zoft.optim.step / zoft.optim.evaluate_step")

@@ -238,7 +238,7 @@ class Runner:
                 zo_opts["zeta" if o.zo_optimizer == "r-adazo" else "adam_eps"] = o.zeta
             self.zo = make_optimizer(o.zo_optimizer, zo_opts, seed=self.seed, total_steps=self.steps)
             self.engine = make_zo_engine(self.model, noise=o.noise, distribution=o.distribution, gpu_mem=self.gpu_mem,
-                                         num_probes=2 * o.q, batch_rows=self.batch_rows,  # two-sided
+                                         num_probes=self.zo.num_probes(), batch_rows=self.batch_rows,
                                          max_length=self.max_length, offload=self.offload)
 
     def lr_at(self, t: int) -> float:
