@@ -150,6 +150,9 @@ class ZOEngine:
         self._apply_all_pending()
         self._pending = None if update is None or update.is_noop() else update
         self._applied = set()
+        if self._pending is not None:  # stochastic rounding is keyed by the whole update (seeds,
+            # coefficients, decay) and the parameter: replay rounds identically, steps differ
+            self._sround_seed = key_hash(repr((self._pending.terms, self._pending.decay)))
 
     def _apply_pending(self, key: str, p: nn.Parameter) -> None:
         if self._pending is None or key in self._applied:
@@ -165,10 +168,7 @@ class ZOEngine:
                 # round-to-nearest would drop ZO-sized updates (|lr*g*z| << half an ulp of w)
                 w32 = p.data.float()
                 self._pending.apply(key, w32, self.noise, self.decays[key])
-                # keyed by the whole update (seeds, coefficients, decay) and the parameter: replay
-                # rounds identically; two steps' updates differ in their coefficients
-                seed = mix(key_hash(repr((self._pending.terms, self._pending.decay))), key + "/sround")
-                p.data.copy_(stochastic_round(w32, p.dtype, seed))
+                p.data.copy_(stochastic_round(w32, p.dtype, mix(self._sround_seed, key + "/sround")))
             else:
                 self._pending.apply(key, p.data, self.noise, self.decays[key])
         if store:
@@ -185,7 +185,7 @@ class ZOEngine:
     def _apply_all_pending(self) -> None:
         if self._pending is not None:
             if self.offload is not None:  # stream the units the last pass did not reach
-                for s in self.offload.units_in_order():
+                for s in self.offload.streamed:
                     keys = [k for k, _ in self._unit_params[id(s.unit.module)]]
                     if any(k not in self._applied for k in keys):
                         self._pre_hook(s.unit.module, (), {})

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -120,7 +120,6 @@ class _Streamed:
 
 @dataclass
 class _Slot:
-    index: int
     flat: torch.Tensor | None  # (max numel,) on the device, the model dtype (codec "same")
     enc: torch.Tensor | None = None  # encoded upload (bf16/fp16/int8 bytes) on the device
     scales: torch.Tensor | None = None  # int8 codec: fp32 scales on the device
@@ -138,7 +137,6 @@ class OffloadStats:
     writebacks: int = 0
     writeback_bytes: int = 0
     stalls: int = 0  # acquires that found their unit not prefetched (uploaded synchronously)
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Offloader:
@@ -196,9 +194,10 @@ class Offloader:
             for _, p in u.params:
                 if p.device != self.device:
                     p.data = p.data.to(self.device)
-        self._resident_bytes = sum(p.numel() * p.element_size() for _, p in model.named_parameters()
-                                   if id(p) not in self._streamed_param_ids())
-        self.meter.alloc(self._resident_bytes, "resident")
+        away = {id(p) for s in self.streamed for _, p in s.params} | {
+            id(o) for s in self.streamed for o, a, *_ in s.packed if a == "data"}
+        self.meter.alloc(sum(p.numel() * p.element_size() for _, p in model.named_parameters() if id(p) not in away),
+                         "resident")
         for _, p in model.named_parameters():  # bitsandbytes' other quantization constants: resident
             if not p.dtype.is_floating_point:
                 aux = [t for t in _quant_aux(p) if id(t) not in self._streamed_aux]
@@ -212,7 +211,7 @@ class Offloader:
         self.prefetch = min(prefetch, max(len(self.streamed) - 1, 0)) if self.streamed else 0
         n_slots = self.prefetch + 1 if self.streamed else 0
         max_numel = max((s.numel for s in self.streamed), default=0)
-        self.slots = [self._make_slot(i, max_numel) for i in range(n_slots)]
+        self.slots = [self._make_slot(max_numel) for _ in range(n_slots)]
         packed = [s.packed_master for s in self.streamed if s.packed_master is not None]
         if packed:
             n_packed = max(t.numel() for t in packed)
@@ -231,12 +230,6 @@ class Offloader:
             self.wb_stream = torch.cuda.Stream(self.device)
 
     # -- setup --------------------------------------------------------------------------
-    def _streamed_param_ids(self) -> set[int]:
-        if not hasattr(self, "_sp_ids"):
-            self._sp_ids = {id(p) for s in self.streamed for _, p in s.params} | {
-                id(o) for s in self.streamed for o, a, *_ in s.packed if a == "data"}
-        return self._sp_ids
-
     def _make_master(self, u: Unit, index: int, owners: dict[str, int]) -> _Streamed:
         params: list[tuple[str, nn.Parameter]] = []  # trainable first: write-back is a prefix
         packed: list[nn.Parameter] = []
@@ -300,12 +293,12 @@ class Offloader:
         s.trainable = bool(ends)
         s.n_write = max(ends, default=0)
 
-    def _make_slot(self, i: int, numel: int) -> _Slot:
+    def _make_slot(self, numel: int) -> _Slot:
         if self.transfer == "same":
             flat = torch.empty(numel, dtype=self.dtype, device=self.device)
             self.meter.alloc(flat.numel() * flat.element_size(), "slots")
-            return _Slot(i, flat)
-        slot = _Slot(i, None)
+            return _Slot(flat)
+        slot = _Slot(None)
         if self.transfer in ("bf16", "fp16"):
             slot.enc = torch.empty(numel, dtype=_CODEC_DTYPE[self.transfer], device=self.device)
         elif self.transfer == "int8":
@@ -487,9 +480,6 @@ class Offloader:
             torch.cuda.synchronize(self.device)
         for s in self.streamed:
             self._settle_delta(s)
-
-    def units_in_order(self) -> Iterable[_Streamed]:
-        return list(self.streamed)
 
     def close(self) -> None:
         self.synchronize()

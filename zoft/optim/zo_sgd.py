@@ -77,10 +77,11 @@ class MomentumConfig(ZOConfig):
 
 
 @dataclass
-class AdamConfig(ZOConfig):
+class _MomentsConfig(ZOConfig):
+    """Two moment decay rates (Adam-style), each in [0, 1)."""
+
     beta1: float = 0.9
     beta2: float = 0.999
-    adam_eps: float = 1e-8
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,15 +90,16 @@ class AdamConfig(ZOConfig):
 
 
 @dataclass
-class RAdaZOConfig(ZOConfig):
-    beta1: float = 0.9
-    beta2: float = 0.999
+class AdamConfig(_MomentsConfig):
+    adam_eps: float = 1e-8
+
+
+@dataclass
+class RAdaZOConfig(_MomentsConfig):
     zeta: float = 1e-8
 
     def __post_init__(self):
         super().__post_init__()
-        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
-            raise ValueError("beta1 and beta2 must be in [0, 1)")
         if self.zeta <= 0:
             raise ValueError("zeta must be > 0")
 
