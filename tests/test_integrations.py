@@ -123,3 +123,100 @@ def assert_same_updates(w, ref, w0, rel: float = 2e-3):
         du, dr = w[k] - w0[k], ref[k] - w0[k]
         assert (du - dr).norm() <= rel * dr.norm(), k
     assert any(dr.norm() > 0 for dr in (ref[k] - w0[k] for k in w))
+
+
+def test_no_backward_no_grad_no_optimizer_state(model_dir, tmp_path, monkeypatch):
+    """A ZOTrainer run never calls autograd's backward, leaves every ``.grad`` None and allocates
+    no optimizer state (Trainer's optimizer is the stateless ZOOptimizer)."""
+    def no_backward(*a, **k):
+        raise AssertionError("backward was called")
+
+    monkeypatch.setattr(torch.autograd, "backward", no_backward)
+    model = load(model_dir)
+    trainer = zo_trainer(model, tmp_path)
+    trainer.train()
+    assert all(p.grad is None for p in model.parameters())
+    assert len(trainer.optimizer.state) == 0
+    sd = trainer.optimizer.state_dict()
+    assert sd["state"] == {} and sd["zoft"]["tensors"] == {}
+
+
+def test_evaluate_and_save_model_see_the_trained_weights(model_dir, tmp_path):
+    """Trainer's evaluation strategy runs on the updated weights (eval_loss equals a plain
+    forward's loss of the saved model), and ``save_model`` writes a folder ``from_pretrained``
+    loads with exactly the trainer's weights."""
+    model = load(model_dir)
+    w0 = trained(model)
+    evals = [{"text": t} for t in TEXTS[:4]]
+    trainer = zo_trainer(model, tmp_path / "run", eval_dataset=evals,
+                         args={"eval_strategy": "steps", "eval_steps": 2, "per_device_eval_batch_size": 4})
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [2, 4]
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert trained(loaded).keys() == w0.keys()
+    assert all(torch.equal(p, trainer.model.state_dict()[k]) for k, p in loaded.state_dict().items())
+    assert any(not torch.equal(p, w0[k]) for k, p in trained(loaded).items())
+    batch = lm_collator()(evals)
+    with torch.no_grad():
+        ref = loaded(**batch).loss.item()
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mezo-sgd", "zo-sgd-mmt"])
+def test_resume_from_a_trainer_checkpoint_continues_the_same_trajectory(model_dir, tmp_path, name):
+    """Stopped at checkpoint-2 of a 4-step run and resumed with ``resume_from_checkpoint``: the
+    final weights are bit-identical to the uninterrupted run (momentum: its buffer travels in
+    optimizer.pt)."""
+    full = zo_trainer(load(model_dir), tmp_path / "full", zo_optimizer=name,
+                      args={"save_strategy": "steps", "save_steps": 2})
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert (ckpt / "optimizer.pt").is_file() and (ckpt / "scheduler.pt").is_file()
+    resumed = zo_trainer(load(model_dir), tmp_path / "resumed", zo_optimizer=name)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert [h["step"] for h in resumed.state.log_history if "loss" in h][-2:] == [3, 4]
+    a, b = trained(full.model), trained(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streaming_under_zo_gpu_mem_on_the_cpu_twin_equals_resident(tmp_path):
+    """``zo_gpu_mem`` just above the smallest plan streams blocks through the CPU twin: the
+    weights equal the resident run's (the engine's equivalence tolerance, rtol 1e-5) and the
+    logged device peak stays within the budget."""
+    from zoft.engine.plan import make_plan
+
+    d = tmp_path / "deep"
+    tiny_model("opt", layers=6).save_pretrained(d)
+    budget = make_plan(AutoModelForCausalLM.from_pretrained(d).config, "1GB", batch_size=B, max_length=MAXLEN,
+                       num_probes=2, dtype="fp32").min_budget_bytes + 2000
+    resident = zo_trainer(AutoModelForCausalLM.from_pretrained(d), tmp_path / "r")
+    resident.train()
+    streamed = zo_trainer(AutoModelForCausalLM.from_pretrained(d), tmp_path / "s", zo_gpu_mem=str(budget),
+                          zo_max_length=MAXLEN)
+    assert streamed.engine.offload is not None and len(streamed.engine.offload.streamed) > 0
+    streamed.train()
+    peaks = [h["device_peak_bytes"] for h in streamed.state.log_history if "loss" in h]
+    assert len(peaks) == STEPS and 0 < max(peaks) <= budget
+    a, b = trained(resident.model), trained(streamed.model)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=0, msg=k)
+    assert any(not torch.equal(a[k], p) for k, p in trained(AutoModelForCausalLM.from_pretrained(d)).items())
+
+
+@pytest.mark.parametrize("kw,says", [
+    ({"args": {"gradient_accumulation_steps": 2}}, "gradient_accumulation_steps=1"),
+    ({"zo_options": {"lr": 1.0}}, "learning_rate"),
+    ({"zo_optimizer": "adamw"}, "unknown optimizer"),
+    ({"zo_gpu_mem": "1GB"}, "zo_max_length"),
+])
+def test_bad_setups_are_one_line_usage_errors(model_dir, tmp_path, kw, says):
+    with pytest.raises(UsageError, match=says) as e:
+        zo_trainer(load(model_dir), tmp_path, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_a_model_with_nothing_trainable_is_refused(model_dir, tmp_path):
+    model = load(model_dir).requires_grad_(False)
+    with pytest.raises(UsageError, match="nothing would train"):
+        zo_trainer(model, tmp_path)
