@@ -220,3 +220,75 @@ def test_a_model_with_nothing_trainable_is_refused(model_dir, tmp_path):
     model = load(model_dir).requires_grad_(False)
     with pytest.raises(UsageError, match="nothing would train"):
         zo_trainer(model, tmp_path)
+
+
+# -- TRL ----------------------------------------------------------------------------------------
+WORDS = ["great", "terrible", "fine", "awful", "boring", "lovely"]
+
+
+def chat_tokenizer():
+    tok = make_tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    return tok
+
+
+def chats(n: int, start: int = 0, prompt_completion: bool = False):
+    from datasets import Dataset
+
+    rows = []
+    for i in range(start, start + n):
+        w = WORDS[i % len(WORDS)]
+        user = [{"role": "user", "content": f"was the movie {w}?"}]
+        reply = [{"role": "assistant", "content": f"the movie was {w}"}]
+        rows.append({"prompt": user, "completion": reply} if prompt_completion else {"messages": user + reply})
+    return Dataset.from_list(rows)
+
+
+def sft_args(out, **kw):
+    from trl import SFTConfig
+
+    base = dict(output_dir=str(out), max_steps=16, per_device_train_batch_size=4, learning_rate=5e-2,
+                logging_steps=4, save_strategy="no", report_to=[], seed=SEED, disable_tqdm=True, use_cpu=True,
+                max_length=32, per_device_eval_batch_size=12)
+    return SFTConfig(**{**base, **kw})
+
+
+def test_zosfttrainer_lowers_the_held_out_loss_on_chat_data(tmp_path):
+    """TRL prepares a chat-formatted dataset (chat template, labels); ZO steps lower the loss on
+    held-out conversations (measured 5.804 -> 5.654 in 24 steps; steps that did nothing, or moved
+    the weights at random, would not lower it by 0.05)."""
+    from zoft.integrations import ZOSFTTrainer
+
+    trainer = ZOSFTTrainer(model=tiny_model("opt"), args=sft_args(tmp_path, max_steps=24), train_dataset=chats(24),
+                           eval_dataset=chats(12, start=3), processing_class=chat_tokenizer(),
+                           zo_options={"eps": EPS})
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.05
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all("projected_grad" in h for h in logs)
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_zosft_probe_loss_is_trls_loss_completion_only(tmp_path, packing):
+    """On a prompt-completion batch (completion-only loss: prompt tokens are -100 in TRL's labels),
+    padded or packed padding-free, the engine's loss of each of two stacked unperturbed probes
+    equals TRL's own ``compute_loss`` (its fused LM head) on the same batch. rtol 1e-5: the fused
+    head reduces the same fp32 token NLLs in tiles."""
+    from zoft.engine import Probe
+    from zoft.integrations import ZOSFTTrainer
+
+    trainer = ZOSFTTrainer(model=tiny_model("opt"), args=sft_args(tmp_path, packing=packing),
+                           train_dataset=chats(8, prompt_completion=True), processing_class=chat_tokenizer())
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    labels = inputs["labels"]
+    assert ("position_ids" in inputs and labels.shape[0] == 1) if packing else "attention_mask" in inputs
+    prompt_ids = chat_tokenizer().apply_chat_template(chats(1, prompt_completion=True)[0]["prompt"])
+    assert (labels[0, 1:len(prompt_ids)] == -100).all() and (labels != -100).any()  # completion only
+    n = (labels[..., 1:] != -100).sum()
+    with torch.no_grad():
+        ref = trainer.compute_loss(trainer.model, dict(inputs), num_items_in_batch=n).item()
+    losses = trainer.engine.evaluate([Probe(None, 0.0)] * 2, *trainer.zo_objective(inputs, n))
+    torch.testing.assert_close(losses, torch.full((2,), ref, dtype=torch.float64), rtol=1e-5, atol=0)

@@ -112,7 +112,8 @@ class ZOTrainingMixin:
                      not lr / weight_decay / schedule / warmup_steps (TrainingArguments has them).
     zo_noise, zo_distribution: the direction backend ("torch", "table", "triton") and distribution.
     zo_gpu_mem:      stream under this device budget ("18GB" = 18e9 bytes, "16GiB" = 16 * 2^30).
-    zo_max_length:   tokens per row the planner sizes activations for (with ``zo_gpu_mem``).
+    zo_max_length:   tokens per row the planner sizes activations for (with ``zo_gpu_mem``;
+                     default: ``args.max_length`` where the arguments have one, as TRL's do).
     """
 
     def __init__(self, *args, zo_optimizer: str = "mezo-sgd", zo_options: dict[str, Any] | None = None,
@@ -157,6 +158,7 @@ class ZOTrainingMixin:
     def _zo_plan(self, gpu_mem, max_length: int | None):
         from zoft.engine.plan import make_plan
 
+        max_length = max_length or getattr(self.args, "max_length", None)  # TRL's SFTConfig has one
         if max_length is None:
             raise UsageError("zo_gpu_mem needs zo_max_length: the tokens per row the planner sizes "
                              "activations for")
@@ -205,17 +207,23 @@ class ZOTrainingMixin:
         raise UsageError(f"ZOTrainer takes the loss of {type(base).__name__} (loss type "
                          f"{getattr(base, 'loss_type', None)!r}) from compute_loss_func= or an override of zo_loss")
 
+    def zo_objective(self, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Batch, _ProbeLosses]:
+        """The engine's view of a collated batch (on the device): the model's inputs (all but
+        ``labels``) as a ``zoft.tasks.Batch`` of R rows, and the objective giving ``zo_loss`` per
+        probe; ``engine.evaluate(probes, *zo_objective(inputs))`` is the losses at any probes."""
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in _VARLEN}
+        rows = next(v for v in model_inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+        objective = _ProbeLosses(self._zo_causal, lambda out: self.zo_loss(out, inputs, num_items_in_batch), rows)
+        return Batch(model_inputs, {}, rows), objective
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One ZO step on ``inputs`` at step ``state.global_step`` with the scheduler's lr;
         returns the loss (at the + probes, as ``zoft finetune`` logs it) on ``args.device``."""
         model.train()  # as Trainer does; the engine runs the probes in eval mode and restores it
-        inputs = self._prepare_inputs(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in _VARLEN}
-        rows = next(v for v in model_inputs.values() if isinstance(v, torch.Tensor)).shape[0]
-        objective = _ProbeLosses(self._zo_causal, lambda out: self.zo_loss(out, inputs, num_items_in_batch), rows)
+        batch, objective = self.zo_objective(self._prepare_inputs(inputs), num_items_in_batch)
         t = self.state.global_step
         self.zo.config.lr = self.optimizer.param_groups[0]["lr"]  # this step's lr, from Trainer's scheduler
-        res = zo_step(self.engine, self.zo, Batch(model_inputs, {}, rows), objective, t)
+        res = zo_step(self.engine, self.zo, batch, objective, t)
         metrics = {k: float(v) for k, v in res.metrics.items() if k not in ("loss", "lr")}
         if self.engine.offload is not None:
             metrics["device_peak_bytes"] = self.engine.device_peak_bytes
