@@ -211,6 +211,11 @@ class ZOTrainingMixin:
         """The engine's view of a collated batch (on the device): the model's inputs (all but
         ``labels``) as a ``zoft.tasks.Batch`` of R rows, and the objective giving ``zo_loss`` per
         probe; ``engine.evaluate(probes, *zo_objective(inputs))`` is the losses at any probes."""
+        attention = str(getattr(self._zo_base.config, "_attn_implementation", ""))
+        if "flash" in attention and any(k in inputs for k in _VARLEN):
+            raise UsageError("packed padding-free batches stack P probe copies as rows, which flash attention "
+                             "reads as one sequence each: load the model with attn_implementation='sdpa', "
+                             "or turn off padding_free")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in _VARLEN}
         rows = next(v for v in model_inputs.values() if isinstance(v, torch.Tensor)).shape[0]
         objective = _ProbeLosses(self._zo_causal, lambda out: self.zo_loss(out, inputs, num_items_in_batch), rows)
