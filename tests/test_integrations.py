@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from zoft import TrainConfig, finetune
 from zoft.errors import UsageError
 from zoft.integrations import ZOTrainer
+from zoft.models import load_model
 from zoft.models.adapters import apply_peft
 from zoft.tasks import LMTask
 from zoft.train import batch_indices
@@ -68,8 +69,10 @@ def hf_args(out, steps: int = STEPS, **kw) -> TrainingArguments:
     return TrainingArguments(**{**base, **kw})
 
 
-def load(model_dir, peft: bool = False):
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+def load(model_dir, peft: bool = False, quant: str = "none"):
+    """The model as ``zoft finetune`` builds it: LoRA with its seeded init, on a bitsandbytes base."""
+    model = load_model(str(model_dir), quant=quant).model if quant != "none" else \
+        AutoModelForCausalLM.from_pretrained(model_dir)
     return apply_peft(model, "lora", LORA, seed=SEED) if peft else model
 
 
@@ -82,23 +85,28 @@ def trained(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("peft,lr,eps", [(False, LR, EPS), (True, 1e-1, 1e-2)], ids=["full", "lora"])
-def test_zotrainer_takes_the_steps_of_zofts_own_loop(model_dir, tmp_path, peft, lr, eps):
+# (peft, quant, lr, eps, loss rtol, weight-update rel): the 8-bit base runs bitsandbytes' LLM.int8
+# matmul with fp16 activations; its losses agree to ~1e-6 relative, not fp32 rounding (step 0's L+
+# is bit-identical, its L- is not: cause not pinned down), measured update error 1.6e-2
+@pytest.mark.parametrize("peft,quant,lr,eps,loss_rtol,w_rel", [
+    (False, "none", LR, EPS, 1e-6, 2e-3), (True, "none", 1e-1, 1e-2, 1e-6, 2e-3),
+    (True, "8bit", 1e-1, 1e-2, 1e-5, 3e-2)], ids=["full", "lora", "lora-8bit"])
+def test_zotrainer_takes_the_steps_of_zofts_own_loop(model_dir, tmp_path, peft, quant, lr, eps, loss_rtol, w_rel):
     """Same batches, seeds and linear lr schedule: per-step losses, lr and projected gradients in
     Trainer's log history equal zoft's metrics, and the trained weights equal zoft's. Tolerances:
     the two sides sum the same token NLLs in a different order (Trainer: the model's
-    loss_function, zoft: its task), so a loss agrees to fp32 rounding (rtol 1e-6, ~1e-6 absolute
+    loss_function, zoft: its task), so a loss agrees to fp32 rounding (rtol 1e-6, ~6e-6 absolute
     at L ~ 6); the projected gradient (L+ - L-) / 2eps carries that rounding over 2eps (rtol 2e-3,
-    plus 1e-6 / eps absolute for a near-zero g, as LoRA's zero-initialised B gives); and the
+    plus 6 rtol / eps absolute for a near-zero g, as LoRA's zero-initialised B gives); and the
     weight updates lr g z inherit g's error: each tensor's update w - w0 agrees with zoft's to 2e-3
     of its norm (measured: 2e-4; a wrong seed, lr or step would differ by ~100%)."""
     cfg = TrainConfig(model=str(model_dir), task="lm", train=str(model_dir / "train.jsonl"), steps=STEPS,
                       batch_size=B, lr=lr, eps=eps, schedule="linear", max_length=MAXLEN, seed=SEED, device="cpu",
                       output_dir=str(tmp_path / "zoft"), progress=False,
-                      **({"peft": "lora", "peft_options": LORA} if peft else {}))
+                      quant=quant, **({"peft": "lora", "peft_options": LORA} if peft else {}))
     ref = finetune(cfg)
     ref_w = trained(ref.model)
-    model = load(model_dir, peft)
+    model = load(model_dir, peft, quant)
     w0 = trained(model)
     trainer = zo_trainer(model, tmp_path / "hf", zo_options={"eps": eps}, args={"learning_rate": lr})
     trainer.train()
@@ -108,12 +116,12 @@ def test_zotrainer_takes_the_steps_of_zofts_own_loop(model_dir, tmp_path, peft, 
     for h, r in zip(steps, recs):
         assert "grad_norm" not in h
         assert h["learning_rate"] == pytest.approx(r["lr"], rel=1e-12)
-        assert h["loss"] == pytest.approx(r["loss"], rel=1e-6)
-        assert h["projected_grad"] == pytest.approx(r["projected_grad"], rel=2e-3, abs=1e-6 / eps)
+        assert h["loss"] == pytest.approx(r["loss"], rel=loss_rtol)
+        assert h["projected_grad"] == pytest.approx(r["projected_grad"], rel=2e-3, abs=loss_rtol * 6 / eps)
     assert steps[-1]["learning_rate"] < steps[0]["learning_rate"]  # the schedule is Trainer's (linear)
     w = trained(trainer.model)
     assert w.keys() == ref_w.keys() and all(("lora_" in k) == peft for k in w)
-    assert_same_updates(w, ref_w, w0)
+    assert_same_updates(w, ref_w, w0, w_rel)
 
 
 def assert_same_updates(w, ref, w0, rel: float = 2e-3):
