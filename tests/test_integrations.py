@@ -150,16 +150,28 @@ def test_no_backward_no_grad_no_optimizer_state(model_dir, tmp_path, monkeypatch
 
 
 def test_evaluate_and_save_model_see_the_trained_weights(model_dir, tmp_path):
-    """Trainer's evaluation strategy runs on the updated weights (eval_loss equals a plain
-    forward's loss of the saved model), and ``save_model`` writes a folder ``from_pretrained``
-    loads with exactly the trainer's weights."""
+    """Trainer's callbacks see every step and log line, its evaluation strategy runs on the
+    updated weights (eval_loss equals a plain forward's loss of the saved model), and
+    ``save_model`` writes a folder ``from_pretrained`` loads with exactly the trainer's weights."""
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        steps, logs = [], []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps.append(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self.logs.append(dict(logs))
+
     model = load(model_dir)
     w0 = trained(model)
     evals = [{"text": t} for t in TEXTS[:4]]
-    trainer = zo_trainer(model, tmp_path / "run", eval_dataset=evals,
+    trainer = zo_trainer(model, tmp_path / "run", eval_dataset=evals, callbacks=[Recorder()],
                          args={"eval_strategy": "steps", "eval_steps": 2, "per_device_eval_batch_size": 4})
     trainer.train()
     assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [2, 4]
+    assert Recorder.steps == [1, 2, 3, 4] and sum("projected_grad" in g for g in Recorder.logs) == STEPS
     trainer.save_model(str(tmp_path / "saved"))
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert trained(loaded).keys() == w0.keys()
