@@ -149,7 +149,11 @@ class ZOTrainingMixin:
         offload = None
         if zo_gpu_mem is not None:
             offload = Streaming.from_plan(self._zo_plan(zo_gpu_mem, zo_max_length), a.device)
-        self.engine = ZOEngine(self.model, noise=make_noise(zo_noise, zo_distribution), offload=offload)
+        try:
+            noise = make_noise(zo_noise, zo_distribution)
+        except ValueError as e:
+            raise UsageError(f"zo_noise: {e}") from None
+        self.engine = ZOEngine(self.model, noise=noise, offload=offload)
         if not self.engine.params:
             raise UsageError("ZOTrainer: no parameter of the model requires grad, so nothing would train; "
                              "unfreeze some (requires_grad_) or add a peft adapter")
