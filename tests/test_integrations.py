@@ -122,6 +122,14 @@ def test_zotrainer_takes_the_steps_of_zofts_own_loop(model_dir, tmp_path, peft, 
     w = trained(trainer.model)
     assert w.keys() == ref_w.keys() and all(("lora_" in k) == peft for k in w)
     assert_same_updates(w, ref_w, w0, w_rel)
+    if peft and quant == "none":  # save_model writes the adapter alone; plain peft loads it
+        from peft import PeftModel
+
+        trainer.save_model(str(tmp_path / "adapter"))
+        assert not (tmp_path / "adapter" / "model.safetensors").exists()
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "adapter")
+        lora = {k: p for k, p in plain.named_parameters() if "lora_" in k}
+        assert lora.keys() == w.keys() and all(torch.equal(lora[k], w[k]) for k in w)
 
 
 def assert_same_updates(w, ref, w0, rel: float = 2e-3):
