@@ -339,3 +339,18 @@ def test_composite_directions_leave_shared_noise_untouched():
         for t in range(3):
             step(engine, opt, batch, MSE(), t)
     assert torch.equal(noise.table(), before)
+
+
+def test_cli_optimizers_lists_every_name_with_defaults(capsys):
+    from zoft.cli import main
+
+    assert main(["optimizers", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(OPTIMIZERS)
+    assert rows["zo-adam"]["state_bytes_per_param"] == 8 and rows["zo-adam"]["options"]["beta2"] == 0.999
+    assert rows["mezo-sgd"]["state_bytes_per_param"] == 0 and rows["mezo-sgd"]["options"]["eps"] == 1e-3
+    assert rows["zo-sgd-cons"]["data_parallel"].startswith("no:")
+    assert all(r["paper"] and r["streams"] and r["replays"] for r in rows.values())
+    assert main(["optimizers"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"{n}: " in text for n in OPTIMIZERS) and "adam_eps=1e-08" in text

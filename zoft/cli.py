@@ -3,6 +3,7 @@
     zoft finetune [--model M] [--config FILE] [flags]   (no --model: the embedded default demo)
     zoft replay RUN_DIR --output DIR
     zoft plan --model M --gpu-mem SIZE [--batch-size 16] [--max-length 256] [--json FILE]
+    zoft optimizers [--json]
     zoft eval {muse,wmdp,mmlu} ...
     zoft unlearn --model M --forget FILE [--retain FILE] --objective O --optimizer OPT [--config FILE]
 
@@ -192,13 +193,40 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_optimizers(sub) -> None:
+    p = sub.add_parser("optimizers", help="list the registered ZO optimizers",
+                       description="Each optimizer's paper, options with defaults, state memory per trained "
+                                   "parameter, and whether it streams, replays and runs data-parallel.")
+    p.add_argument("--json", action="store_true", help="print the registry as JSON (for scripts)")
+    p.set_defaults(func=_run_optimizers)
+
+
+def _run_optimizers(args: argparse.Namespace) -> int:
+    import json
+
+    from zoft.optim import OPTIMIZERS, describe
+
+    rows = [describe(n) for n in OPTIMIZERS]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    yes = {True: "yes", False: "no"}
+    for r in rows:
+        print(f"{r['name']}: {r['paper']}")
+        print(f"  state: {r['state_bytes_per_param']} B per trained parameter; {r['state']}")
+        print(f"  streams: {yes[r['streams']]}; replays: {yes[r['replays']]}; data-parallel: {r['data_parallel']}")
+        print("  options: " + ", ".join(f"{k}={v}" for k, v in r["options"].items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoft", description="Memory-constrained zeroth-order fine-tuning.")
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,plan,eval,unlearn}")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,plan,optimizers,eval,unlearn}")
     sub.required = True
     _add_finetune(sub)
     _add_replay(sub)
     _add_plan(sub)
+    _add_optimizers(sub)
     from zoft.eval.cli import add_parser as add_eval
 
     add_eval(sub)

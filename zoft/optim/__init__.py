@@ -49,6 +49,17 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
 }
 
 
+def describe(name: str) -> dict[str, Any]:
+    """What ``zoft optimizers`` prints for ``name``: its paper, options with defaults, state memory
+    per trained parameter (fp32 buffers: 4 bytes per copy) and where it runs."""
+    cfg_cls, impl = OPTIMIZERS[name]
+    options = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+               for f in dataclasses.fields(cfg_cls)}
+    return {"name": name, "paper": impl.paper, "options": options,
+            "state_bytes_per_param": 4 * impl.memory_copies, "state": impl.state_kind(),
+            "streams": impl.streams, "replays": impl.replays, "data_parallel": impl.data_parallel}
+
+
 def make_optimizer(name: str, options: dict[str, Any], seed: int, total_steps: int):
     """Build optimizer ``name`` from a dict of its config fields (unknown keys are an error)."""
     if name not in OPTIMIZERS:
@@ -92,6 +103,7 @@ __all__ = [
     "evaluate_step",
     "greedy_generate",
     "lr_at",
+    "describe",
     "make_optimizer",
     "split_candidates",
     "step",

@@ -204,6 +204,8 @@ class RankSGDConfig(ZOConfig):
 class ZORankSGD(ZOSGD):
     name = "zo-ranksgd"
     memory_copies = 0
+    paper = "Tang, Rybin, Chang, Zeroth-Order Optimization Meets Human Feedback (ZO-RankSGD, ICLR 2024)"
+    data_parallel = "yes, with line_search: 0 and m * n_queries >= ranks"
     ranked = True
 
     def seeds(self, step: int) -> list[int]:

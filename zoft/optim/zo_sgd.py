@@ -110,6 +110,10 @@ class ZOSGD:
     name = "mezo-sgd"
     memory_copies = 0  # parameter-sized buffers kept by the optimizer
     config_cls = ZOConfig
+    paper = "Malladi et al., Fine-Tuning Language Models with Just Forward Passes (NeurIPS 2023)"
+    data_parallel = "yes"  # or "no: <why>" (``zoft optimizers`` prints it)
+    streams = True  # streamed == resident (tests/test_offload.py runs every registered name)
+    replays = True  # ``update_from_record`` rebuilds every step (tests/test_train_cli.py)
 
     def __init__(self, config: ZOConfig, seed: int = 0, total_steps: int = 1):
         self.config = config
@@ -118,6 +122,13 @@ class ZOSGD:
         self._params: dict[str, torch.Tensor] | None = None
         self._noise: Any = None
         self._norms: dict[int, float] = {}
+
+    @classmethod
+    def state_kind(cls) -> str:
+        """How the optimizer keeps its state (``zoft optimizers``)."""
+        if cls.memory_copies == 0:
+            return "seed form: nothing stored per parameter"
+        return f"{cls.memory_copies} fp32 buffer(s) per parameter key, streamed with its unit"
 
     # -- directions ----------------------------------------------------------------------
     def bind(self, params: dict[str, torch.Tensor], noise: Any) -> None:
@@ -209,6 +220,7 @@ class ZOSGDSign(ZOSGD):
     """ZO-SGD-Sign: ``w <- decay w - lr (1/q) sum_i sign(g_i) u_i``."""
 
     name = "zo-sgd-sign"
+    paper = "Zhang et al., Revisiting Zeroth-Order Optimization for Memory-Efficient LLM Fine-Tuning (ZO-Bench, ICML 2024)"
 
     def make_update(self, step, grads, lr, decay):
         return super().make_update(step, torch.sign(grads), lr, decay)
@@ -220,6 +232,8 @@ class ZOSGDCons(ZOSGD):
     (ties: the descent step, then ``w``); weight decay applies after the choice."""
 
     name = "zo-sgd-cons"
+    paper = ZOSGDSign.paper
+    data_parallel = "no: its second phase (w -/+ lr G) needs a second all-gather"
 
     def probes(self, step):
         ps = super().probes(step)
@@ -381,6 +395,7 @@ class _Stateful(ZOSGD):
 
 class ZOSGDMomentum(_Stateful):
     name = "zo-sgd-mmt"
+    paper = ZOSGDSign.paper
     memory_copies = 1
     update_cls = MomentumUpdate
 
@@ -390,6 +405,7 @@ class ZOSGDMomentum(_Stateful):
 
 class ZOAdam(_Stateful):
     name = "zo-adam"
+    paper = ZOSGDSign.paper
     memory_copies = 2
     update_cls = AdamUpdate
 
@@ -400,6 +416,7 @@ class ZOAdam(_Stateful):
 
 class RAdaZO(_Stateful):
     name = "r-adazo"
+    paper = "Shu et al., Refining Adaptive Zeroth-Order Optimization at Ease (R-AdaZO, 2025)"
     memory_copies = 2
     update_cls = RAdaZOUpdate
 
