@@ -86,6 +86,8 @@ DESCENT = {
     "zo-adam": (dict(lr=2e-2, n_queries=2), 150, 0.3),          # 0.043-0.061
     "r-adazo": (dict(lr=2e-3, n_queries=2), 150, 0.3),          # 0.038-0.080
     "mezo-sgd+sphere": (dict(lr=0.2, n_queries=2, sphere=True), 150, 0.4),  # 0.158-0.160
+    "lozo": (dict(lr=2e-3, n_queries=2, rank=2, interval=5), 150, 0.3),        # 0.049-0.077
+    "subzero": (dict(lr=2e-3, n_queries=2, rank=2, interval=5), 150, 0.4),     # 0.163-0.240
 }
 
 
@@ -296,7 +298,7 @@ def test_custom_scalar_callable_objective():
 
 def test_registry_options_and_memory_costs():
     expected = {"mezo-sgd": 0, "zo-sgd-sign": 0, "zo-sgd-cons": 0, "zo-sgd-mmt": 1, "zo-adam": 2, "r-adazo": 2,
-                "zo-ranksgd": 0}
+                "zo-ranksgd": 0, "lozo": 0, "subzero": 0}
     assert {n: impl.memory_copies for n, (_, impl) in OPTIMIZERS.items()} == expected
     for name in OPTIMIZERS:  # every name accepts what zoft.train.build_optimizer passes
         opt = make_optimizer(name, {**BASE, "weight_decay": 0.0}, seed=0, total_steps=1)

@@ -23,6 +23,7 @@ from zoft.optim.rank import (
     greedy_generate,
 )
 from zoft.optim.schedule import lr_at
+from zoft.optim.subspace import LOZO, LOZOConfig, SubZero, SubZeroConfig
 from zoft.optim.zo_sgd import (
     ZOSGD,
     AdamConfig,
@@ -46,6 +47,8 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
     "zo-adam": (AdamConfig, ZOAdam),
     "r-adazo": (RAdaZOConfig, RAdaZO),
     "zo-ranksgd": (RankSGDConfig, ZORankSGD),
+    "lozo": (LOZOConfig, LOZO),
+    "subzero": (SubZeroConfig, SubZero),
 }
 
 
@@ -83,6 +86,8 @@ __all__ = [
     "CallableOracle",
     "Comparison",
     "CompositeNoise",
+    "LOZO",
+    "LOZOConfig",
     "LossOracle",
     "MeZOConfig",
     "MeZOSGD",
@@ -93,6 +98,8 @@ __all__ = [
     "RankSGDConfig",
     "RewardOracle",
     "StepResult",
+    "SubZero",
+    "SubZeroConfig",
     "ZOAdam",
     "ZOConfig",
     "ZORankSGD",

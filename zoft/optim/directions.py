@@ -14,6 +14,10 @@ family needs are expressed on top of that without touching the engine:
   combination a *virtual seed* (a negative int; real seeds are >= 0), so ``Probe(virtual, t)``
   evaluates ``w + t sum_i c_i z(s_i)`` exactly (from the engine's backup copy, restored exactly).
   Virtual seeds only ever appear in probes, never in an applied ``Update``.
+* **Shaped directions**: an optimizer with ``shaped_direction(noise, seed, key, like)`` (e.g. LOZO's
+  low-rank ``U V^T``) replaces ``z(seed, key)`` by its own keyed tensor for every real seed, in
+  probes and in applied updates alike (``axpy`` then runs one pass per term). It must be a pure
+  function of (seed, key, shape): the engine draws it on a worker thread, per unit, in any order.
 
 ``bind(optimizer, engine)`` installs the wrapper (idempotent) and hands the optimizer the
 engine's trainable parameters (for shapes) and noise.
@@ -34,6 +38,7 @@ class CompositeNoise:
     def __init__(self, inner: Any):
         self.inner = inner
         self._combos: dict[int, list[Term]] = {}
+        self.shaper: Any = None  # the bound optimizer's ``shaped_direction`` (None: plain z)
 
     @property
     def name(self) -> str:
@@ -56,13 +61,15 @@ class CompositeNoise:
 
     def sample(self, seed: int, key: str, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if seed >= 0:
+            if self.shaper is not None:
+                return self.shaper(self.inner, seed, key, like)
             return self.inner.sample(seed, key, like) if out is None else self.inner.sample(seed, key, like, out=out)
         terms = self._combos.get(seed)
         if terms is None:
             raise KeyError(f"virtual seed {seed} is not defined (directions live for one step)")
         acc = None  # accumulated in z's dtype (fp32, or fp64 for fp64 weights); samples are read-only
         for s, c in terms:
-            z = self.inner.sample(s, key, like)
+            z = self.sample(s, key, like)
             if acc is None:
                 acc = torch.mul(z, c, out=out) if out is not None and out.dtype == z.dtype else z * c
             else:
@@ -72,7 +79,14 @@ class CompositeNoise:
     def axpy(self, w: torch.Tensor, terms: Sequence[Term], key: str, decay: float = 1.0) -> None:
         if any(s < 0 for s, _ in terms):
             raise ValueError("virtual seeds are for probes only; an applied update must use real seeds")
-        self.inner.axpy(w, terms, key, decay)
+        if self.shaper is None:
+            self.inner.axpy(w, terms, key, decay)
+            return
+        if decay != 1.0:
+            w.mul_(decay)
+        for s, c in terms:
+            if c != 0.0:
+                w.add_(self.sample(s, key, w).to(w.dtype), alpha=c)
 
     def __getattr__(self, name: str) -> Any:  # anything else the backend offers
         return getattr(self.inner, name)
@@ -82,6 +96,7 @@ def bind(optimizer: Any, engine: Any) -> CompositeNoise:
     """Attach ``optimizer`` to ``engine``: wraps ``engine.noise`` once, passes the parameters."""
     if not isinstance(engine.noise, CompositeNoise):
         engine.noise = CompositeNoise(engine.noise)
+    engine.noise.shaper = getattr(optimizer, "shaped_direction", None)
     if hasattr(optimizer, "bind"):
         optimizer.bind(engine.params, engine.noise)
     return engine.noise

@@ -1,0 +1,122 @@
+"""ZO methods beyond the ZO-SGD family (LOZO, SubZero): each against a hand-written reference of its
+published update on a tiny fp64 model, and replay through ``zoft finetune`` /
+``zoft replay``. Descent on least squares over seeds: ``DESCENT`` in ``tests/test_optim_family.py``;
+streamed == resident: ``tests/test_offload.py``; data-parallel: ``tests/test_distributed.py``."""
+import copy
+
+import pytest
+import torch
+
+from test_engine import make_batch
+from test_optim_family import BASE, TokenNLL64, one_thread, plain_loss  # noqa: F401  (autouse fixture)
+from test_train_cli import finetune_args, lm_data, tiny_dir  # noqa: F401  (fixtures)
+from tiny_models import tiny_model
+from zoft.engine import ZOEngine
+from zoft.noise import make_noise, mix, step_seed
+from zoft.optim import make_optimizer, step
+
+
+def loss_at(model, batch, obj, direction):
+    """The plain model's loss at ``w + direction`` ({name: tensor})."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for k, p in m.named_parameters():
+            p.add_(direction[k])
+    return plain_loss(m, batch, obj)
+
+
+def lowrank_direction(name, cfg, noise, seed, t, s, k, p):
+    """The direction of seed ``s`` (step t) for parameter k, written from the papers / official code."""
+    if p.ndim != 2:
+        return noise.sample(s, k, p)
+    block = mix(seed * 1_000_003 + t // cfg["interval"], f"{name}-block")
+    (m, n), r = p.shape, cfg["rank"]
+    if name == "lozo":  # U fresh per step and query, V per block
+        u = noise.sample(s, k + "/lozo-u", torch.empty(m, r, dtype=p.dtype))
+        v = noise.sample(block, k + "/lozo-v", torch.empty(n, r, dtype=p.dtype))
+        return u @ v.T
+    # subzero: orthonormal U, V per block (QR of Gaussians), an r x r Gaussian core per step and query
+    r = min(r, m, n)
+    u, _ = torch.linalg.qr(noise.sample(block, k + "/subzero-u", torch.empty(m, r, dtype=p.dtype)))
+    v, _ = torch.linalg.qr(noise.sample(block, k + "/subzero-v", torch.empty(n, r, dtype=p.dtype)))
+    z0 = noise.sample(s, k + "/subzero-z", torch.empty(r, r, dtype=p.dtype))
+    return u @ z0 @ v.T * (m * n / r ** 2) ** 0.5
+
+
+def lowrank_reference(name, cfg, model, batch, obj, seed, steps):
+    """LOZO's Algorithm 1 (= the official lowrank_zo_step / lowrank_zo_update) and SubZero's
+    (zo_subspace_step / zo_subspace_update) on dense tensors: g_i from +-eps Z_i, then
+    w <- w - lr ((1/q) sum_i g_i Z_i + wd w), decay only on non-bias/norm weights."""
+    noise = make_noise()
+    params = dict(model.named_parameters())
+    q, eps, lr = cfg["n_queries"], cfg["eps"], cfg["lr"]
+    for t in range(steps):
+        seeds = [step_seed(seed, t, i) for i in range(q)]
+        dirs = {s: {k: lowrank_direction(name, cfg, noise, seed, t, s, k, p) for k, p in params.items()}
+                for s in seeds}
+        g = {s: (loss_at(model, batch, obj, {k: eps * d for k, d in dirs[s].items()})
+                 - loss_at(model, batch, obj, {k: -eps * d for k, d in dirs[s].items()})) / (2 * eps) for s in seeds}
+        with torch.no_grad():
+            for k, p in params.items():
+                decays = not any(x in k.lower() for x in ("bias", "norm", "ln_"))
+                p.sub_(lr * (sum(g[s] * dirs[s][k] for s in seeds) / q + (cfg["weight_decay"] * p if decays else 0)))
+
+
+@pytest.mark.parametrize("name", ["lozo", "subzero"])
+def test_lowrank_step_matches_hand_written_reference(name):
+    """Three steps across a factor refresh (interval 2), rank 2, two queries, weight decay, on a
+    tiny OPT in fp64. What differs is the reduction order of batched vs plain matmuls (~1e-16)
+    times 1/(2 eps): atol 1e-11 (as the ZO-SGD family's reference test)."""
+    cfg = {**BASE, "lr": 1e-2, "n_queries": 2, "rank": 2, "interval": 2}
+    model = tiny_model("opt", dtype=torch.float64)
+    init, ref = copy.deepcopy(model), copy.deepcopy(model)
+    batch, obj = make_batch("opt"), TokenNLL64(True)
+    opt = make_optimizer(name, cfg, seed=3, total_steps=10)
+    with ZOEngine(model) as engine:
+        for t in range(3):
+            step(engine, opt, batch, obj, t)
+    lowrank_reference(name, cfg, ref, batch, obj, seed=3, steps=3)
+    w0 = dict(init.named_parameters())
+    moved = 0.0
+    for (k, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-11, msg=k)
+        moved = max(moved, (p - w0[k]).abs().max().item())
+    assert moved > 1e-5
+
+
+@pytest.mark.parametrize("name", ["lozo", "subzero"])
+def test_lowrank_directions_have_rank_r_and_lazy_factors(name):
+    """A matrix's direction has rank r; within an interval its row space (V) is shared, across
+    intervals it is not."""
+    model = tiny_model("opt", dtype=torch.float64)
+    opt = make_optimizer(name, {"rank": 2, "interval": 3}, seed=0, total_steps=10)
+    with ZOEngine(model) as engine:
+        from zoft.optim import bind
+        noise = bind(opt, engine)
+        key = next(k for k, p in engine.params.items() if p.ndim == 2 and min(p.shape) > 4)
+        w = engine.params[key]
+        z = {t: noise.sample(opt.seeds(t)[0], key, w) for t in (0, 2, 3)}
+    assert all(torch.linalg.matrix_rank(d).item() == 2 for d in z.values())
+
+    def same_rowspace(a, b):
+        return torch.linalg.matrix_rank(torch.cat([a, b])).item() == 2
+
+    assert same_rowspace(z[0], z[2]) and not same_rowspace(z[0], z[3])
+
+
+@pytest.mark.parametrize("name", ["lozo", "subzero"])
+def test_finetune_with_defaults_and_replay_equals_trained_weights(name, tiny_dir, lm_data, tmp_path):
+    """``zoft finetune --optimizer NAME`` with the method's defaults (only lr raised so that 6 steps
+    move fp32 weights visibly), then ``zoft replay``: bit-identical weights."""
+    from safetensors.torch import load_file
+
+    from zoft.cli import main
+
+    out = tmp_path / "run"
+    assert main(finetune_args(tiny_dir, lm_data, out, "--optimizer", name)) == 0
+    assert main(["replay", str(out), "--output", str(tmp_path / "replayed")]) == 0
+    a = load_file(str(out / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "replayed" / "model.safetensors"))
+    init = load_file(str(tiny_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], init[k]) for k in a)
