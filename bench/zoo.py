@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Learning rates. demo: MeZO-SGD keeps the demo recipe's 2e-3; LOZO / SubZero directions have
 # MeZO's expected norm (E||Z||^2 = m n), so they take the same; scale-free updates (sign, Adam,
 # R-AdaZO, RankSGD: a step of about lr per coordinate) take 1e-4 (the recipe's typical per-coordinate
-# MeZO step); momentum takes lr (1 - momentum). lm: the same rules from MeZO-SGD's 1e-3.
+# MeZO step); momentum takes lr (1 - momentum). lm: the same rules from MeZO-SGD's 1e-2 (scale-free
+# updates 1e-3).
 LR = {
     "demo": {"mezo-sgd": 2e-3, "lozo": 2e-3, "subzero": 2e-3, "zo-sgd-cons": 2e-3, "zo-sgd-mmt": 2e-4,
              "zo-sgd-sign": 1e-4, "zo-adam": 1e-4, "r-adazo": 1e-4, "zo-ranksgd": 1e-4},
-    "lm": {"mezo-sgd": 1e-3, "lozo": 1e-3, "subzero": 1e-3, "zo-sgd-cons": 1e-3, "zo-sgd-mmt": 1e-4,
+    "lm": {"mezo-sgd": 1e-2, "lozo": 1e-2, "subzero": 1e-2, "zo-sgd-cons": 1e-2, "zo-sgd-mmt": 1e-3,
            "zo-sgd-sign": 1e-3, "zo-adam": 1e-3, "r-adazo": 1e-3, "zo-ranksgd": 1e-3},
 }
 EPS = {"demo": 1e-3, "lm": 1e-2}
@@ -234,7 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--plot", help="write the held-out metric vs forward passes plot here")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="no runs: print the table (and --plot) of earlier --json files, merged")
     args = ap.parse_args(argv)
+    if args.report:
+        results = {}
+        for f in args.report:
+            for problem, runs in json.loads(Path(f).read_text()).items():
+                results.setdefault(problem, {}).update(runs)
+        seeds = sorted({s for runs in results.values() for per in runs.values() for s in per})
+        print(table(results, seeds))
+        if args.plot:
+            plot(results, args.plot)
+        return 0
     torch.set_num_threads(args.threads)
     methods = list(OPTIMIZERS) if args.methods == "all" else args.methods.split(",")
     unknown = [m for m in methods if m not in OPTIMIZERS]

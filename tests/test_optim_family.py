@@ -86,6 +86,7 @@ DESCENT = {
     "zo-adam": (dict(lr=2e-2, n_queries=2), 150, 0.3),          # 0.043-0.061
     "r-adazo": (dict(lr=2e-3, n_queries=2), 150, 0.3),          # 0.038-0.080
     "mezo-sgd+sphere": (dict(lr=0.2, n_queries=2, sphere=True), 150, 0.4),  # 0.158-0.160
+    "mezo-sgd+sparse": (dict(lr=5e-3, n_queries=2, gradient_sparsity=0.75), 150, 0.3),  # 0.210-0.238
     "lozo": (dict(lr=2e-3, n_queries=2, rank=2, interval=5), 150, 0.3),        # 0.049-0.077
     "subzero": (dict(lr=2e-3, n_queries=2, rank=2, interval=5), 150, 0.4),     # 0.163-0.240
 }
@@ -116,7 +117,10 @@ def reference_run(name, cfg, model, batch, obj, seed, steps):
     from zoft.noise import step_seed
 
     def z(s, k):
-        return noise.sample(s, k, params[k])
+        v = noise.sample(s, k, params[k])
+        if cfg.get("gradient_sparsity") is not None:  # ZO-Bench: z[normal_like(z) < sparsity] = 0
+            v = torch.where(noise.sample(s, k + "/grad-mask", params[k]) < cfg["gradient_sparsity"], 0.0, v)
+        return v
 
     def loss_at(direction):  # direction: {key: tensor} or None
         m = copy.deepcopy(model)
@@ -185,12 +189,15 @@ class TokenNLL64(TokenNLL):
 
 
 REFERENCE = {
-    "mezo-sgd": [dict(), dict(n_queries=2, one_sided=True), dict(n_queries=2, sphere=True)],
+    "mezo-sgd": [dict(), dict(n_queries=2, one_sided=True), dict(n_queries=2, sphere=True),
+                 dict(n_queries=2, gradient_sparsity=0.75)],
     "zo-sgd-sign": [dict(n_queries=2)],
-    "zo-sgd-cons": [dict(lr=0.3), dict(lr=0.3, n_queries=2, sphere=True)],
+    "zo-sgd-cons": [dict(lr=0.3), dict(lr=0.3, n_queries=2, sphere=True), dict(lr=0.3, n_queries=2,
+                                                                                  gradient_sparsity=0.0)],
     "zo-sgd-mmt": [dict(momentum=0.9, n_queries=2)],
     "zo-adam": [dict(lr=1e-3, beta1=0.9, beta2=0.99, adam_eps=1e-8), dict(lr=1e-3, beta1=0.9, beta2=0.99,
-                                                                          adam_eps=1e-8, sphere=True)],
+                                                                          adam_eps=1e-8, sphere=True),
+                dict(lr=1e-3, beta1=0.9, beta2=0.99, adam_eps=1e-8, gradient_sparsity=0.75)],
     "r-adazo": [dict(lr=1e-3, beta1=0.9, beta2=0.99, zeta=1e-10, n_queries=2)],
 }
 CASES = [(n, i) for n in sorted(REFERENCE) for i in range(len(REFERENCE[n]))]

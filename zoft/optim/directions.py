@@ -14,8 +14,9 @@ family needs are expressed on top of that without touching the engine:
   combination a *virtual seed* (a negative int; real seeds are >= 0), so ``Probe(virtual, t)``
   evaluates ``w + t sum_i c_i z(s_i)`` exactly (from the engine's backup copy, restored exactly).
   Virtual seeds only ever appear in probes, never in an applied ``Update``.
-* **Shaped directions**: an optimizer with ``shaped_direction(noise, seed, key, like)`` (e.g. LOZO's
-  low-rank ``U V^T``) replaces ``z(seed, key)`` by its own keyed tensor for every real seed, in
+* **Shaped directions**: an optimizer whose ``direction_shaper()`` returns a function
+  ``(noise, seed, key, like) -> tensor`` (LOZO's low-rank ``U V^T``, ZO-Bench's sparse z) replaces
+  ``z(seed, key)`` by that keyed tensor for every real seed, in
   probes and in applied updates alike (``axpy`` then runs one pass per term). It must be a pure
   function of (seed, key, shape): the engine draws it on a worker thread, per unit, in any order.
 
@@ -38,7 +39,7 @@ class CompositeNoise:
     def __init__(self, inner: Any):
         self.inner = inner
         self._combos: dict[int, list[Term]] = {}
-        self.shaper: Any = None  # the bound optimizer's ``shaped_direction`` (None: plain z)
+        self.shaper: Any = None  # the bound optimizer's ``direction_shaper()`` (None: plain z)
 
     @property
     def name(self) -> str:
@@ -96,7 +97,8 @@ def bind(optimizer: Any, engine: Any) -> CompositeNoise:
     """Attach ``optimizer`` to ``engine``: wraps ``engine.noise`` once, passes the parameters."""
     if not isinstance(engine.noise, CompositeNoise):
         engine.noise = CompositeNoise(engine.noise)
-    engine.noise.shaper = getattr(optimizer, "shaped_direction", None)
+    shaper = getattr(optimizer, "direction_shaper", None)
+    engine.noise.shaper = shaper() if shaper is not None else None
     if hasattr(optimizer, "bind"):
         optimizer.bind(engine.params, engine.noise)
     return engine.noise

@@ -110,7 +110,7 @@ class _LowRank(ZOSGD):
         """The seed of the factors shared by ``step``'s block of ``interval`` steps."""
         return mix(self.seed * 1_000_003 + step // self.config.interval, f"{self.name}-block")
 
-    def shaped_direction(self, noise: Any, seed: int, key: str, like: torch.Tensor) -> torch.Tensor:
+    def base_direction(self, noise: Any, seed: int, key: str, like: torch.Tensor) -> torch.Tensor:
         """Z for (seed, key): low rank for a matrix, plain z otherwise; fp32 (fp64 for fp64 ``like``)."""
         if like.ndim != 2:
             return noise.sample(seed, key, like)

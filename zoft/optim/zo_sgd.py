@@ -45,6 +45,9 @@ class ZOConfig:
 
     sphere:      directions on the unit sphere, ``u = z / ||z||`` (norm over all trainable params).
     sphere_norm: "exact" (one extra z-generation pass per seed and step) or "sqrt_d".
+    gradient_sparsity: ZO-Bench's sparse perturbation: each direction's entries where a second
+                 keyed N(0, 1) draw is below this value are zeroed (a fraction Phi(value): 0.75
+                 zeroes 77%), a fresh mask per direction; None: dense.
     """
 
     lr: float = 1e-6
@@ -56,6 +59,7 @@ class ZOConfig:
     warmup_steps: int = 0
     sphere: bool = False
     sphere_norm: SphereNorm = "exact"
+    gradient_sparsity: float | None = None
 
     def __post_init__(self):
         if self.eps <= 0:
@@ -64,6 +68,8 @@ class ZOConfig:
             raise ValueError("n_queries must be >= 1")
         if self.sphere_norm not in ("exact", "sqrt_d"):
             raise ValueError(f"sphere_norm must be 'exact' or 'sqrt_d', not {self.sphere_norm!r}")
+        if self.gradient_sparsity is not None and not isinstance(self.gradient_sparsity, (int, float)):
+            raise ValueError(f"gradient_sparsity must be a number or null, not {self.gradient_sparsity!r}")
 
 
 @dataclass
@@ -131,6 +137,23 @@ class ZOSGD:
         return f"{cls.memory_copies} fp32 buffer(s) per parameter key, streamed with its unit"
 
     # -- directions ----------------------------------------------------------------------
+    def direction_shaper(self):
+        """What ``zoft.optim.bind`` installs in place of plain ``z(seed, key)``, or None."""
+        structured = type(self).base_direction is not ZOSGD.base_direction
+        return self.shaped_direction if structured or self.config.gradient_sparsity is not None else None
+
+    def base_direction(self, noise: Any, seed: int, key: str, like: torch.Tensor) -> torch.Tensor:
+        """The direction before sparsification (structured members override it)."""
+        return noise.sample(seed, key, like)
+
+    def shaped_direction(self, noise: Any, seed: int, key: str, like: torch.Tensor) -> torch.Tensor:
+        """The direction of (seed, key): ``base_direction``, zeroed where ZO-Bench's keyed mask says."""
+        u = self.base_direction(noise, seed, key, like)
+        s = self.config.gradient_sparsity
+        if s is None:
+            return u
+        return u.masked_fill(noise.sample(seed, key + "/grad-mask", like) < s, 0.0)
+
     def bind(self, params: dict[str, torch.Tensor], noise: Any) -> None:
         """Called by ``zoft.optim.bind``: the trainable parameters (for shapes) and the noise."""
         self._params, self._noise = params, noise
