@@ -16,15 +16,46 @@ from zoft.tasks.base import Batch, Task
 from zoft.tasks.classify import KINDS, ClassifyTask, Kind, sst2_task
 from zoft.tasks.data import Examples, builtin_sentiment, load_examples
 from zoft.tasks.lm import LMTask
+from zoft.tasks.mezo import MEZO_TASKS, mezo_sample
+from zoft.tasks.suite import PromptTask
 
-__all__ = ["Batch", "Task", "Kind", "KINDS", "ClassifyTask", "LMTask", "Examples", "TASKS",
-           "make_task", "register_task", "infer_kind", "load_examples", "builtin_sentiment"]
+__all__ = ["Batch", "Task", "Kind", "KINDS", "ClassifyTask", "LMTask", "PromptTask", "Examples", "TASKS",
+           "MEZO_TASKS", "make_task", "register_task", "infer_kind", "load_examples", "builtin_sentiment",
+           "mezo_sample"]
+
+
+def _mezo(name: str) -> Callable[..., Task]:
+    def factory(tokenizer, kind: Kind, max_length: int, *, objective: str = "loss", demos: list = (),
+                max_new_tokens: int = 50) -> PromptTask:
+        return PromptTask(tokenizer, kind, max_length, name=name, objective=objective, demos=demos,
+                          max_new_tokens=max_new_tokens)
+    factory.__doc__ = f"MeZO's {name!r} ({MEZO_TASKS[name].source}) on a causal LM; see zoft.tasks.mezo."
+    return factory
+
+
+def _sst2(tokenizer, kind: Kind, max_length: int, *, objective: str = "loss", demos: list = (),
+          max_new_tokens: int = 50, text_field: str = "sentence", label_field: str = "label",
+          descriptions=None, scale: float = 20.0) -> Task:
+    """SST-2: MeZO's template on a causal LM (``PromptTask``); masked LMs and encoders score it
+    with ``sst2_task`` (LM-BFF's masked template, or embedding similarity)."""
+    if kind == "causal":
+        if (text_field, label_field) != ("sentence", "label"):
+            raise UsageError("MeZO's sst2 reads the fields 'sentence' and 'label' (glue/sst2); rename yours "
+                             "or use task 'classify' with your own template")
+        return _mezo("sst2")(tokenizer, kind, max_length, objective=objective, demos=demos,
+                             max_new_tokens=max_new_tokens)
+    if objective != "loss" or demos:
+        raise UsageError("objective and demos are options of the causal-LM sst2 only")
+    return sst2_task(tokenizer, kind, max_length, text_field=text_field, label_field=label_field,
+                     descriptions=descriptions, scale=scale)
+
 
 # name -> factory(tokenizer, kind, max_length, **options) -> Task
 TASKS: dict[str, Callable[..., Task]] = {
     "lm": LMTask,
-    "sst2": sst2_task,
     "classify": ClassifyTask,
+    **{name: _mezo(name) for name in MEZO_TASKS},
+    "sst2": _sst2,
 }
 
 

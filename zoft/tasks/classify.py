@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from zoft.errors import UsageError
 from zoft.tasks.base import Batch
 from zoft.tasks.data import check_fields, where
-from zoft.tasks.lm import IGNORE, call_model, eval_outputs, makes_token_types, pad_labels, pad_rows, per_probe
+from zoft.tasks.lm import (IGNORE, call_model, eval_outputs, makes_token_types, option_logprob, pad_labels, pad_rows,
+                           per_probe)
 
 Kind = Literal["causal", "masked", "encoder"]
 KINDS = ("causal", "masked", "encoder")
@@ -236,13 +237,7 @@ class ClassifyTask:
         if self.kind == "causal":
             logits = outputs.logits  # (P*R, T, V), R = B*C
             labels = per_probe(batch.targets["labels"], logits.shape[0] // P, P)  # (P*R, T)
-            target = labels[:, 1:]  # token t+1 is predicted at position t
-            row, pos = (target != IGNORE).nonzero(as_tuple=True)  # (N,) candidate tokens
-            logp = logits[row, pos].float().log_softmax(-1)  # (N, V), only where needed
-            tok_logp = logp.gather(1, target[row, pos][:, None]).squeeze(1)  # (N,)
-            total = torch.zeros(logits.shape[0], device=logits.device).index_add_(0, row, tok_logp)
-            count = (target != IGNORE).sum(1)  # (P*R,)
-            return (total / count).view(P, B, C)  # mean candidate-token log-prob
+            return option_logprob(logits, labels).view(P, B, C)  # mean candidate-token log-prob
         if self.kind == "masked":
             logits = outputs.logits  # (P*B, T, V)
             pos = per_probe(batch.targets["mask_pos"], B, P)  # (P*B,)
