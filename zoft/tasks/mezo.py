@@ -299,6 +299,22 @@ def render(spec: Spec, row: dict, demos: Sequence[dict] = ()) -> Rendered:
                     spec.correct(row), spec.answers(row) if spec.answers is not None else None)
 
 
+def preview(spec: Spec, rows: Sequence[dict], demos: Sequence[dict] = ()) -> list[dict[str, Any]]:
+    """What the model sees, per row: ``row`` (where it came from), ``prompt``, ``candidates`` (the
+    full texts as scored), ``correct``; generation tasks: ``target`` (the teacher-forced text) and
+    ``answers`` (what F1/EM compare with)."""
+    out = []
+    for i, row in enumerate(rows):
+        r = render(spec, row, demos)
+        rec: dict[str, Any] = {"row": where(rows, i), "prompt": r.prompt}
+        if spec.generation:
+            rec.update(target=r.candidates[0], answers=r.answers)
+        else:
+            rec.update(candidates=r.candidates, correct=r.correct)
+        out.append(rec)
+    return out
+
+
 # --- MeZO's sampling --------------------------------------------------------------------------
 
 def mezo_sample(train: Sequence[dict], valid: Sequence[dict] | None, num_train: int, num_dev: int | None,

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from zoft.errors import UsageError
 from zoft.tasks.base import Batch
 from zoft.tasks.classify import Kind, _fit_left
-from zoft.tasks.data import where
 from zoft.tasks.lm import (IGNORE, call_model, eval_outputs, model_device, option_logprob, pad_labels, pad_rows,
                            per_probe, token_nll)
 from zoft.tasks.mezo import MEZO_TASKS, Rendered, Spec, render, validate_rows
@@ -266,18 +265,3 @@ class PromptTask:
             n = len(examples)
             return {"f1": f1 / n, "em": em / n, "loss": nll / max(tokens, 1)}
         return {"accuracy": hits / len(examples), "loss": nll / max(tokens, 1) if lm else ce / len(examples)}
-
-
-def describe(task: PromptTask, examples: Sequence[dict]) -> list[dict[str, Any]]:
-    """What the model sees, per row: ``prompt``, ``candidates`` (full texts as scored), ``correct``,
-    and for generation tasks ``target`` (the teacher-forced text) and ``answers``."""
-    out = []
-    for i, row in enumerate(examples):
-        r = task.render(row)
-        rec: dict[str, Any] = {"row": where(examples, i), "prompt": r.prompt}
-        if task.spec.generation:
-            rec.update(target=r.candidates[0], answers=r.answers)
-        else:
-            rec.update(candidates=r.candidates, correct=r.correct)
-        out.append(rec)
-    return out
