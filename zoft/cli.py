@@ -29,11 +29,14 @@ _HELP = {
                 "absmax; the forward sees the codec's rounding, updates reach the master exactly)",
     "train": "JSONL/CSV/TSV/JSON file or hf:NAME[:CONFIG]:SPLIT (default: the built-in sentiment set)",
     "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config), or "
-            "MeZO's suite: rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop (docs/tasks.md)",
+            "MeZO's suite: rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop (causal LMs); sst5, snli, "
+            "mnli, trec, sst2, rte (masked LMs, k-shot) (docs/tasks.md)",
     "num_train": "MeZO sampling: train on N examples drawn from --train with --seed (MeZO: 1000)",
     "num_dev": "MeZO sampling: N more from --train as dev; validate every 1/5 of training (or --eval-every) and "
                "report the test score of the best dev checkpoint (MeZO: 500; CB, COPA: 100)",
     "num_eval": "MeZO sampling: test on N examples drawn from --eval (MeZO: 1000)",
+    "k_shot": "masked-LM k-shot (MeZO medium_models: 16 or 512): K train and K dev rows per label from --train "
+              "with --seed (13, 21, 42, 87, 100); --eval is the test set",
     "objective": "loss (MeZO's training loss), or a non-differentiable ZO loss: accuracy (candidate tasks), "
                  "f1 (squad, drop: F1 of greedy generations)",
     "select_by": "best dev checkpoint by the lowest dev loss (MeZO, Hugging Face's default) or the best dev score",

@@ -42,14 +42,14 @@ from zoft.models import LoadedModel, load_model
 from zoft.models.adapters import apply_peft, load_adapter_weights
 from zoft.noise import make_noise, mix
 from zoft.optim import bind, evaluate_step, make_optimizer, update_record
-from zoft.tasks import builtin_sentiment, load_examples, make_task, mezo_sample
+from zoft.tasks import builtin_sentiment, kshot_sample, load_examples, make_task, mezo_sample
 
 # Config keys that change the trajectory: a resumed run must keep them.
 _TRAJECTORY_KEYS = ("model", "random_init", "task", "task_options", "train", "max_length", "optimizer", "lr",
                     "eps", "weight_decay", "n_queries", "one_sided", "schedule", "warmup_steps",
                     "optimizer_options", "noise", "distribution", "batch_size", "seed", "dtype", "trainable", "freeze",
                     "peft", "peft_options", "quant", "quant_options", "transfer",
-                    "num_train", "num_dev", "objective")
+                    "num_train", "num_dev", "objective", "k_shot")
 
 
 @dataclass
@@ -121,8 +121,14 @@ def _load_data(cfg: TrainConfig, task) -> tuple[list[dict], list[dict] | None]:
     return list(train), (list(evals) if evals is not None else None)
 
 
-def _mezo_splits(cfg: TrainConfig, train: list[dict], evals: list[dict] | None):
-    """(train, dev, test): MeZO's seeded draw when ``cfg.num_train`` is set, else as given."""
+def _mezo_splits(cfg: TrainConfig, task, train: list[dict], evals: list[dict] | None):
+    """(train, dev, test): MeZO's seeded draw when ``cfg.num_train`` is set, k rows per label for
+    train and dev with ``cfg.k_shot`` (``--eval`` is then the test set), else as given."""
+    if cfg.k_shot is not None:
+        label = getattr(task, "label_field", None)
+        if label is None:
+            raise UsageError(f"--k-shot needs a classification task with labels, not {cfg.task!r}")
+        return (*kshot_sample(train, label, cfg.k_shot, cfg.seed), evals)
     if cfg.num_train is None:
         return train, None, evals
     return mezo_sample(train, evals, cfg.num_train, cfg.num_dev, cfg.num_eval, cfg.seed)
@@ -229,7 +235,7 @@ class Trainer:
             raise UsageError(f"no tokenizer is available offline for '{lm.name}'; pass --tokenizer PATH")
         self.model, self.tokenizer, self.kind = lm.model, lm.tokenizer, lm.kind
         self.task = make_task(cfg.task, self.tokenizer, self.kind, cfg.max_length, **_task_options(cfg))
-        self.train, self.dev, self.evals = _mezo_splits(cfg, *_load_data(cfg, self.task))
+        self.train, self.dev, self.evals = _mezo_splits(cfg, self.task, *_load_data(cfg, self.task))
         if self.dev is not None and self.dist.world_size > 1:
             raise UsageError("--num-dev (best-dev checkpoint selection) runs on one process for now; drop --nproc")
         self.opt = build_optimizer(cfg)

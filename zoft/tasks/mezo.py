@@ -341,3 +341,91 @@ def mezo_sample(train: Sequence[dict], valid: Sequence[dict] | None, num_train: 
         if num_eval is not None:
             test = [valid[i] for i in np.random.RandomState(seed).permutation(len(valid)).tolist()[:num_eval]]
     return tr, dev, test
+
+
+# --- MeZO's masked-LM k-shot suite (medium_models, LM-BFF's templates) -------------------------
+
+@dataclass(frozen=True)
+class KShotSpec:
+    """A k-shot task of MeZO's ``medium_models`` (RoBERTa-style masked LMs), LM-BFF's prompt.
+
+    template:   LM-BFF's template string, verbatim (``run_fewshot.sh``): parts between ``*``;
+                ``cls``, ``mask``, ``sep+`` are special tokens; ``sent_i`` is sentence i,
+                ``+sent_i`` with a space before it, ``sent-_i`` without its last character,
+                ``sentl_i`` / ``+sentl_i`` with a lower-case first character; any other part is
+                literal text with "_" for a space. Each part is tokenized on its own.
+    sentences:  the row's fields that are sentence 0, 1.
+    words:      label -> label word; each is scored as the one token of " " + word.
+    limits:     LM-BFF's ``first_sent_limit`` / ``other_sent_limit`` (tokens), None: no limit.
+    max_length: LM-BFF's ``max_seq_length`` for the task (tokens).
+    """
+
+    name: str
+    source: str
+    template: str
+    sentences: tuple[str, ...]
+    label_field: str
+    words: dict[Any, str]
+    limits: tuple[int | None, int | None] = (None, None)
+    max_length: int = 128
+
+
+_NLI = "*cls**sent-_0*?*mask*,*+sentl_1**sep+*"
+KSHOT_TASKS: dict[str, KShotSpec] = {s.name: s for s in [
+    KShotSpec("sst2", "glue/sst2", "*cls**sent_0*_It_was*mask*.*sep+*", ("sentence",), "label",
+              {0: "terrible", 1: "great"}),
+    KShotSpec("sst5", "SetFit/sst5", "*cls**sent_0*_It_was*mask*.*sep+*", ("text",), "label",
+              {0: "terrible", 1: "bad", 2: "okay", 3: "good", 4: "great"}, (110, 20)),
+    KShotSpec("mnli", "glue/mnli", _NLI, ("premise", "hypothesis"), "label",
+              {0: "Yes", 1: "Maybe", 2: "No"}, (240, None), 256),
+    KShotSpec("snli", "snli", _NLI, ("premise", "hypothesis"), "label", {0: "Yes", 1: "Maybe", 2: "No"},
+              max_length=256),
+    KShotSpec("rte", "glue/rte", _NLI, ("sentence1", "sentence2"), "label", {0: "Yes", 1: "No"},
+              (240, None), 256),
+    # Hugging Face's trec coarse labels: ABBR, ENTY, DESC, HUM, LOC, NUM (LM-BFF's Expression,
+    # Entity, Description, Human, Location, Number)
+    KShotSpec("trec", "trec", "*cls**mask*:*+sent_0**sep+*", ("text",), "coarse_label",
+              {0: "Expression", 1: "Entity", 2: "Description", 3: "Human", 4: "Location", 5: "Number"}, (110, None)),
+]}
+
+
+def lmbff_encode(spec: KShotSpec, row: dict, tokenizer) -> list[int]:
+    """Token ids of ``row`` under LM-BFF's ``template`` (see ``KShotSpec``), part by part."""
+    special = {"cls": tokenizer.cls_token_id, "mask": tokenizer.mask_token_id, "sep+": tokenizer.sep_token_id}
+    ids: list[int] = []
+    for part in spec.template.split("*"):
+        if not part:
+            continue
+        if part in special:
+            ids.append(special[part])
+            continue
+        head, _, idx = part.rpartition("_")
+        if head in ("sent", "+sent", "sent-", "sentl", "+sentl") and idx.isdigit():
+            i = int(idx)
+            text = str(row[spec.sentences[i]])
+            if head.endswith("l"):
+                text = text[:1].lower() + text[1:]
+            if head == "sent-":
+                text = text[:-1]
+            if head.startswith("+"):
+                text = " " + text
+            toks = tokenizer.encode(text, add_special_tokens=False)
+            limit = spec.limits[0 if i == 0 else 1]
+            ids.extend(toks[:limit] if limit is not None else toks)
+        else:
+            ids.extend(tokenizer.encode(part.replace("_", " "), add_special_tokens=False))
+    return ids
+
+
+def kshot_sample(rows: Sequence[dict], label_field: str, k: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, dev) as LM-BFF's ``generate_k_shot_data.py``: shuffle the training rows with
+    ``np.random.seed(seed)`` (a private ``RandomState`` here: the same order), then per label, in
+    order of first appearance, the first ``k`` rows train and the next ``k`` dev."""
+    shuffled = list(rows)
+    np.random.RandomState(seed).shuffle(shuffled)
+    by_label: dict[Any, list[dict]] = {}
+    for r in shuffled:
+        by_label.setdefault(str(r[label_field]).strip(), []).append(r)
+    train = [r for group in by_label.values() for r in group[:k]]
+    dev = [r for group in by_label.values() for r in group[k:2 * k]]
+    return train, dev
