@@ -391,3 +391,37 @@ def test_kshot_sampling_is_lmbffs():
     expect_dev = [r for lab in firsts for r in [x for x in order if x["label"] == lab][2:4]]
     assert (train, dev) == (expect_train, expect_dev)
     assert len(train) == 4 and not {r["i"] for r in train} & {r["i"] for r in dev}
+
+
+def test_f1_objective_under_the_engine_equals_one_probe_at_a_time(opt):
+    """Greedy generation runs P probes at once (full forwards, no cache): each probe's F1 loss is
+    the one it gets alone. Large eps so that the probes generate different text."""
+    from zoft.engine import Probe, ZOEngine
+
+    tok = make_tiny_tokenizer()
+    task = make_task("squad", tok, "causal", 200, objective="f1", max_new_tokens=6)
+    rows = [GEN_CASES["squad"][0], dict(GEN_CASES["squad"][0], question="what is the capital of France?",
+                                      answers={"text": ["Paris"]})]
+    b = task.collate(rows)
+    model = OPTForCausalLM(opt.config).eval()
+    model.load_state_dict(opt.state_dict())
+    probes = [Probe(3, 0.5), Probe(3, -0.5), Probe(None)]
+
+    class Tokens:  # the generated ids themselves, as one number per probe
+        forward = task.forward
+
+        def loss(self, outputs, batch, P):
+            R = batch.size
+            return torch.tensor([float(sum(t * (j + 1) for o in outputs[p * R:(p + 1) * R] for j, t in enumerate(o)))
+                                 for p in range(P)])
+
+    with ZOEngine(model) as engine:
+        gen = engine.evaluate(probes, b, Tokens())
+        assert gen.unique().numel() == 3  # the probes generate different text
+        torch.testing.assert_close(gen, torch.cat([engine.evaluate([p], b, Tokens()) for p in probes]))
+        together = engine.evaluate(probes, b, task)
+        alone = torch.cat([engine.evaluate([p], b, task) for p in probes])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        plain = task.loss(task.forward(opt, b), b, 1)
+    assert float(together[2]) == pytest.approx(float(plain[0]))  # the unperturbed probe
