@@ -293,8 +293,11 @@ def test_accuracy_counts_any_correct_candidate(opt):
 def test_greedy_generation_matches_hugging_face_generate(opt):
     tok = make_tiny_tokenizer()
     task = make_task("squad", tok, "causal", 200, max_new_tokens=12)
-    rows = [GEN_CASES["squad"][0], dict(GEN_CASES["squad"][0], question="what is the capital of France?")]
+    rows = [GEN_CASES["squad"][0], dict(GEN_CASES["squad"][0], context="a fine film",
+                                        question="what is the capital of France?")]
     b = task._collate([(r, None) for r in rows], "prompt")
+    lens = b.inputs["attention_mask"].sum(1).tolist()
+    assert lens[0] > lens[1]  # padding is exercised
     with torch.no_grad():
         got = task.forward(opt, b)
         for i, out in enumerate(got):
@@ -303,6 +306,10 @@ def test_greedy_generation_matches_hugging_face_generate(opt):
             ref = opt.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=sorted(task.stop_ids),
                                pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
             assert out == ref
+    assert max(map(len, got)) > 1
+    cb = task._collate([(r, None) for r in rows], "prompt", cached=True)
+    with torch.no_grad():
+        assert task.forward(opt, cb) == got  # the KV-cached path of evaluation (left-padded)
     m = task.evaluate(opt, rows, 2)
     texts = [tok.decode(o, skip_special_tokens=True).strip() for o in got]
     assert m["f1"] == pytest.approx(sum(f1_score(t, ["Denver Broncos"]) for t in texts) / 2)

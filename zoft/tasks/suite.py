@@ -15,7 +15,9 @@ as MeZO counts them (so a BPE merge across the prompt/answer boundary is scored 
   A ZO step needs only one number per probe, so these train directly (MeZO's ``--non_diff``).
 - Generation (SQuAD, DROP): greedy, at most ``max_new_tokens`` (50) new tokens and never past
   ``max_length``, stopping at the token of "\\n" or EOS; the decoded text (special tokens
-  skipped) is stripped and compared with SQuAD's normalisation (``zoft.tasks.qa``).
+  skipped) is stripped and compared with SQuAD's normalisation (``zoft.tasks.qa``). Training
+  (under the engine) generates with full forwards and no KV cache; evaluation of the plain model
+  uses ``generate`` with its cache (the same tokens).
 
 Prompts longer than ``max_length`` lose tokens from the left after the leading BOS (MeZO's rule;
 generation prompts keep ``max_new_tokens`` of room).
@@ -143,10 +145,12 @@ class PromptTask:
         ids = self.tokenizer.encode(r.prompt)
         return _fit_left(ids, self._room(), self._keep(ids))
 
-    def _collate(self, items: Sequence[tuple[dict, Sequence[dict] | None]], rows: RowSet) -> Batch:
+    def _collate(self, items: Sequence[tuple[dict, Sequence[dict] | None]], rows: RowSet,
+                 cached: bool = False) -> Batch:
         """inputs (R, T); targets: labels (R, T) (candidate tokens, IGNORE elsewhere), first (R,)
         whether a row is its example's (first) correct option, counts (rows per example), gold
-        (correct indices per example), answers (generation)."""
+        (correct indices per example), answers (generation), cached (generate with a KV cache:
+        the plain model only)."""
         toks, labels, first, counts, gold, answers = [], [], [], [], [], []
         for row, demos in items:
             r = self.render(row, demos)
@@ -169,7 +173,8 @@ class PromptTask:
         inputs = pad_rows(self.tokenizer, toks)
         targets: dict[str, Any] = {"labels": pad_labels(labels, inputs["input_ids"].shape[1]),  # (R, T)
                                    "first": torch.tensor(first),  # (R,)
-                                   "counts": counts, "gold": gold, "answers": answers, "rows": rows}
+                                   "counts": counts, "gold": gold, "answers": answers, "rows": rows,
+                                   "cached": cached}
         return Batch(inputs, targets, size=len(items))
 
     def train_rows(self) -> RowSet:
@@ -191,7 +196,30 @@ class PromptTask:
         lens = mask.sum(1).tolist()
         prompts = [ids[r, :n].tolist() for r, n in enumerate(lens)]
         budget = [min(self.max_new_tokens, self.max_length - n) for n in lens]  # MeZO's max_new_tokens rule
+        if batch.targets.get("cached"):
+            return self._generate(model, prompts, budget)
         return greedy(model, prompts, budget, self.stop_ids, self._pad)
+
+    def _generate(self, model: torch.nn.Module, prompts: list[list[int]], budget: list[int]) -> list[list[int]]:
+        """``greedy``'s tokens through Hugging Face's ``generate`` with its KV cache (left-padded):
+        for the plain model only (evaluation), where a cache is safe and saves the re-reading of
+        the prompt at every new token."""
+        T = max(map(len, prompts))
+        device = model_device(model)
+        ids = torch.full((len(prompts), T), self._pad, dtype=torch.long)  # (R, T), left-padded
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(prompts):
+            ids[r, T - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, T - len(p):] = 1
+        new = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             num_beams=1, max_new_tokens=max(budget), eos_token_id=sorted(self.stop_ids),
+                             pad_token_id=self._pad)[:, T:].tolist()
+        out = []
+        for r, toks in enumerate(new):
+            toks = toks[:budget[r]]
+            end = next((j + 1 for j, t in enumerate(toks) if t in self.stop_ids), len(toks))
+            out.append(toks[:end])
+        return out
 
     def scores(self, outputs: Any, batch: Batch, num_probes: int) -> torch.Tensor:
         """Mean log-probability of every row's candidate tokens, (P, R) fp32."""
@@ -258,7 +286,8 @@ class PromptTask:
                 if not lm:
                     ce += float(self._class_loss(scores, batch)) * batch.size
         if self.spec.generation:
-            for batch, outputs in eval_outputs(self, model, items, batch_size, lambda its: self._collate(its, "prompt")):
+            for batch, outputs in eval_outputs(self, model, items, batch_size,
+                                               lambda its: self._collate(its, "prompt", cached=True)):
                 for text, gold in zip(self._generated_text(outputs), batch.targets["answers"]):
                     f1 += f1_score(text, gold)
                     em += exact_match(text, gold)
