@@ -326,7 +326,9 @@ def test_objectives_and_kinds_are_checked():
     with pytest.raises(UsageError, match="use --objective f1"):
         make_task("drop", tok, "causal", 64, objective="accuracy")
     with pytest.raises(UsageError, match="needs a causal LM"):
-        make_task("rte", tok, "masked", 64)
+        make_task("cb", tok, "masked", 64)
+    with pytest.raises(UsageError, match="needs a causal or masked LM"):
+        make_task("rte", tok, "encoder", 64)
     b = make_task("rte", tok, "causal", 12).collate([CASES["rte"][0]])  # left-truncated, BOS and answer kept
     assert b.inputs["input_ids"].shape[1] == 12 and (b.inputs["input_ids"][:, 0] == tok.bos_token_id).all()
     assert tok.decode(b.inputs["input_ids"][1]).endswith("Yes or No?\nNo")

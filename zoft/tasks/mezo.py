@@ -176,10 +176,9 @@ def _record_correct(r: dict) -> list[int]:
 
 
 def _record_check(r: dict) -> str | None:
-    if not isinstance(r["entities"], list) or not r["entities"]:
-        return "field 'entities' must be a non-empty list of strings"
-    if not isinstance(r["answers"], list) or not r["answers"]:
-        return "field 'answers' must be a non-empty list of strings"
+    for f in ("entities", "answers"):
+        if not isinstance(r[f], list) or not r[f] or not all(isinstance(x, str) for x in r[f]):
+            return f"field {f!r} must be a non-empty list of strings"
     missing = [a for a in r["answers"] if a not in r["entities"]]
     return f"answer {missing[0]!r} is not one of the entities" if missing else None
 
