@@ -27,7 +27,8 @@ _HELP = {
                "not fit stream from CPU RAM (on --device cpu: the CPU twin with byte accounting)",
     "transfer": "codec of streamed blocks: same (master bytes), bf16/fp16 (fp32 masters), int8 (per-block "
                 "absmax; the forward sees the codec's rounding, updates reach the master exactly)",
-    "train": "JSONL/CSV/TSV/JSON file or hf:NAME[:CONFIG]:SPLIT (default: the built-in sentiment set)",
+    "train": "JSONL/CSV/TSV/JSON file, datasets save_to_disk folder or hf:NAME[:CONFIG]:SPLIT (default: the "
+             "built-in sentiment set)",
     "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config), or "
             "MeZO's suite: rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop (causal LMs); sst5, snli, "
             "mnli, trec, sst2, rte (masked LMs, k-shot) (docs/tasks.md)",
