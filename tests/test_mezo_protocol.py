@@ -163,7 +163,8 @@ def test_data_preview_of_the_kshot_tasks_shows_the_masked_lms_tokens(tiny_dir, t
         assert main(["data", "preview", "--task", "trec", "--data", str(trec), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"zoft: error: {message}"), err
-    assert main(["data", "preview", "--task", "sst2", "--data", str(sst2), "--model", str(mlm), "--max-length", "6"]) == 2
+    assert main(["data", "preview", "--task", "sst2", "--data", str(sst2), "--model", str(mlm),
+                 "--max-length", "6"]) == 2
     assert capsys.readouterr().err.startswith(f"zoft: error: {sst2} line 1: the prompt has 0 mask tokens after "
                                               "truncation to 6 tokens")
 

@@ -382,7 +382,8 @@ def test_kshot_rows_render_to_lmbff_tokens(minilm_tok, name, row, text, label):
     assert b.targets["label"].tolist() == [label]
     assert b.inputs["input_ids"][0, b.targets["mask_pos"][0]] == minilm_tok.mask_token_id
     words = {"sst2": ["terrible", "great"], "sst5": ["terrible", "bad", "okay", "good", "great"],
-             "mnli": ["yes", "maybe", "no"], "rte": ["yes", "no"], "trec": ["expression", "entity", "description", "human", "location", "number"]}
+             "mnli": ["yes", "maybe", "no"], "rte": ["yes", "no"],
+             "trec": ["expression", "entity", "description", "human", "location", "number"]}
     assert task.word_ids.tolist() == minilm_tok.convert_tokens_to_ids(words[name])
     with pytest.raises(UsageError, match="needs a masked LM"):
         make_task(name if name not in ("sst2", "rte") else "sst5", make_tiny_tokenizer(), "causal", 64)
