@@ -166,7 +166,8 @@ class ZOEngine:
         if store:
             self._move_state(store, key, p.device)
         # transients of the update, for the meter (``update_bytes``; the planner counts the same)
-        self.meter.observe(self._live_in + update_bytes(p.numel(), p.element_size()))
+        fused = self.noise.name == "triton" and p.is_cuda and self.noise.distribution != "sphere"
+        self.meter.observe(self._live_in + update_bytes(p.numel(), p.element_size(), fused))
         with torch.no_grad():
             if p.dtype in (torch.bfloat16, torch.float16):
                 # a low-precision weight is updated in fp32 and stochastically rounded back:

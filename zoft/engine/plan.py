@@ -243,9 +243,10 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
     logits = P * B * T * V * (b + 8)
     # Applying the pending update to a parameter, in the unit's pre-hook (before its forward, so
     # never beside its working set or the logits): its z in fp32 and, for a 2-byte weight, an fp32
-    # copy and one chunk of stochastic rounding (``zoft.engine.precision.update_bytes``). Frozen
+    # copy and one chunk of stochastic rounding (``zoft.engine.precision.update_bytes``; "fused"
+    # scratch: the Philox kernel draws no z here either). Frozen
     # bases (adapters) update only adapter-sized parameters (not counted, like their scratch).
-    update = 0 if adapters else update_bytes(s.max_param_numel or s.max_unit_numel, b)
+    update = 0 if adapters else update_bytes(s.max_param_numel or s.max_unit_numel, b, fused=scratch == "fused")
     peak = resident + slots + scratch_b + boundary + max(working, logits, update)
     return {"resident": resident, "slots": slots, "k": k, "scratch": scratch_b, "boundary": boundary,
             "working": working, "logits": logits, "update": update, "peak": peak}

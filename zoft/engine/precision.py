@@ -21,13 +21,13 @@ SROUND_CHUNK = 1 << 20  # elements rounded at once
 SROUND_TEMP_BYTES = 32
 
 
-def update_bytes(numel: int, element_size: int) -> int:
+def update_bytes(numel: int, element_size: int, fused: bool = False) -> int:
     """Device bytes, beyond the weight itself, of applying a seed-form update to one parameter of
     ``numel`` elements stored in ``element_size`` bytes: its z, drawn whole in fp32 (fp64 for an
-    fp64 weight: a keyed stream is drawn for the whole tensor), and for a 2-byte weight the fp32
-    copy it is updated in plus one chunk of stochastic rounding. ``zoft.engine.plan`` and the
-    engine's meter both count this."""
-    n = numel * max(4, element_size)
+    fp64 weight: a keyed stream is drawn for the whole tensor; none when ``fused``: the Philox
+    kernel generates z in registers), and for a 2-byte weight the fp32 copy it is updated in plus
+    one chunk of stochastic rounding. ``zoft.engine.plan`` and the engine's meter both count this."""
+    n = 0 if fused else numel * max(4, element_size)
     if element_size == 2:
         n += 4 * numel + SROUND_TEMP_BYTES * min(numel, SROUND_CHUNK)
     return n
