@@ -3,7 +3,8 @@ H200. Prints one table (section, check, value, expected, ok) and exits 1 on any 
 
   1. environment   versions; the Triton backend present (triton >= 3.4, the ``triton`` noise backend)
   2. link          pinned host-to-device and device-to-host bandwidth (1 GiB); a non-blocking copy
-                   returns before it completes (the scheduler's overlap depends on it)
+                   returns before it completes (the scheduler's overlap depends on it); a refused
+                   page-lock falls back without leaving a CUDA error behind
   3. equivalence   a tiny OPT streamed (0 resident blocks) against the all-resident engine, 3 MeZO
                    steps: fp32, fp16 and bf16 weights with codec ``same`` (rel 1e-5), the bf16 and
                    int8 codecs (lossy uploads: looser, stated per row), unit-sphere directions
@@ -132,6 +133,16 @@ def link(device: torch.device, nbytes: int) -> float:
     torch.cuda.synchronize(device)
     check("link", "non-blocking copy returns before it completes",
           f"returned after {returned_s * 1e3:.2f} ms, pending: {early}", "pending", early)
+    # a refused page-lock (here: registering the same buffer twice) falls back without leaving a
+    # CUDA error behind for the next kernel launch to report
+    from zoft.engine.offload import HostPins
+
+    buf, pins = torch.empty(1 << 20, dtype=torch.uint8), HostPins()
+    first, second = pins.pin(buf), pins.pin(buf)
+    torch.ones(1024, device=device).sum().item()  # raises if the refusal's error were still pending
+    pins.release()
+    check("link", "refused page-lock falls back, no stale CUDA error", f"pinned {first}, twice {second}",
+          "True, False", first and not second)
     return rates[0]
 
 

@@ -73,8 +73,9 @@ def _z_dtype(like: torch.Tensor) -> torch.dtype:
 
 
 def _to_sphere(z: torch.Tensor) -> torch.Tensor:
-    """Rescale a Gaussian draw to norm sqrt(numel) (a new tensor: z may be a shared view)."""
-    return z * (math.sqrt(z.numel()) / z.norm(dtype=torch.float64).clamp_min(1e-30).item())
+    """Rescale a Gaussian draw to norm sqrt(numel) (a new tensor: z may be a shared view). The
+    scale stays a device tensor: no host synchronisation per tensor."""
+    return z * (math.sqrt(z.numel()) / z.norm(dtype=torch.float64).clamp_min(1e-30)).to(z.dtype)
 
 
 class NoiseBackend(Protocol):

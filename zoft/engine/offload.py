@@ -598,6 +598,7 @@ class HostPins:
         rt = torch.cuda.cudart()
         rc = int(rt.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
         if rc != 0:
+            _clear_cuda_error()
             if not HostPins.refused_said:
                 HostPins.refused_said = True
                 print(f"zoft: page-locking host memory was refused (cudaHostRegister error {rc}); streaming "
@@ -607,8 +608,24 @@ class HostPins:
         return True
 
     def release(self) -> None:
+        """Unregister every buffer this object pinned (each once)."""
         if self.ptrs:
             rt = torch.cuda.cudart()
             for ptr in self.ptrs:
                 rt.cudaHostUnregister(ptr)
         self.ptrs = []
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last-error state after a refused ``cudaHostRegister``: PyTorch checks
+    ``cudaGetLastError`` after its next kernel launch and would report this refusal there. Best
+    effort: through the runtime library the process has loaded (``torch.cuda.cudart`` does not
+    expose the call)."""
+    import ctypes
+
+    for name in ("libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0", "libcudart.so"):
+        try:
+            ctypes.CDLL(name, mode=getattr(ctypes, "RTLD_NOLOAD", 4) | ctypes.RTLD_GLOBAL).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue

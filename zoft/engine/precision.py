@@ -34,13 +34,15 @@ def update_bytes(numel: int, element_size: int, fused: bool = False) -> int:
 
 
 def stochastic_round_(out: torch.Tensor, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """Write ``x`` (fp32) rounded to ``out.dtype`` (bf16 or fp16) into ``out`` (same shape,
-    contiguous), unbiased, keyed by ``seed``; chunk by chunk. Returns ``out``.
+    """Write ``x`` (fp32) rounded to ``out.dtype`` (bf16 or fp16) into ``out`` (same shape),
+    unbiased, keyed by ``seed``; chunk by chunk. Returns ``out``.
 
     Non-finite values and values that are exactly representable round to nearest (unchanged).
     """
-    if out.shape != x.shape or not out.is_contiguous():
-        raise ValueError("stochastic_round_ needs a contiguous output of the input's shape")
+    if out.shape != x.shape:
+        raise ValueError(f"stochastic_round_: output shape {tuple(out.shape)} != input {tuple(x.shape)}")
+    if not out.is_contiguous():  # a strided view: round into a contiguous buffer, then copy
+        return out.copy_(stochastic_round(x, out.dtype, seed))
     g = torch.Generator(device=x.device)
     g.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
     inf = torch.full((), float("inf"), dtype=out.dtype, device=x.device)  # no host-to-device copy
