@@ -93,18 +93,23 @@ def test_resumed_streamed_state_stays_on_the_host(tmp_path):
     from zoft import TrainConfig
     from zoft.train import Trainer
 
+    from zoft.engine.plan import make_plan
+
     d = tmp_path / "m"
-    tiny_model("opt", layers=6).save_pretrained(d)
+    model = tiny_model("opt", layers=6)
+    model.save_pretrained(d)
     make_tiny_tokenizer().save_pretrained(d)
     data = tmp_path / "t.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a fine film", "an awful waste of time"] * 3))
+    smallest = make_plan(model.config, 10**12, batch_size=2, max_length=16, dtype="fp32").min_budget_bytes
     kw = dict(model=str(d), task="lm", train=str(data), batch_size=2, max_length=16, device="cuda",
-              optimizer="zo-adam", gpu_mem="2GB", output_dir=str(tmp_path / "run"), progress=False, save_every=2)
+              optimizer="zo-adam", gpu_mem=str(smallest), output_dir=str(tmp_path / "run"), progress=False)
     Trainer(TrainConfig(steps=2, **kw)).run()
     tr = Trainer(TrainConfig(steps=3, resume=True, **kw))
     tr.step(2)
     tr.engine.flush()
     streamed = tr.engine._streamed_keys
+    assert streamed and tr.opt.store
     for bufs in tr.opt.store.values():
         for k, t in bufs.items():
             assert t.device.type == ("cpu" if k in streamed else "cuda"), k
