@@ -6,6 +6,7 @@
     zoft optimizers [--json]
     zoft eval {muse,wmdp,mmlu} ...
     zoft unlearn --model M --forget FILE [--retain FILE] --objective O --optimizer OPT [--config FILE]
+    zoft data preview --task NAME --data FILE [--model M] [--limit N] [--json OUT]
 
 Errors in user input print one line and exit 2; runtime failures print one line and exit 1.
 """
@@ -27,8 +28,20 @@ _HELP = {
                "not fit stream from CPU RAM (on --device cpu: the CPU twin with byte accounting)",
     "transfer": "codec of streamed blocks: same (master bytes), bf16/fp16 (fp32 masters), int8 (per-block "
                 "absmax; the forward sees the codec's rounding, updates reach the master exactly)",
-    "train": "JSONL/CSV/TSV/JSON file or hf:NAME[:CONFIG]:SPLIT (default: the built-in sentiment set)",
-    "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config)",
+    "train": "JSONL/CSV/TSV/JSON file, datasets save_to_disk folder or hf:NAME[:CONFIG]:SPLIT (default: the "
+             "built-in sentiment set)",
+    "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config), or "
+            "MeZO's suite: rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop (causal LMs); sst5, snli, "
+            "mnli, trec, sst2, rte (masked LMs, k-shot) (docs/tasks.md)",
+    "num_train": "MeZO sampling: train on N examples drawn from --train with --seed (MeZO: 1000)",
+    "num_dev": "MeZO sampling: N more from --train as dev; validate every 1/5 of training (or --eval-every) and "
+               "report the test score of the best dev checkpoint (MeZO: 500; CB, COPA: 100)",
+    "num_eval": "MeZO sampling: test on N examples drawn from --eval (MeZO: 1000)",
+    "k_shot": "masked-LM k-shot (MeZO medium_models: 16 or 512): K train and K dev rows per label from --train "
+              "with --seed (13, 21, 42, 87, 100); --eval is the test set",
+    "objective": "loss (MeZO's training loss), or a non-differentiable ZO loss: accuracy (candidate tasks), "
+                 "f1 (squad, drop: F1 of greedy generations)",
+    "select_by": "best dev checkpoint by the lowest dev loss (MeZO, Hugging Face's default) or the best dev score",
     "eval_every": "evaluate every N steps (0: only before and after training)",
     "resume": "continue the run in --output-dir from its last checkpoint",
     "tokenizer": "where to load the tokenizer from (default: the model's own)",
@@ -220,9 +233,106 @@ def _run_optimizers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="inspect a task's data: the exact strings the model sees")
+    dsub = p.add_subparsers(dest="data_command", metavar="{preview}")
+    dsub.required = True
+    v = dsub.add_parser("preview", help="render rows with a MeZO task's template (docs/tasks.md)",
+                        description="Print, per row, the prompt, the full text of every candidate as scored and "
+                                    "the correct index (generation tasks: the teacher-forced target and the "
+                                    "answers). Strings are JSON-quoted so that whitespace shows.")
+    v.add_argument("--task", required=True, help="sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop; "
+                   "on a masked LM (--model): sst2, sst5, snli, mnli, rte, trec (k-shot)")
+    v.add_argument("--model", default=None, metavar="NAME", help="the model whose tokenizer builds the prompt: needed "
+                   "for the masked-LM k-shot tasks (e.g. roberta-large); sst2 and rte are k-shot on a masked LM")
+    v.add_argument("--max-length", type=int, default=None, metavar="N", help="k-shot tasks: the run's --max-length "
+                   "(default: LM-BFF's for the task, 128; MNLI, SNLI, RTE 256)")
+    v.add_argument("--data", required=True, metavar="FILE", help="JSONL/CSV/TSV/JSON file, save_to_disk folder or "
+                   "hf:NAME[:CONFIG]:SPLIT, in the Hugging Face dataset's fields")
+    v.add_argument("--limit", type=int, default=5, metavar="N", help="first N rows (default 5)")
+    v.add_argument("--json", default=None, metavar="OUT", help="also write the records as a JSON list to OUT")
+    v.set_defaults(func=_run_data_preview)
+
+
+def _preview_task(args: argparse.Namespace):
+    """The masked-LM k-shot task to preview (a ``ClassifyTask``), or None for the causal-LM suite."""
+    from zoft.tasks import KSHOT_TASKS, MEZO_TASKS, make_task
+
+    if args.task not in MEZO_TASKS and args.task not in KSHOT_TASKS:
+        raise UsageError(f"unknown task {args.task!r}; choose one of: {', '.join([*MEZO_TASKS, *KSHOT_TASKS])}")
+    kind = None
+    if args.model is not None:
+        from zoft.models import model_kind, resolve
+
+        source, config = resolve(args.model)
+        kind = model_kind(config)
+    if args.task not in KSHOT_TASKS or (args.task in MEZO_TASKS and kind != "masked"):
+        if kind not in (None, "causal"):
+            raise UsageError(f"task {args.task!r} needs a causal LM (or, for sst2 and rte, a masked LM); "
+                             f"--model {args.model} is a {kind} model")
+        return None
+    if kind is None:
+        raise UsageError(f"task {args.task!r} is a masked-LM k-shot task whose prompt is built from the model's "
+                         "tokens: give --model (e.g. --model roberta-large)")
+    if kind != "masked":
+        raise UsageError(f"task {args.task!r} is a masked-LM k-shot task; --model {args.model} is a {kind} model")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception:  # noqa: BLE001 - offline/hub errors have many types
+        raise UsageError(f"could not load the tokenizer of --model {args.model} ({source}); "
+                         "give a local folder or a model in the Hugging Face cache") from None
+    length = args.max_length if args.max_length is not None else KSHOT_TASKS[args.task].max_length
+    return make_task(args.task, tok, "masked", length)
+
+
+def _run_data_preview(args: argparse.Namespace) -> int:
+    import json
+
+    from zoft.tasks import MEZO_TASKS, load_examples
+    from zoft.tasks.data import Examples
+    from zoft.tasks.mezo import preview, validate_rows
+
+    if args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_length is not None and args.max_length < 2:
+        raise UsageError(f"--max-length must be >= 2, got {args.max_length}")
+    kshot = _preview_task(args)
+    ex = load_examples(args.data)
+    rows = Examples(ex[: args.limit], ex.source, ex.lines[: args.limit], ex.unit)
+    if kshot is not None:
+        records = kshot.preview(rows)
+        generation = False
+    else:
+        spec = MEZO_TASKS[args.task]
+        validate_rows(spec, rows)
+        records = preview(spec, rows)
+        generation = spec.generation
+    for rec in records:
+        print(f"== {rec['row']}")
+        print(f"prompt:      {json.dumps(rec['prompt'], ensure_ascii=False)}")
+        if generation:
+            print(f"target:      {json.dumps(rec['target'], ensure_ascii=False)}")
+            print(f"answers:     {json.dumps(rec['answers'], ensure_ascii=False)}")
+            continue
+        right = rec["correct"] if isinstance(rec["correct"], list) else [rec["correct"]]
+        for i, c in enumerate(rec["candidates"]):
+            token = f" (token {json.dumps(rec['tokens'][i], ensure_ascii=False)})" if "tokens" in rec else ""
+            print(f"candidate {i}: {json.dumps(c, ensure_ascii=False)}{token}" + ("  <- correct" if i in right else ""))
+    if args.json:
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(records, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+        except OSError as e:
+            raise UsageError(f"cannot write {args.json}: {e.strerror or e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoft", description="Memory-constrained zeroth-order fine-tuning.")
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,plan,optimizers,eval,unlearn}")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,plan,optimizers,eval,unlearn,data}")
     sub.required = True
     _add_finetune(sub)
     _add_replay(sub)
@@ -234,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     from zoft.unlearn.cli import add_parser as add_unlearn
 
     add_unlearn(sub)
+    _add_data(sub)
     return parser
 
 
