@@ -104,7 +104,52 @@ def test_lowrank_directions_have_rank_r_and_lazy_factors(name):
     assert same_rowspace(z[0], z[2]) and not same_rowspace(z[0], z[3])
 
 
-@pytest.mark.parametrize("name", ["lozo", "subzero"])
+def test_fzoo_matches_hand_written_reference():
+    """FZOO as the official zo_step / zo_update compute it, on dense tensors: l0 = L(w), l_i =
+    L(w + eps u_i) with u_i = sign(z_i) (Rademacher), sigma = population std of the l_i, w <- w -
+    lr (sum_i (l_i - l0) / (N sigma) u_i + wd w). Three steps, N = 4, tiny OPT in fp64; atol 1e-11
+    (batched vs plain matmul reduction order, ~1e-16, divided by sigma)."""
+    cfg = {**BASE, "lr": 1e-2, "n": 4}
+    model = tiny_model("opt", dtype=torch.float64)
+    init, ref = copy.deepcopy(model), copy.deepcopy(model)
+    batch, obj = make_batch("opt"), TokenNLL64(True)
+    opt = make_optimizer("fzoo", cfg, seed=3, total_steps=10)
+    with ZOEngine(model) as engine:
+        for t in range(3):
+            step(engine, opt, batch, obj, t)
+    noise, params = make_noise(), dict(ref.named_parameters())
+    for t in range(3):
+        seeds = [step_seed(3, t, i) for i in range(cfg["n"])]
+        u = {s: {k: noise.sample(s, k, p).sign() for k, p in params.items()} for s in seeds}
+        l0 = plain_loss(ref, batch, obj)
+        li = torch.tensor([loss_at(ref, batch, obj, {k: cfg["eps"] * v for k, v in u[s].items()}) for s in seeds],
+                          dtype=torch.float64)
+        coef = (li - l0) / (cfg["n"] * li.std(unbiased=False))
+        with torch.no_grad():
+            for k, p in params.items():
+                decays = not any(x in k.lower() for x in ("bias", "norm", "ln_"))
+                p.sub_(cfg["lr"] * (sum(c * u[s][k] for s, c in zip(seeds, coef.tolist()))
+                                    + (cfg["weight_decay"] * p if decays else 0)))
+    w0 = dict(init.named_parameters())
+    moved = 0.0
+    for (k, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-11, msg=k)
+        moved = max(moved, (p - w0[k]).abs().max().item())
+    assert moved > 1e-5
+
+
+def test_fzoo_refuses_data_parallel_and_bad_options():
+    from zoft.config import TrainConfig
+    from zoft.distributed import check_supported
+    from zoft.errors import UsageError
+
+    with pytest.raises(UsageError, match="fzoo.*--nproc 1"):
+        check_supported(TrainConfig(optimizer="fzoo"), 2)
+    with pytest.raises(UsageError, match="n must be >= 2"):
+        make_optimizer("fzoo", {"n": 1}, 0, 1)
+
+
+@pytest.mark.parametrize("name", ["lozo", "subzero", "fzoo"])
 def test_finetune_with_defaults_and_replay_equals_trained_weights(name, tiny_dir, lm_data, tmp_path):
     """``zoft finetune --optimizer NAME`` with the method's defaults (only lr raised so that 6 steps
     move fp32 weights visibly), then ``zoft replay``: bit-identical weights."""

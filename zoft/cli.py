@@ -50,7 +50,7 @@ _HELP = {
     "eval": "held-out file, same formats as --train",
     "eval_limit": "evaluate on the first N held-out examples",
     "max_length": "truncate inputs to N tokens",
-    "optimizer": "mezo-sgd, zo-sgd-sign, zo-sgd-mmt, zo-sgd-cons, zo-adam, r-adazo, zo-ranksgd, lozo, subzero "
+    "optimizer": "mezo-sgd, zo-sgd-sign, zo-sgd-mmt, zo-sgd-cons, zo-adam, r-adazo, zo-ranksgd, lozo, subzero, fzoo "
                  "(zoft optimizers lists them with their options)",
     "lr": "learning rate (MeZO OPT-13B full: 1e-6 / 1e-7)",
     "eps": "perturbation scale (MeZO: 1e-3)",

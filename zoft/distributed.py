@@ -75,6 +75,9 @@ def check_supported(cfg: Any, world_size: int) -> None:
     if cfg.optimizer == "zo-sgd-cons":
         raise UsageError(f"--optimizer zo-sgd-cons {_TWO_PHASE} (w -/+ lr G), but a data-parallel step does one "
                          "all-gather; use another optimizer or --nproc 1")
+    if cfg.optimizer == "fzoo":
+        raise UsageError("--optimizer fzoo scales its step by the spread of one batch's losses around L(w); a "
+                         "data-parallel step would mix the ranks' shards; use another optimizer or --nproc 1")
     if cfg.optimizer == "zo-ranksgd":
         from zoft.optim import RankSGDConfig
 

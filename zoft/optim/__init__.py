@@ -11,6 +11,7 @@ from typing import Any
 from zoft.errors import UsageError
 from zoft.optim.api import StepResult, evaluate_step, split_candidates, step
 from zoft.optim.directions import CompositeNoise, bind
+from zoft.optim.fzoo import FZOO, FZOOConfig
 from zoft.optim.mezo import MeZOConfig, MeZOSGD
 from zoft.optim.rank import (
     CallableOracle,
@@ -49,6 +50,7 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
     "zo-ranksgd": (RankSGDConfig, ZORankSGD),
     "lozo": (LOZOConfig, LOZO),
     "subzero": (SubZeroConfig, SubZero),
+    "fzoo": (FZOOConfig, FZOO),
 }
 
 
@@ -86,6 +88,8 @@ __all__ = [
     "CallableOracle",
     "Comparison",
     "CompositeNoise",
+    "FZOO",
+    "FZOOConfig",
     "LOZO",
     "LOZOConfig",
     "LossOracle",
