@@ -34,14 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Learning rates. demo: MeZO-SGD keeps the demo recipe's 2e-3; LOZO / SubZero directions have
 # MeZO's expected norm (E||Z||^2 = m n), so they take the same; scale-free updates (sign, Adam,
-# R-AdaZO, RankSGD: a step of about lr per coordinate) take 1e-4 (the recipe's typical per-coordinate
+# R-AdaZO, RankSGD, FZOO: a step of about lr per coordinate) take 1e-4 (the recipe's typical per-coordinate
 # MeZO step); momentum takes lr (1 - momentum). lm: the same rules from MeZO-SGD's 1e-2 (scale-free
 # updates 1e-3).
 LR = {
     "demo": {"mezo-sgd": 2e-3, "lozo": 2e-3, "subzero": 2e-3, "zo-sgd-cons": 2e-3, "zo-sgd-mmt": 2e-4,
-             "zo-sgd-sign": 1e-4, "zo-adam": 1e-4, "r-adazo": 1e-4, "zo-ranksgd": 1e-4},
+             "zo-sgd-sign": 1e-4, "zo-adam": 1e-4, "r-adazo": 1e-4, "zo-ranksgd": 1e-4, "fzoo": 1e-4},
     "lm": {"mezo-sgd": 1e-2, "lozo": 1e-2, "subzero": 1e-2, "zo-sgd-cons": 1e-2, "zo-sgd-mmt": 1e-3,
-           "zo-sgd-sign": 1e-3, "zo-adam": 1e-3, "r-adazo": 1e-3, "zo-ranksgd": 1e-3},
+           "zo-sgd-sign": 1e-3, "zo-adam": 1e-3, "r-adazo": 1e-3, "zo-ranksgd": 1e-3, "fzoo": 1e-3},
 }
 EPS = {"demo": 1e-3, "lm": 1e-2}
 # per-method option overrides for short runs: the lazy factors are refreshed within the budget

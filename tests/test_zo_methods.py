@@ -25,6 +25,16 @@ def loss_at(model, batch, obj, direction):
     return plain_loss(m, batch, obj)
 
 
+def assert_matches_reference(model, ref, init, atol=1e-11):
+    """Every parameter of ``model`` within ``atol`` of ``ref``'s, and the steps really moved it."""
+    w0 = dict(init.named_parameters())
+    moved = 0.0
+    for (k, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, r, rtol=0, atol=atol, msg=k)
+        moved = max(moved, (p - w0[k]).abs().max().item())
+    assert moved > 1e-5
+
+
 def lowrank_direction(name, cfg, noise, seed, t, s, k, p):
     """The direction of seed ``s`` (step t) for parameter k, written from the papers / official code."""
     if p.ndim != 2:
@@ -76,12 +86,7 @@ def test_lowrank_step_matches_hand_written_reference(name):
         for t in range(3):
             step(engine, opt, batch, obj, t)
     lowrank_reference(name, cfg, ref, batch, obj, seed=3, steps=3)
-    w0 = dict(init.named_parameters())
-    moved = 0.0
-    for (k, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p, r, rtol=0, atol=1e-11, msg=k)
-        moved = max(moved, (p - w0[k]).abs().max().item())
-    assert moved > 1e-5
+    assert_matches_reference(model, ref, init)
 
 
 @pytest.mark.parametrize("name", ["lozo", "subzero"])
@@ -130,12 +135,7 @@ def test_fzoo_matches_hand_written_reference():
                 decays = not any(x in k.lower() for x in ("bias", "norm", "ln_"))
                 p.sub_(cfg["lr"] * (sum(c * u[s][k] for s, c in zip(seeds, coef.tolist()))
                                     + (cfg["weight_decay"] * p if decays else 0)))
-    w0 = dict(init.named_parameters())
-    moved = 0.0
-    for (k, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p, r, rtol=0, atol=1e-11, msg=k)
-        moved = max(moved, (p - w0[k]).abs().max().item())
-    assert moved > 1e-5
+    assert_matches_reference(model, ref, init)
 
 
 def test_fzoo_refuses_data_parallel_and_bad_options():
