@@ -149,16 +149,22 @@ def test_fzoo_refuses_data_parallel_and_bad_options():
         make_optimizer("fzoo", {"n": 1}, 0, 1)
 
 
-@pytest.mark.parametrize("name", ["lozo", "subzero", "fzoo"])
+@pytest.mark.parametrize("name", ["lozo", "subzero", "fzoo", "mezo-sgd+sparse", "zo-adam+sparse"])
 def test_finetune_with_defaults_and_replay_equals_trained_weights(name, tiny_dir, lm_data, tmp_path):
     """``zoft finetune --optimizer NAME`` with the method's defaults (only lr raised so that 6 steps
-    move fp32 weights visibly), then ``zoft replay``: bit-identical weights."""
+    move fp32 weights visibly; ``+sparse``: ``gradient_sparsity: 0.75`` from a config file), then
+    ``zoft replay``: bit-identical weights."""
     from safetensors.torch import load_file
 
     from zoft.cli import main
 
-    out = tmp_path / "run"
-    assert main(finetune_args(tiny_dir, lm_data, out, "--optimizer", name)) == 0
+    out, extra = tmp_path / "run", []
+    if name.endswith("+sparse"):
+        (tmp_path / "sparse.yaml").write_text("optimizer_options: {gradient_sparsity: 0.75}\n")
+        extra = ["--config", str(tmp_path / "sparse.yaml")]
+    opt = name.split("+")[0]
+    assert main(finetune_args(tiny_dir, lm_data, out, "--optimizer", opt, *extra)) == 0
+    assert ("gradient_sparsity: 0.75" in (out / "config.yaml").read_text()) == bool(extra)
     assert main(["replay", str(out), "--output", str(tmp_path / "replayed")]) == 0
     a = load_file(str(out / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "replayed" / "model.safetensors"))
