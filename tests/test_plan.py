@@ -145,14 +145,15 @@ def test_refusal_names_a_budget_that_fits(tiny):
 def test_cli_opt175b_offline(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB", "--scratch", "fused", "--batch-size", "4",
-                 "--json", str(out)]) == 0
+                 "--max-length", "256", "--device", "cuda", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "opt-175b" in text and "step time >=" in text
     d = json.loads(out.read_text())
     assert d["resident_blocks"] + d["streamed_blocks"] == 96 and d["gpu_mem_bytes"] == 18 * 10**9
     assert d["peak_device_bytes"] <= 18 * 10**9
     # today's engine keeps z and a perturbed copy per unit: 18 GB is refused, one line, exit 2
-    assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB", "--batch-size", "4"]) == 2
+    assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB", "--batch-size", "4", "--max-length", "256",
+                 "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("zoft: error: --gpu-mem 18GB cannot fit opt-175b: the smallest plan needs")
     assert "\n" not in err
@@ -160,7 +161,7 @@ def test_cli_opt175b_offline(tmp_path, capsys):
 
 def test_cli_gib_and_opt30b(capsys):
     assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GiB", "--batch-size", "1",
-                 "--max-length", "2048"]) == 0
+                 "--max-length", "2048", "--device", "cuda"]) == 0
     text = capsys.readouterr().out
     assert f"--gpu-mem {18 * 2**30 / 1e9:.2f} GB" in text
     p = make_plan("opt-30b", "18GB", batch_size=1, max_length=2048)

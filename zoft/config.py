@@ -43,7 +43,7 @@ class TrainConfig:
     random_init: bool = False
     tokenizer: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the checkpoint's on CUDA, fp32 on CPU
     gpu_mem: str | None = None  # "18GB" = 18e9 bytes, "16GiB" = 16 * 2^30 bytes
     transfer: Literal["same", "bf16", "fp16", "int8"] = "same"  # codec of streamed blocks (with gpu_mem)
     # task and data

@@ -41,7 +41,8 @@ from zoft.errors import UsageError, ZoftError
 from zoft.models import LoadedModel, load_model
 from zoft.models.adapters import apply_peft, load_adapter_weights
 from zoft.noise import make_noise, mix
-from zoft.optim import bind, evaluate_step, make_optimizer, update_record
+from zoft.optim import bind, evaluate_step, update_record
+from zoft.resolve import build_optimizer, device_type, plan_for, resolve_run
 from zoft.tasks import builtin_sentiment, load_examples, make_task
 
 # Config keys that change the trajectory: a resumed run must keep them.
@@ -64,11 +65,9 @@ class RunResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA device is visible; use --device cpu")
-    return torch.device(device)
+    return torch.device(device_type(device))
 
 
 @lru_cache(maxsize=8)
@@ -159,26 +158,6 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, num_probes: int = 2,
     return ZOEngine(model, noise=make_noise(cfg.noise, cfg.distribution), offload=offload)
 
 
-def plan_for(cfg: TrainConfig, num_probes: int = 2):
-    """The planner's placement of ``cfg.model`` (its config alone: no weights) under
-    ``cfg.gpu_mem`` for ``num_probes`` probes; a budget that cannot fit is refused with the
-    smallest one that would (``UsageError``). Adapter runs plan the base and write nothing back."""
-    from zoft.engine.plan import make_plan
-    from zoft.models import resolve
-
-    _, config = resolve(cfg.model)
-    return make_plan(config, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                     num_probes=num_probes, dtype=cfg.dtype, transfer=cfg.transfer, adapters=cfg.peft != "none",
-                     quant=cfg.quant)
-
-
-def build_optimizer(cfg: TrainConfig):
-    opts = dict(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, n_queries=cfg.n_queries,
-                one_sided=cfg.one_sided, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps)
-    opts.update(cfg.optimizer_options)
-    return make_optimizer(cfg.optimizer, opts, seed=cfg.seed, total_steps=cfg.steps)
-
-
 class Trainer:
     """One fine-tuning run. ``run()`` trains, evaluates and checkpoints; see ``finetune``."""
 
@@ -195,7 +174,10 @@ class Trainer:
                                       "start every rank with the same flags, files and checkpoint")
 
     def _setup(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+        # every default ("auto" device and dtype, probes) and the plan, as --dry-run prints them;
+        # streamed runs are planned (or refused) here, before anything is written or loaded
+        run = resolve_run(cfg)
+        self.cfg = cfg = run.cfg
         main = self.dist.is_main  # rank 0 alone checks and writes the run directory
         self.out = _prepare_output_dir(cfg) if main else Path(cfg.output_dir)
         self.device = resolve_device(cfg.device)
@@ -207,9 +189,8 @@ class Trainer:
             if main:
                 self._check_resume_config()
             self.state = json.loads((ckpt / "state.json").read_text())
-        # streamed: planned (or refused) before any weight loads, loaded on the host; the
-        # scheduler then moves the resident units to the device
-        self.plan = plan_for(cfg, build_optimizer(cfg).num_probes()) if cfg.gpu_mem else None
+        # streamed: loaded on the host; the scheduler then moves the resident units to the device
+        self.plan = run.plan
         lm = _load(cfg, torch.device("cpu") if cfg.gpu_mem else self.device, ckpt)
         if lm.tokenizer is None:
             raise UsageError(f"no tokenizer is available offline for '{lm.name}'; pass --tokenizer PATH")
@@ -388,7 +369,8 @@ def _finetune_local_ranks(cfg: TrainConfig) -> RunResult:
         raise (UsageError if code == 2 else ZoftError)(f"the {cfg.nproc} ranks stopped (exit {code}); their "
                                                         "errors are above")
     out = Path(cfg.output_dir)
-    lm = _load(cfg, torch.device("cpu"), find_checkpoint(out))
+    ran = TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))  # as resolved by the ranks
+    lm = _load(ran, torch.device("cpu"), find_checkpoint(out))
     return RunResult(lm.model, lm.tokenizer, out, *read_run(out, cfg.steps))
 
 
@@ -442,5 +424,6 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
     return lm.model
 
 
-__all__ = ["RunResult", "Trainer", "batch_indices", "finetune", "replay", "resolve_device"]
+__all__ = ["RunResult", "Trainer", "batch_indices", "build_optimizer", "finetune", "plan_for", "replay",
+           "resolve_device"]
 

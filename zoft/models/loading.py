@@ -115,6 +115,14 @@ class LoadedModel:
     source: str
 
 
+def checkpoint_dtype(config: Any) -> str | None:
+    """The dtype a checkpoint's config names (``dtype``, formerly ``torch_dtype``) as "fp16" /
+    "bf16" / "fp32", or None when it names none (or one zoft does not compute in)."""
+    dt = vars(config).get("dtype") or vars(config).get("torch_dtype")  # getattr warns on the old name
+    dt = getattr(torch, dt, None) if isinstance(dt, str) else dt
+    return next((k for k, v in DTYPES.items() if v == dt), None)
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -127,10 +135,12 @@ def build_random(config: Any, kind: ModelKind, dtype: torch.dtype, seed: int) ->
     """Model with the library's own random init, reproducible from ``seed``.
 
     The global RNG is forked (and restored on exit) so that nothing outside sees the seeding.
+    The init draws in fp32 whatever dtype the config names (the same weights for every dtype,
+    rounded once by the cast).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _auto_class(kind).from_config(config)
+        model = _auto_class(kind).from_config(config, dtype=torch.float32)
     return model.to(dtype)
 
 

@@ -1,0 +1,142 @@
+"""Every default resolved once (``zoft.resolve``): ``--dtype auto`` per device and model family,
+``zoft plan`` equal to ``zoft finetune --dry-run`` with the same flags and to the plan the trainer
+executes, the mission's command sized for CUDA on a machine without one, a resumed run keeping its
+recorded dtype, and refusals that name the model as the user typed it."""
+import json
+import re
+
+import pytest
+import torch
+
+from test_train_cli import finetune_args, lm_data, tiny_dir, weights  # noqa: F401 - fixtures
+from zoft.cli import _train_config, build_parser, main
+from zoft.config import TrainConfig, load_config_file
+from zoft.engine.plan import format_plan
+from zoft.resolve import resolve_run
+from zoft.train import Trainer
+
+# The "torch_dtype" of each hub checkpoint's config.json, written down from the hub pages
+# (facebook/opt-*, meta-llama/Llama-2-*-hf: float16; Llama-3*, Mistral-7B-v0.1, Qwen2.5/Qwen3: bfloat16).
+CHECKPOINT_DTYPE = {"opt-125m": "fp16", "opt-30b": "fp16", "opt-175b": "fp16", "llama-2-7b": "fp16",
+                    "llama-3-8b": "bf16", "llama-3.2-1b": "bf16", "mistral-7b": "bf16", "qwen2.5-0.5b": "bf16",
+                    "qwen3-0.6b": "bf16"}
+
+
+@pytest.mark.parametrize("alias", CHECKPOINT_DTYPE)
+def test_auto_dtype_per_device_and_family(alias):
+    assert TrainConfig(model=alias).dtype == "auto"  # the default
+    assert resolve_run(TrainConfig(model=alias, device="cuda")).cfg.dtype == CHECKPOINT_DTYPE[alias]
+    assert resolve_run(TrainConfig(model=alias, device="cpu")).cfg.dtype == "fp32"
+    assert resolve_run(TrainConfig(model=alias, device="cuda", dtype="fp32")).cfg.dtype == "fp32"  # given wins
+    auto = resolve_run(TrainConfig(model=alias))  # auto: CUDA when visible
+    assert auto.cfg.device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("key,written,want", [("dtype", "bfloat16", "bf16"), ("dtype", "float16", "fp16"),
+                                              ("dtype", "float32", "fp32"), ("torch_dtype", "bfloat16", "bf16"),
+                                              (None, None, "fp32")])
+def test_auto_dtype_of_a_local_checkpoint(tiny_dir, tmp_path, key, written, want):  # noqa: F811
+    """A save_pretrained folder: its config's dtype (transformers >= 5 writes "dtype", older
+    versions "torch_dtype"); a config that names none runs in fp32."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    if key:
+        config[key] = written
+    (d / "config.json").write_text(json.dumps(config))
+    assert resolve_run(TrainConfig(model=str(d), device="cuda")).cfg.dtype == want
+    assert resolve_run(TrainConfig(model=str(d), device="cpu")).cfg.dtype == "fp32"
+
+
+def test_mission_command_sizes_a_cuda_run_here(capsys):
+    """`zoft finetune --model opt-30b --gpu-mem 18GB` on a GPU machine, sized with --dry-run on this
+    CPU-only one. opt-30b's weights are not here and nothing can download them: any weight load
+    would fail, so exit 0 also shows that the dry run loads none."""
+    assert main(["finetune", "--model", "opt-30b", "--gpu-mem", "18GB", "--device", "cuda", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "run: opt-30b (facebook/opt-30b, causal LM) on cuda, fp16 (auto:" in out
+    total = float(re.search(r"total\s+([0-9.]+) GB\s+of 18\.00 GB", out).group(1))
+    assert total <= 18.0
+    run = resolve_run(TrainConfig(model="opt-30b", gpu_mem="18GB", device="cuda"))
+    assert run.plan.dtype == "fp16" and run.plan.peak_device_bytes <= 18 * 10**9
+    assert out.rstrip().splitlines()[-1].startswith("dry run: the run would start")
+    # `zoft plan` with the same flags prints the same settings and plan
+    assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GB", "--device", "cuda"]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines() == out.rstrip().splitlines()[:-1]
+    # the same command resolved for a CPU (fp32) is refused, naming the alias and the way to size a GPU run
+    assert main(["finetune", "--model", "opt-30b", "--gpu-mem", "18GB", "--device", "cpu", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("zoft: error: --gpu-mem 18GB cannot fit opt-30b: the smallest plan needs")
+    assert "--device cuda plans a GPU run, in fp16" in err and "\n" not in err
+
+
+FLAG_SETS = [  # budgets between each plan's smallest and all-resident peaks: blocks stream
+    ["--model", "opt-125m", "--gpu-mem", "3.3GB"],
+    ["--model", "opt-125m", "--gpu-mem", "1.45GB", "--device", "cuda", "--batch-size", "8"],
+    ["--model", "qwen3-0.6b", "--gpu-mem", "26.5GB", "--device", "cuda", "--max-length", "256", "--n-queries", "2"],
+    ["--model", "llama-3.2-1b", "--gpu-mem", "7GB", "--device", "cuda", "--peft", "lora"],
+    ["--model", "opt-350m", "--gpu-mem", "2.6GB", "--dtype", "bf16", "--transfer", "int8", "--one-sided"],
+]
+
+
+@pytest.mark.parametrize("flags", FLAG_SETS, ids=lambda f: " ".join(f[1:4]))
+def test_plan_equals_the_dry_run(flags, capsys):
+    assert main(["plan", *flags]) == 0
+    planned = capsys.readouterr().out.rstrip().splitlines()
+    assert main(["finetune", *flags, "--dry-run"]) == 0
+    dry = capsys.readouterr().out.rstrip().splitlines()
+    assert planned == dry[:-1] and any(line.startswith("plan: ") for line in planned)
+    assert any(re.match(r"  streamed +[1-9]", line) for line in planned)
+
+
+def test_the_trainer_runs_the_plan_the_dry_run_printed(tiny_dir, lm_data, tmp_path, capsys):  # noqa: F811
+    argv = finetune_args(tiny_dir, lm_data, tmp_path / "run", "--gpu-mem", "1MB", "--n-queries", "2")
+    assert main([*argv, "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    trainer = Trainer(_train_config(build_parser().parse_args(argv), ("dry_run",)))
+    assert format_plan(trainer.plan) in dry and trainer.plan.num_probes == 4
+    recorded = load_config_file(str(tmp_path / "run" / "config.yaml"))
+    assert (recorded["dtype"], recorded["device"]) == ("fp32", "cpu")  # resolved, for replay and resume
+    assert f"on cpu, fp32 (auto: fp32 on CPU)" in dry
+
+
+def test_resume_keeps_the_recorded_dtype(tiny_dir, lm_data, tmp_path, capsys):  # noqa: F811
+    """A bf16 run resumed with the default --dtype auto (fp32 on this CPU for a new run) continues
+    in bf16: the same weights, bit for bit, as the uninterrupted bf16 run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(finetune_args(tiny_dir, lm_data, full, "--dtype", "bf16")) == 0
+    first = finetune_args(tiny_dir, lm_data, part, "--dtype", "bf16")
+    first[first.index("--steps") + 1] = "3"
+    assert main(first) == 0
+    assert main(finetune_args(tiny_dir, lm_data, part, "--resume", "--dry-run")) == 0
+    assert "on cpu, bf16 (auto: kept from the run being resumed)" in capsys.readouterr().out
+    assert main(finetune_args(tiny_dir, lm_data, part, "--resume")) == 0
+    assert load_config_file(str(part / "config.yaml"))["dtype"] == "bf16"
+    a, b = weights(full / "checkpoint"), weights(part / "checkpoint")
+    for k in a:
+        assert a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]), k
+
+
+def test_refusals_name_the_model_as_typed(tiny_dir, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "o"
+    for argv in (["finetune", "--model", "opt-125m", "--gpu-mem", "1GB", "--output-dir", str(out)],
+                 ["finetune", "--model", "opt-125m", "--gpu-mem", "1GB", "--dry-run"],
+                 ["plan", "--model", "opt-125m", "--gpu-mem", "1GB"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("zoft: error: --gpu-mem 1GB cannot fit opt-125m: the smallest plan needs"), err
+        assert "\n" not in err
+    assert not out.exists()  # refused before the run directory is made
+    assert main(["finetune", "--model", str(tiny_dir), "--gpu-mem", "1KB", "--dry-run"]) == 2
+    assert f"cannot fit {tiny_dir}: the smallest plan needs" in capsys.readouterr().err
+
+
+def test_dry_run_without_a_budget(capsys):
+    """The embedded demo (no --model): resolved settings, no plan, exit 0."""
+    assert main(["finetune", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("run: all-minilm-l6-v2 (") and "no --gpu-mem" in out
+    assert "batch 16 x 64 tokens" in out  # the demo recipe's, not the config defaults
