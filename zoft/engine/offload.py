@@ -51,11 +51,11 @@ class Streaming:
     resident_blocks: int = 0
     prefetch: int = 2
     transfer: Codec = "same"
-    micro_batch: int | None = None  # examples per probe a block runs at once (None: all)
+    micro_batch: int | None = None  # rows per probe a block runs at once (None: all)
 
     @classmethod
     def from_plan(cls, plan: Any, device: str | torch.device) -> "Streaming":
-        mb = plan.micro_batch if plan.micro_batch < plan.batch_size else None
+        mb = plan.micro_batch if plan.micro_batch < plan.rows else None
         return cls(str(device), plan.resident_blocks, max(plan.prefetch, 1), plan.transfer, mb)
 
 

@@ -68,7 +68,7 @@ class Plan:
     streamed_blocks: int
     slots: int  # k static device slots for streamed blocks (0 when nothing streams)
     prefetch: int  # d: uploads in flight ahead of the computing unit (0 when nothing streams)
-    micro_batch: int  # examples per micro-batch (per probe); every unit runs ceil(B/mb) of them
+    micro_batch: int  # rows per micro-batch (per probe); every unit runs ceil(rows/mb) of them
     n_micro: int
     resident_weights_bytes: int
     slot_bytes: int
@@ -87,6 +87,7 @@ class Plan:
     h2d_gbps: float
     tflops: float
     quant: str = "none"  # bitsandbytes-packed blocks ("4bit", "8bit"): moved as they are
+    rows: int = 0  # rows per probe the model runs for batch_size examples (B; B x candidates, ...)
 
     @property
     def activation_bytes(self) -> int:
@@ -251,8 +252,12 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
               num_probes: int = 2, dtype: Dtype = "fp16", transfer: Transfer = "same",
               h2d_gbps: float = 25.0, tflops: float = 312.0, attention: Attention = "sdpa",
               scratch: Scratch = "unit", write_back: bool = True, quant: str = "none",
-              adapters: bool = False) -> Plan:
+              adapters: bool = False, rows: int | None = None) -> Plan:
     """Plan a streamed ZO step under ``gpu_mem_bytes`` (int bytes, or "18GB" / "16GiB").
+
+    ``rows``: the rows per probe the model runs for ``batch_size`` examples (default: one each; a
+    classification task on a causal LM runs one per candidate, ``zoft.tasks.rows_per_probe``). The
+    activations, logits, micro-batch and compute time count rows.
 
     Order of priority: embeddings, final norm and head stay resident; then as many blocks as fit
     (at micro-batch 1); then the largest micro-batch <= ``batch_size`` that fits. ``h2d_gbps`` is
@@ -284,7 +289,8 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         adapters = True
     if adapters:
         write_back = False  # the base is frozen; adapters are written back (their bytes are not counted)
-    if batch_size < 1 or max_length < 1 or num_probes < 1:
+    rows = batch_size if rows is None else rows
+    if batch_size < 1 or max_length < 1 or num_probes < 1 or rows < 1:
         raise UsageError("batch size, max length and probe count must be positive")
     if isinstance(config_or_name, ModelShape):
         s = config_or_name
@@ -295,7 +301,7 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     b = _DTYPE_BYTES[dtype]
     if transfer == dtype:
         transfer = "same"  # bf16 over the link for a bf16 model: no codec
-    kw = {"B": batch_size, "T": max_length, "P": num_probes, "b": b, "transfer": transfer,
+    kw = {"B": rows, "T": max_length, "P": num_probes, "b": b, "transfer": transfer,
           "attention": attention, "scratch": scratch, "write_back": write_back, "quant": quant,
           "adapters": adapters}
 
@@ -304,10 +310,10 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     if budget < smallest:
         raise UsageError(
             f"--gpu-mem {_fmt_budget(budget)} cannot fit {s.name}: the smallest plan needs "
-            f"{_gb_up(smallest)} GB (batch {batch_size} x {max_length} tokens); "
+            f"{_gb_up(smallest)} GB (batch {_batch(batch_size, max_length, rows)}); "
             "raise --gpu-mem or lower --batch-size/--max-length")
     r = next(r for r in choices if _device_bytes(s, r, 1, **kw)["peak"] <= budget)
-    lo, hi = 1, batch_size  # the peak grows with mb: binary search the largest that fits
+    lo, hi = 1, rows  # the peak grows with mb: binary search the largest that fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if _device_bytes(s, r, mid, **kw)["peak"] <= budget:
@@ -319,20 +325,20 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     streamed = s.n_blocks - r
     upload = streamed * (_encoded_bytes(s.block_numel, transfer, b) if quant == "none" else _block_bytes(s, b, quant))
     writeback = streamed * b * s.block_numel if write_back else 0
-    t_compute = num_probes * 2 * s.n_params * batch_size * max_length / (tflops * 1e12)
+    t_compute = num_probes * 2 * s.n_params * rows * max_length / (tflops * 1e12)
     t_transfer = (upload + writeback) / (h2d_gbps * 1e9)
     return Plan(
         model=s.name, gpu_mem_bytes=budget, batch_size=batch_size, max_length=max_length,
         num_probes=num_probes, dtype=dtype, transfer=transfer, attention=attention,
         scratch=scratch, write_back=write_back, n_params=s.n_params, n_blocks=s.n_blocks, resident_blocks=r,
         streamed_blocks=streamed, slots=acc["k"], prefetch=MIN_PREFETCH if streamed else 0,
-        micro_batch=mb, n_micro=math.ceil(batch_size / mb), resident_weights_bytes=acc["resident"],
+        micro_batch=mb, n_micro=math.ceil(rows / mb), resident_weights_bytes=acc["resident"],
         slot_bytes=acc["slots"], scratch_bytes=acc["scratch"], boundary_act_bytes=acc["boundary"],
         working_act_bytes=acc["working"], logits_bytes=acc["logits"], peak_device_bytes=acc["peak"],
         min_budget_bytes=smallest, cpu_bytes=_cpu_bytes(s, b, transfer, acc["k"], quant),
         upload_bytes_per_step=upload, writeback_bytes_per_step=writeback, t_compute_s=t_compute,
         t_transfer_s=t_transfer, step_time_lb_s=max(t_compute, t_transfer), h2d_gbps=h2d_gbps,
-        tflops=tflops, quant=quant)
+        tflops=tflops, quant=quant, rows=rows)
 
 
 def _cpu_bytes(s: ModelShape, b: int, transfer: str, k: int, quant: str = "none") -> int:
@@ -340,6 +346,11 @@ def _cpu_bytes(s: ModelShape, b: int, transfer: str, k: int, quant: str = "none"
     per-unit buffers (1x), plus k pinned staging buffers of encoded units when a codec is used."""
     staging = k * _encoded_bytes(s.block_numel, transfer, b) if transfer != "same" else 0
     return b * s.nonblock_numel + s.n_blocks * _block_bytes(s, b, quant) + staging
+
+
+def _batch(batch_size: int, max_length: int, rows: int) -> str:
+    """"16 x 128 tokens", with the rows per probe when a task runs more than one per example."""
+    return f"{batch_size} x {max_length} tokens" + (f", {rows} rows per probe" if rows != batch_size else "")
 
 
 def _gb_up(n: int) -> str:
@@ -369,12 +380,13 @@ def format_plan(p: Plan) -> str:
     res = f"blocks 0-{p.resident_blocks - 1}" if p.resident_blocks else "none"
     rows = [
         (f"plan: {p.model} ({p.n_params / 1e9:.2f}B params, {p.n_blocks} blocks), --gpu-mem "
-         f"{p.gpu_mem_bytes / GB:.2f} GB, batch {p.batch_size} x {p.max_length} tokens, "
+         f"{p.gpu_mem_bytes / GB:.2f} GB, batch {_batch(p.batch_size, p.max_length, p.rows)}, "
          f"{p.num_probes} probes, {p.dtype}" + (f" ({p.quant} base)" if p.quant != "none" else "")
          + f", transfer {p.transfer}, {p.attention} attention"),
         f"  resident         embeddings, final norm, head + {res} ({p.resident_blocks} blocks)",
         f"  streamed         {p.streamed_blocks} blocks through k={p.slots} slots, prefetch d={p.prefetch}",
-        f"  micro-batch      {p.micro_batch} ({p.n_micro} per step, each unit loaded once per step)",
+        (f"  micro-batch      {p.micro_batch}" + (" rows" if p.rows != p.batch_size else "")
+         + f" ({p.n_micro} per step, each unit loaded once per step)"),
         "  device peak (predicted):",
         f"    resident weights   {gb(p.resident_weights_bytes)}",
         f"    stream slots       {gb(p.slot_bytes)}",

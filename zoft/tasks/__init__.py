@@ -18,7 +18,7 @@ from zoft.tasks.data import Examples, builtin_sentiment, load_examples
 from zoft.tasks.lm import LMTask
 
 __all__ = ["Batch", "Task", "Kind", "KINDS", "ClassifyTask", "LMTask", "Examples", "TASKS",
-           "make_task", "register_task", "infer_kind", "load_examples", "builtin_sentiment"]
+           "make_task", "register_task", "rows_per_probe", "infer_kind", "load_examples", "builtin_sentiment"]
 
 # name -> factory(tokenizer, kind, max_length, **options) -> Task
 TASKS: dict[str, Callable[..., Task]] = {
@@ -35,15 +35,12 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
     TASKS[name] = factory
 
 
-def make_task(name: str, tokenizer, kind: Kind, max_length: int, **options) -> Task:
-    """Build task ``name`` for a model of ``kind``; options are the factory's keyword arguments
-    (e.g. ``template=``, ``verbalizers=`` for "classify"). Bad names/options: ``UsageError``."""
+def _factory(name: str, kind: Kind, options: dict) -> Callable[..., Task]:
+    """Task ``name``'s factory, once its name, ``kind`` and option names are checked."""
     if name not in TASKS:
         raise UsageError(f"unknown task {name!r}; choose one of: {', '.join(sorted(TASKS))}")
     if kind not in KINDS:
         raise UsageError(f"model kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise UsageError(f"max_length must be an integer >= 2, not {max_length!r}")
     factory = TASKS[name]
     params = list(inspect.signature(factory).parameters.values())[3:]  # after tokenizer, kind, max_length
     allowed = {p.name for p in params if p.name != "name"}
@@ -54,7 +51,25 @@ def make_task(name: str, tokenizer, kind: Kind, max_length: int, **options) -> T
     missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in options]
     if missing:
         raise UsageError(f"task {name!r} needs the option {missing[0]!r}")
+    return factory
+
+
+def make_task(name: str, tokenizer, kind: Kind, max_length: int, **options) -> Task:
+    """Build task ``name`` for a model of ``kind``; options are the factory's keyword arguments
+    (e.g. ``template=``, ``verbalizers=`` for "classify"). Bad names/options: ``UsageError``."""
+    factory = _factory(name, kind, options)
+    if not isinstance(max_length, int) or max_length < 2:
+        raise UsageError(f"max_length must be an integer >= 2, not {max_length!r}")
     return factory(tokenizer, kind, max_length, **options)
+
+
+def rows_per_probe(name: str, kind: Kind, batch_size: int, **options) -> int:
+    """Rows the model runs per probe for ``batch_size`` examples of task ``name`` on a ``kind``
+    model, without a tokenizer: the batch the offload planner sizes activations and logits by. A
+    factory whose task runs other than one row per example says how with a ``rows(kind,
+    batch_size, **options)`` attribute (classification on a causal LM: one row per candidate)."""
+    rows = getattr(_factory(name, kind, options), "rows", None)
+    return rows(kind, batch_size, **options) if rows is not None else batch_size
 
 
 def infer_kind(model: torch.nn.Module) -> Kind:

@@ -157,6 +157,13 @@ class ClassifyTask:
         self._token_types = kind != "causal" and makes_token_types(tokenizer)
         self._prefix_ids = {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
 
+    @staticmethod
+    def rows(kind: Kind, batch_size: int, *, verbalizers: Sequence[str] | Mapping[Any, str], **_) -> int:
+        """Rows the model runs for ``batch_size`` examples (no tokenizer needed: what the planner
+        sizes by): B*C on a causal LM, B on a masked LM, B+C on an encoder."""
+        C = len(_table(verbalizers, "verbalizers")[1])
+        return {"causal": batch_size * C, "masked": batch_size}.get(kind, batch_size + C)
+
     # ----------------------------------------------------------------------------------------
 
     def validate(self, examples: list[dict]) -> None:
@@ -282,3 +289,6 @@ def sst2_task(tokenizer, kind: Kind, max_length: int, *, text_field: str = "sent
                         label_field=label_field,
                         descriptions=descriptions if descriptions is not None else SST2_DESCRIPTIONS,
                         scale=scale, name="sst2")
+
+
+sst2_task.rows = lambda kind, batch_size, **_: ClassifyTask.rows(kind, batch_size, verbalizers=SST2_VERBALIZERS)
