@@ -185,3 +185,25 @@ def test_planner_counts_rows():
     assert p.working_act_bytes == 4 * T * (4 * H + 2 * F) * W
     with pytest.raises(UsageError, match=r"\(batch 2 x 8 tokens, 4 rows per probe\)"):
         make_plan(shape, 1000, batch_size=2, max_length=T, dtype="fp32", rows=4)
+
+
+def test_sst2_at_its_smallest_plan_stays_within_the_budget(tmp_path):
+    """The budget contract for the default task, measured from outside: the CPU twin's accounted
+    device peak of an SST-2 run on a causal LM (2 rows per example) at the smallest budget the
+    planner accepts is within it. Planned as one row per example, this run was accepted at
+    1,094,272 B and its accounted peak was 1,274,496 B."""
+    from conftest import make_tiny_tokenizer
+    from tiny_models import tiny_model
+
+    d = tmp_path / "deep-opt"
+    tiny_model("opt", 0, layers=6).save_pretrained(d)
+    make_tiny_tokenizer().save_pretrained(d)
+    flags = ["--model", str(d), "--batch-size", "4", "--max-length", "24", "--device", "cpu"]
+    budget = resolve_run(TrainConfig(model=str(d), batch_size=4, max_length=24, device="cpu", gpu_mem="1GB")).plan
+    assert budget.rows == 8  # the smallest plan streams all 6 blocks
+    out = tmp_path / "run"
+    assert main(["finetune", *flags, "--gpu-mem", str(budget.min_budget_bytes), "--steps", "2", "--eval-limit", "4",
+                 "--no-progress", "--output-dir", str(out)]) == 0
+    peaks = [json.loads(x).get("device_peak_bytes") for x in (out / "metrics.jsonl").read_text().splitlines()]
+    peaks = [p for p in peaks if p is not None]
+    assert len(peaks) == 2 and max(peaks) <= budget.min_budget_bytes
