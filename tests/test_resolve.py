@@ -102,7 +102,7 @@ def test_the_trainer_runs_the_plan_the_dry_run_printed(tiny_dir, lm_data, tmp_pa
     assert format_plan(trainer.plan) in dry and trainer.plan.num_probes == 4
     recorded = load_config_file(str(tmp_path / "run" / "config.yaml"))
     assert (recorded["dtype"], recorded["device"]) == ("fp32", "cpu")  # resolved, for replay and resume
-    assert f"on cpu, fp32 (auto: fp32 on CPU)" in dry
+    assert "on cpu, fp32 (auto: fp32 on CPU)" in dry
 
 
 def test_resume_keeps_the_recorded_dtype(tiny_dir, lm_data, tmp_path, capsys):  # noqa: F811

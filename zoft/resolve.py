@@ -93,8 +93,8 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
     """Resolve ``cfg``'s defaults (device, dtype, probes) and plan it under ``cfg.gpu_mem``.
 
     Loads no weights. The plan places ``cfg.model`` (its config alone) for ``num_probes`` probes of
-    ``cfg.batch_size x cfg.max_length`` (the task's rows) in the resolved dtype; adapter runs plan the base and write
-    nothing back. Raises ``UsageError`` with one line when the run could not start: an unknown model
+    ``cfg.batch_size x cfg.max_length`` (the task's rows) in the resolved dtype; adapter runs plan
+    the base and write nothing back. Raises ``UsageError`` with one line when the run could not start: an unknown model
     or optimizer, a budget below the smallest plan (naming that plan's budget and the model as the
     user named it). ``num_probes`` overrides the optimizer's count (``zoft plan --num-probes``, a
     what-if); ``plan_options`` are the planner's what-if knobs (``h2d_gbps``, ``tflops``,
@@ -104,17 +104,16 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
     source, config = resolve(cfg.model)
     device = device_type(cfg.device)
     kept = _resumed_dtype(cfg) if cfg.resume and cfg.dtype == "auto" else None
+    cuda = auto_dtype(config, "cuda")
     if cfg.dtype != "auto":
         dtype, why = cfg.dtype, f"--dtype {cfg.dtype}"
     elif kept is not None:
         dtype, why = kept, "auto: kept from the run being resumed"
     elif device == "cuda":
-        dtype = auto_dtype(config, device)
-        why = ("auto: the checkpoint's dtype on CUDA" if checkpoint_dtype(config)
-               else "auto: the checkpoint names no dtype")
+        dtype = cuda
+        why = "auto: the checkpoint's dtype on CUDA" if checkpoint_dtype(config) else "auto: the checkpoint names none"
     else:
         dtype = auto_dtype(config, device)
-        cuda = auto_dtype(config, "cuda")
         why = "auto: fp32 on CPU" + (f"; on CUDA: the checkpoint's {cuda}" if cuda != dtype else "")
     resolved = dataclasses.replace(cfg, device=device, dtype=dtype)
     probes = num_probes if num_probes is not None else build_optimizer(resolved).num_probes()
@@ -125,7 +124,6 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
             name, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length, num_probes=probes, dtype=dtype,
             transfer=cfg.transfer, adapters=cfg.peft != "none", quant=cfg.quant, rows=rows, **plan_options)
     except UsageError as e:
-        cuda = auto_dtype(config, "cuda")
         if cfg.dtype == "auto" and device == "cpu" and cuda != dtype:  # sizing a GPU run on a laptop
             raise UsageError(f"{e} (planned in {dtype}, --dtype auto on CPU; --device cuda plans a GPU run, "
                              f"in {cuda})") from None
