@@ -27,7 +27,7 @@ __all__ = ["Batch", "Task", "Kind", "KINDS", "ClassifyTask", "LMTask", "PromptTa
 def _mezo_rows(name: str) -> Callable[..., int]:
     """Rows per probe of MeZO's ``name`` on a causal LM: one per option when it trains on all of
     them (classification, or the accuracy objective) and the options are fixed label words; one
-    per example otherwise. Options that vary by row (COPA, ReCoRD, ...) are counted as one."""
+    per example otherwise. Options that are not label words (COPA, ReCoRD, ...) count as one row."""
     spec = MEZO_TASKS[name]
 
     def rows(kind: Kind, batch_size: int, *, objective: str = "loss", **_) -> int:
