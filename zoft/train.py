@@ -169,7 +169,7 @@ def plan_for(cfg: TrainConfig, num_probes: int = 2):
     _, config = resolve(cfg.model)
     return make_plan(config, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length,
                      num_probes=num_probes, dtype=cfg.dtype, transfer=cfg.transfer, adapters=cfg.peft != "none",
-                     quant=cfg.quant)
+                     quant=cfg.quant, writeback_every=cfg.writeback_every)
 
 
 def build_optimizer(cfg: TrainConfig):
@@ -228,6 +228,7 @@ class Trainer:
             from safetensors.torch import load_file
 
             self.opt.load_tensor_state(load_file(str(ckpt / "optimizer.safetensors"), device=str(self.device)))
+        self._moved = (0, 0)  # link bytes (host to device, device to host) already in a record
         self.metrics_path = self.out / "metrics.jsonl"
         self.traj_path = self.out / "trajectory.jsonl"
         self.metrics: list[dict[str, Any]] = []
@@ -315,6 +316,11 @@ class Trainer:
             rec.update(world_size=self.dist.world_size, comm_bytes=dp.comm_bytes())
         if self.engine.offload is not None:
             rec["device_peak_bytes"] = self.engine.device_peak_bytes
+            # bytes over the link since the previous step's record (an eval's or a checkpoint's
+            # flush counts in the step after it)
+            st = self.engine.offload.stats
+            rec["h2d_bytes"], rec["d2h_bytes"] = st.upload_bytes - self._moved[0], st.writeback_bytes - self._moved[1]
+            self._moved = (st.upload_bytes, st.writeback_bytes)
         if self.device.type == "cuda":
             rec["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if skipped:
