@@ -663,3 +663,64 @@ def test_paused_and_flush_bring_every_master_up_to_date():
         assert_same_weights(m, ref_model)
     ref.close()
     eng.close()
+
+
+_KILL_AFTER_STEP = textwrap.dedent("""
+    import json, os, signal, sys
+    from zoft.config import TrainConfig
+    from zoft.train import Trainer
+
+    class KilledAfter(Trainer):
+        def step(self, step):
+            rec = super().step(step)
+            if step == int(sys.argv[2]):
+                streamed = self.engine.offload.streamed
+                print(json.dumps({"behind": [s.version - s.master_version for s in streamed]}), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)  # no flush, no checkpoint, no exit handler
+            return rec
+
+    KilledAfter(TrainConfig.from_dict(json.loads(sys.argv[1]))).run()
+""")
+
+
+def test_run_killed_between_writebacks_resumes_to_identical_weights(deep_dir, tmp_path):
+    """``zoft finetune --gpu-mem`` with every block streamed and write-back every 3 updates,
+    checkpoint every 4 steps: a process SIGKILLed after step 6 (its masters one update behind
+    the device: deferred, never written) resumes from the step-4 checkpoint to the weights of an
+    uninterrupted run, bit for bit; ``replay`` of that run gives them too. metrics.jsonl records
+    the link bytes of every step: write-backs only on steps whose updates reach k (or a flush)."""
+    from safetensors.torch import load_file
+
+    from zoft.config import TrainConfig
+    from zoft.train import Trainer, plan_for, replay
+
+    base = dict(model=str(deep_dir), task="lm", train=str(deep_dir / "train.jsonl"), steps=8, batch_size=2,
+                lr=1e-3, weight_decay=0.1, max_length=12, progress=False, device="cpu", writeback_every=3,
+                save_every=4)
+    smallest = plan_for(TrainConfig(**base, gpu_mem="1GB")).min_budget_bytes
+    base["gpu_mem"] = str(smallest)
+    assert plan_for(TrainConfig(**base)).resident_blocks == 0
+    killed = {**base, "output_dir": str(tmp_path / "k")}
+    out = subprocess.run([sys.executable, "-c", _KILL_AFTER_STEP, json.dumps(killed), "5"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == -9, out.stderr[-2000:]
+    behind = json.loads(out.stdout.strip().splitlines()[-1])["behind"]
+    assert behind == [1] * L  # the step-6 update lives on the device only when the process dies
+    Trainer(TrainConfig(**killed, resume=True)).run()
+    Trainer(TrainConfig(**base, output_dir=str(tmp_path / "u"))).run()
+    wk = load_file(str(tmp_path / "k" / "checkpoint" / "model.safetensors"))
+    wu = load_file(str(tmp_path / "u" / "checkpoint" / "model.safetensors"))
+    assert wk.keys() == wu.keys() and all(torch.equal(wk[k], wu[k]) for k in wu)
+    replayed = replay(tmp_path / "u")
+    for k, p in replayed.state_dict().items():
+        if k in wu:
+            assert torch.equal(p, wu[k]), k
+    recs = [json.loads(x) for x in (tmp_path / "u" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "h2d_bytes" in r]
+    assert [r["step"] for r in steps] == list(range(8))
+    block = deep_model("opt").model.decoder.layers[0]
+    unit = sum(p.numel() * 4 for p in block.parameters())
+    # updates 1-3 are applied in steps 1-3: the third is written back in step 3; the step-4
+    # checkpoint flushes update 4 (counted in step 4); update 7 is written back in step 7
+    assert [r["d2h_bytes"] // (L * unit) for r in steps] == [0, 0, 0, 1, 1, 0, 0, 1]
+    assert all(r["h2d_bytes"] >= L * unit for r in steps)
