@@ -427,6 +427,9 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
     lm = _load(cfg, torch.device("cpu") if cfg.gpu_mem else dev, None)
     records = read_jsonl(run / "trajectory.jsonl", state.get("trajectory_lines"))
     opt = build_optimizer(cfg)  # stateful optimizers rebuild each update (and their buffers) from its record
+    # replay runs no forward to hide re-applied updates behind: stream with write-back every update
+    # (the weights are the same for any interval)
+    cfg.writeback_every = 1
     engine = build_engine(cfg, lm.model, opt.num_probes(), dev)
     bind(opt, engine)
     for r in records:

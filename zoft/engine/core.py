@@ -99,6 +99,7 @@ class ZOEngine:
         self._version = 0
         self._log: dict[int, tuple[Update, int]] = {}
         self._flushing = False
+        self._partial: set[int] = set()  # units written back holding part of the pending update
         self._paused = False
         self._streamed_keys = {k for s in self.offload.streamed for k, _ in s.params} if self.offload else set()
         # examples per probe that a block runs at once (None: the probe's whole slice); the
@@ -215,10 +216,14 @@ class ZOEngine:
             held[1] = True  # a partially applied pending update reaches the master with its keys
         for k, p in params:
             self._apply_pending(k, p)
+        # a master holding part of the pending update (an earlier residency raised) cannot be
+        # caught up by re-applying it: the residency that completes it writes back too
+        partial = id(module) in self._partial
         if todo:
             s.version = self._version
-        if held[1] and not self._flushing and all(type(self._log[v][0]).apply is Update.apply
-                                                  for v in range(s.master_version + 1, s.version + 1)):
+            self._partial.discard(id(module))
+        if held[1] and not (self._flushing or partial) and all(
+                type(self._log[v][0]).apply is Update.apply for v in range(s.master_version + 1, s.version + 1)):
             held[1] = None  # seed-form updates only: the write-back may wait (``writeback_every``)
 
     def _move_state(self, store: dict[str, dict[str, torch.Tensor]], key: str, device: torch.device) -> None:
@@ -407,6 +412,9 @@ class ZOEngine:
     def _release(self, module: nn.Module) -> None:
         held = self._acquired.pop(id(module), None)
         if held is not None:
+            if held[1] is True and self._pending is not None and any(
+                    k not in self._applied for k, _ in self._unit_params[id(module)]):
+                self._partial.add(id(module))
             self.offload.release(module, held[1])
 
     # -- public step API ------------------------------------------------------------------
