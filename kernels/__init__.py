@@ -41,10 +41,23 @@ if __name__ == "kernels":
                 return spec
         return None
 
-    _spec = _installed_kernels() or _ModuleSpec("kernels", None, is_package=True)
+    def _not_installed(name: str):
+        """``from kernels import get_kernel`` on the empty package: say what is true (Hugging Face's
+        package is not installed), not Python's "cannot import name ... (unknown location)", which
+        reads like a broken install. Dunder look-ups (``getattr(m, "__version__", None)``) stay
+        plain AttributeErrors."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ModuleNotFoundError("No module named 'kernels' (Hugging Face's kernels package is not installed; "
+                                  "the kernels/ folder here is zoft's, imported as zoft.kernels)", name="kernels")
+
+    _real = _installed_kernels()
+    _spec = _real or _ModuleSpec("kernels", None, is_package=True)
     _sys.modules["kernels"] = _mod = importlib.util.module_from_spec(_spec)
-    if _spec.loader is not None:
+    if _real is not None:
         _spec.loader.exec_module(_mod)
+    else:
+        _mod.__getattr__ = _not_installed
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
