@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig
 
 from test_engine import TokenNLL, make_batch
-from tiny_models import ENCODERS, tiny_model
+from tiny_models import ENCODERS, QUANT_WIDTH, bnb_cpu_layout, tiny_model
 from zoft.engine import Probe, Streaming, Update, ZOEngine
 from zoft.engine.plan import make_plan
 from zoft.engine.precision import stochastic_round
@@ -456,23 +456,28 @@ def test_lora_streamed_equals_resident_and_uploads_only():
     assert_same_runs(*out)
 
 
-@pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_quantized_base_streams_packed_and_equals_resident(bits, tmp_path):
+@pytest.mark.parametrize("bits,cpu_layout", [("4bit", False), ("4bit", True), ("8bit", False)],
+                         ids=["4bit-canonical-cpu", "4bit-avx512bf16-cpu", "8bit"])
+def test_quantized_base_streams_packed_and_equals_resident(bits, cpu_layout, tmp_path):
     """ZO-QLoRA under streaming (issue 8): a bitsandbytes 4-/8-bit base streams its packed bytes as
     they are (upload only: the uint8/int8 weights cross the link, the small quantization
     constants stay resident), LoRA parameters are the only ones written back, losses and adapter
-    weights equal the resident engine's, and every packed byte is unchanged after training."""
+    weights equal the resident engine's, and every packed byte is unchanged after training.
+    4-bit runs under both settings of bitsandbytes' per-layer CPU-layout switch (on: what the layers
+    of an AVX512-BF16 CPU say): the engine keeps the canonical layout either way, so its views and
+    masters see the bytes they were built from."""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     from zoft.models.adapters import apply_peft
 
-    tiny_model("opt", layers=4).save_pretrained(tmp_path)
+    tiny_model("opt", layers=4, width=QUANT_WIDTH).save_pretrained(tmp_path)
     q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == "4bit"
          else BitsAndBytesConfig(load_in_8bit=True))
     out = []
     for offload in (None, Streaming("cpu", resident_blocks=0, prefetch=2)):
         base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu").eval()
+        assert bnb_cpu_layout(base, cpu_layout) == (24 if bits == "4bit" else 0)
         model = apply_peft(base, "lora", {"target_modules": ["q_proj", "v_proj"]}, seed=1)
         with torch.no_grad():
             for n, p in model.named_parameters():
