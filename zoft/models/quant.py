@@ -64,6 +64,18 @@ def import_bitsandbytes(needed_by: str) -> Any:
     return bitsandbytes
 
 
+def describe_cpu_path() -> str:
+    """One line saying which 4-bit CPU path bitsandbytes would take on this machine (CI logs)."""
+    try:
+        bnb = import_bitsandbytes("describe_cpu_path")
+    except UsageError:
+        return "bitsandbytes: not installed"
+    if bnb.functional.has_avx512bf16():
+        return (f"bitsandbytes {bnb.__version__}: this CPU has AVX512-BF16, so 4-bit layers would repack for "
+                "bitsandbytes' bf16 CPU kernel; zoft keeps the canonical layout")
+    return f"bitsandbytes {bnb.__version__}: no AVX512-BF16 on this CPU, 4-bit layers keep the canonical layout"
+
+
 def keep_canonical_layout(model: nn.Module) -> int:
     """Switch bitsandbytes' CPU-only 4-bit layout off on every ``Linear4bit`` of ``model`` and bring
     back to the canonical layout any layer already repacked; returns how many were repacked.
