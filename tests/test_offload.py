@@ -508,3 +508,42 @@ def test_quantized_base_streams_packed_and_equals_resident(bits, cpu_layout, tmp
     run_steps(eng, "opt", steps=2)
     assert eng.device_peak_bytes <= min(plan.gpu_mem_bytes, plan.peak_device_bytes)
     eng.close()
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_streamed_quantized_layers_compute_with_the_streamed_bytes(bits, tmp_path):
+    """A streamed packed block's layers must compute from the bytes that crossed the link, not from a
+    tensor bitsandbytes cached (LLM.int8() keeps its int8 weight as ``weight.CB`` and, after the first
+    forward, in the layer's matmul state). Zero every streamed packed master: the streamed engine's
+    losses (from the step after next: uploads run ahead into the next step) then equal, bitwise, a
+    resident engine's on a model whose packed weights (and 4-bit absmax, which stream too) were zeroed
+    in place by hand."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    tiny_model("opt", layers=2, width=QUANT_WIDTH).save_pretrained(tmp_path)
+    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == "4bit"
+         else BitsAndBytesConfig(load_in_8bit=True))
+    probes, batch, obj = [Probe(1, 1e-3), Probe(1, -1e-3)], make_batch("opt"), TokenNLL(True)
+    out = []
+    for offload in (None, Streaming("cpu", resident_blocks=0, prefetch=2)):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu").eval()
+        eng = ZOEngine(model, offload=offload)
+        eng.evaluate(probes, batch, obj)  # bitsandbytes' first forward (LLM.int8() caches its weight here)
+        if offload is None:
+            with torch.no_grad():
+                for blk in model.model.decoder.layers:
+                    for p in blk.parameters():
+                        if not p.dtype.is_floating_point:
+                            p.data.zero_()
+                            if getattr(p, "quant_state", None) is not None:
+                                p.quant_state.absmax.zero_()
+        else:
+            assert all(s.packed_master is not None for s in eng.offload.streamed[:2])
+            for s in eng.offload.streamed:
+                if s.packed_master is not None:
+                    s.packed_master.zero_()
+        eng.evaluate(probes, batch, obj)  # its first blocks were uploaded ahead, before the zeroing
+        out.append(eng.evaluate(probes, batch, obj))
+        eng.close()
+    assert torch.equal(out[0], out[1])

@@ -76,9 +76,21 @@ def describe_cpu_path() -> str:
     return f"bitsandbytes {bnb.__version__}: no AVX512-BF16 on this CPU, 4-bit layers keep the canonical layout"
 
 
+def _int8_reads_its_weight(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a ``Linear8bitLt``: its matmul reads the int8 weight and row scales the
+    layer holds now (``weight.data``, ``weight.SCB``: a streamed block points them into its slot)."""
+    module.state.CB, module.state.SCB = module.weight.data, module.weight.SCB
+
+
 def keep_canonical_layout(model: nn.Module) -> int:
     """Switch bitsandbytes' CPU-only 4-bit layout off on every ``Linear4bit`` of ``model`` and bring
     back to the canonical layout any layer already repacked; returns how many were repacked.
+
+    8-bit layers (``Linear8bitLt``, LLM.int8()) have one layout on every device, but keep the int8
+    weight in a second place: ``weight.CB``, which the first forward moves, with the row scales, into
+    the layer's matmul state and computes from ever after, whatever ``weight.data`` then points to. A
+    streamed block repoints ``weight.data`` into its slot on each upload, so each such layer drops
+    that second reference and reads its weight at every call (``_int8_reads_its_weight``).
 
     A repacked layer's weight bytes come back exactly (bitsandbytes' own inverse, run by
     ``state_dict``); its absmax was rounded to bf16 by the repacking, so it comes back as fp32 in
@@ -86,6 +98,12 @@ def keep_canonical_layout(model: nn.Module) -> int:
     bitsandbytes). Duck-typed: a model without bitsandbytes layers costs one pass over its modules."""
     repacked = 0
     for m in model.modules():
+        if callable(getattr(type(m), "init_8bit_state", None)) and not m.state.has_fp16_weights:
+            if m.weight.SCB is None:  # a layer that already ran: its row scales went to its state
+                m.weight.SCB = m.state.SCB
+            m.weight.CB = None  # the same tensor as weight.data, under a name the engine does not repoint
+            if _int8_reads_its_weight not in m._forward_pre_hooks.values():
+                m.register_forward_pre_hook(_int8_reads_its_weight)
         if not hasattr(m, "support_avx512bf16_for_cpu"):
             continue
         m.support_avx512bf16_for_cpu = False
