@@ -332,3 +332,10 @@ def test_peft_and_quant_runs_print_nothing_but_their_own_output(tiny_dirs, lm_fi
         assert len([x for x in err if x.startswith("MatMul8bitLt: inputs will be cast")]) == 1
         err = [x for x in err if not x.startswith("MatMul8bitLt: inputs will be cast")]
     assert err == [], err
+
+
+def test_ci_line_names_the_cpu_path_this_machine_takes():
+    from zoft.models.quant import describe_cpu_path
+
+    line = describe_cpu_path()
+    assert bnb.__version__ in line and ("has AVX512-BF16" in line) == bool(bnb.functional.has_avx512bf16())
