@@ -42,11 +42,11 @@ if __name__ == "kernels":
         return None
 
     def _not_installed(name: str):
-        """``from kernels import get_kernel`` on the empty package: say what is true (Hugging Face's
-        package is not installed), not Python's "cannot import name ... (unknown location)", which
-        reads like a broken install. Dunder look-ups (``getattr(m, "__version__", None)``) stay
-        plain AttributeErrors."""
-        if name.startswith("__"):
+        """``from kernels import get_kernel`` (bitsandbytes' probe) on the empty package: say what is
+        true (Hugging Face's package is not installed), not Python's "cannot import name ...
+        (unknown location)", which reads like a broken install. Only the Hub loaders answer so; any
+        other look-up stays a plain AttributeError (``hasattr`` / ``getattr(m, x, None)`` probes)."""
+        if name not in ("get_kernel", "get_local_kernel", "has_kernel", "load_kernel"):
             raise AttributeError(name)
         raise ModuleNotFoundError("No module named 'kernels' (Hugging Face's kernels package is not installed; "
                                   "the kernels/ folder here is zoft's, imported as zoft.kernels)", name="kernels")

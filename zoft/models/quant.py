@@ -1,4 +1,4 @@
-"""bitsandbytes bases: imported only on quantized paths, always in their canonical (saved) layout.
+"""bitsandbytes bases: imported only on the paths that use them, always in their canonical (saved) layout.
 
 bitsandbytes (0.50) has a second, CPU-only layout for 4-bit weights. On a CPU with AVX512-BF16
 (``bitsandbytes.functional.has_avx512bf16()``, copied into each ``Linear4bit`` as
@@ -19,6 +19,10 @@ So zoft keeps the canonical layout everywhere: ``keep_canonical_layout`` switche
 per layer (bitsandbytes' own per-layer flag; nothing global is patched) and converts back any layer
 already repacked (a model evaluated before it reached zoft). Every device then runs the same bytes
 and the same fp32 (compute-dtype) matmul, and any layer shape bitsandbytes quantizes works.
+
+8-bit layers (LLM.int8()) have one layout everywhere but cache their int8 weight beside
+``weight.data``; ``keep_canonical_layout`` makes them read the weight they hold at each call, so a
+streamed block computes from the bytes it uploaded.
 
 ``quiet_import`` keeps bitsandbytes' import-time probe quiet: on such a CPU its CPU backend tries
 Hugging Face's ``kernels`` package for a fused kernel of that CPU layout and logs a warning when it is
