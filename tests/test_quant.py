@@ -309,11 +309,14 @@ def run_in_repo_root(code: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_importing_zoft_imports_neither_bitsandbytes_nor_peft():
+def test_importing_zoft_imports_neither_bitsandbytes_nor_peft_and_the_integrations_print_nothing():
     code = ("import sys, zoft, zoft.cli, zoft.train, zoft.unlearn, zoft.eval, zoft.models.adapters\n"
             "print(sorted(m for m in ('bitsandbytes', 'peft') if m in sys.modules))")
     proc = run_in_repo_root(code)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]" and proc.stderr.strip() == "", proc.stderr[-2000:]
+    # the integrations import transformers' Trainer and trl, which import peft and so bitsandbytes: silently
+    proc = run_in_repo_root("import zoft.integrations.trainer, zoft.integrations.sft")
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("extra", [[], ["--quant", "4bit"], ["--quant", "8bit"]], ids=["peft", "4bit", "8bit"])
