@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig
 
 from test_engine import TokenNLL, make_batch
-from tiny_models import ENCODERS, tiny_model
+from tiny_models import ENCODERS, QUANT_WIDTH, bnb_cpu_layout, tiny_model
 from zoft.engine import Probe, Streaming, Update, ZOEngine
 from zoft.engine.plan import make_plan
 from zoft.engine.precision import stochastic_round
@@ -463,23 +463,28 @@ def test_lora_streamed_equals_resident_and_uploads_only():
     assert_same_runs(*out)
 
 
-@pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_quantized_base_streams_packed_and_equals_resident(bits, tmp_path):
+@pytest.mark.parametrize("bits,cpu_layout", [("4bit", False), ("4bit", True), ("8bit", False)],
+                         ids=["4bit-canonical-cpu", "4bit-avx512bf16-cpu", "8bit"])
+def test_quantized_base_streams_packed_and_equals_resident(bits, cpu_layout, tmp_path):
     """ZO-QLoRA under streaming (issue 8): a bitsandbytes 4-/8-bit base streams its packed bytes as
     they are (upload only: the uint8/int8 weights cross the link, the small quantization
     constants stay resident), LoRA parameters are the only ones written back, losses and adapter
-    weights equal the resident engine's, and every packed byte is unchanged after training."""
+    weights equal the resident engine's, and every packed byte is unchanged after training.
+    4-bit runs under both settings of bitsandbytes' per-layer CPU-layout switch (on: what the layers
+    of an AVX512-BF16 CPU say): the engine keeps the canonical layout either way, so its views and
+    masters see the bytes they were built from."""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     from zoft.models.adapters import apply_peft
 
-    tiny_model("opt", layers=4).save_pretrained(tmp_path)
+    tiny_model("opt", layers=4, width=QUANT_WIDTH).save_pretrained(tmp_path)
     q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == "4bit"
          else BitsAndBytesConfig(load_in_8bit=True))
     out = []
     for offload in (None, Streaming("cpu", resident_blocks=0, prefetch=2)):
         base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu").eval()
+        assert bnb_cpu_layout(base, cpu_layout) == (24 if bits == "4bit" else 0)
         model = apply_peft(base, "lora", {"target_modules": ["q_proj", "v_proj"]}, seed=1)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -760,3 +765,42 @@ def test_an_update_interrupted_mid_unit_is_never_applied_twice():
     ref.close()
     eng.close()
     assert_same_weights(model, ref_model)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_streamed_quantized_layers_compute_with_the_streamed_bytes(bits, tmp_path):
+    """A streamed packed block's layers must compute from the bytes that crossed the link, not from a
+    tensor bitsandbytes cached (LLM.int8() keeps its int8 weight as ``weight.CB`` and, after the first
+    forward, in the layer's matmul state). Zero every streamed packed master: the streamed engine's
+    losses (from the step after next: uploads run ahead into the next step) then equal, bitwise, a
+    resident engine's on a model whose packed weights (and 4-bit absmax, which stream too) were zeroed
+    in place by hand."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    tiny_model("opt", layers=2, width=QUANT_WIDTH).save_pretrained(tmp_path)
+    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == "4bit"
+         else BitsAndBytesConfig(load_in_8bit=True))
+    probes, batch, obj = [Probe(1, 1e-3), Probe(1, -1e-3)], make_batch("opt"), TokenNLL(True)
+    out = []
+    for offload in (None, Streaming("cpu", resident_blocks=0, prefetch=2)):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu").eval()
+        eng = ZOEngine(model, offload=offload)
+        eng.evaluate(probes, batch, obj)  # bitsandbytes' first forward (LLM.int8() caches its weight here)
+        if offload is None:
+            with torch.no_grad():
+                for blk in model.model.decoder.layers:
+                    for p in blk.parameters():
+                        if not p.dtype.is_floating_point:
+                            p.data.zero_()
+                            if getattr(p, "quant_state", None) is not None:
+                                p.quant_state.absmax.zero_()
+        else:
+            assert all(s.packed_master is not None for s in eng.offload.streamed[:2])
+            for s in eng.offload.streamed:
+                if s.packed_master is not None:
+                    s.packed_master.zero_()
+        eng.evaluate(probes, batch, obj)  # its first blocks were uploaded ahead, before the zeroing
+        out.append(eng.evaluate(probes, batch, obj))
+        eng.close()
+    assert torch.equal(out[0], out[1])

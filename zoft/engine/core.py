@@ -30,6 +30,7 @@ from zoft.engine.offload import Meter, Offloader, tensor_bytes
 from zoft.engine.precision import stochastic_round_, update_bytes
 from zoft.engine.probes import Probe, Update, combine_outputs, split_args
 from zoft.models.layout import Layout, Unit, discover_layout
+from zoft.models.quant import keep_canonical_layout
 from zoft.noise import NoiseBackend, key_hash, make_noise, mix
 
 # MeZO skips weight decay for names containing "bias", "layer_norm", "layernorm"; "norm" and
@@ -84,6 +85,7 @@ class ZOEngine:
                  no_decay: Sequence[str] = NO_DECAY, layout: Layout | None = None,
                  offload: Any = None, micro_batch: int | None = None):
         self.model = model
+        keep_canonical_layout(model)  # bitsandbytes 4-bit layers: one layout on every CPU, before any view
         self.layout = layout or discover_layout(model)
         self.noise = noise or make_noise()
         self.meter = Meter()  # bytes on the device that the engine and the scheduler own
