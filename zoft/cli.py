@@ -27,6 +27,8 @@ _HELP = {
                "not fit stream from CPU RAM (on --device cpu: the CPU twin with byte accounting)",
     "transfer": "codec of streamed blocks: same (master bytes), bf16/fp16 (fp32 masters), int8 (per-block "
                 "absmax; the forward sees the codec's rounding, updates reach the master exactly)",
+    "writeback_every": "write a streamed block back to its CPU master once per K updates (the device "
+                       "re-applies the missing ones after each upload; default: the planner's K)",
     "train": "JSONL/CSV/TSV/JSON file, datasets save_to_disk folder or hf:NAME[:CONFIG]:SPLIT (default: the "
              "built-in sentiment set)",
     "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config), or "
@@ -79,7 +81,7 @@ _HELP = {
 _SKIP = {"task_options", "optimizer_options", "peft_options", "quant_options", "progress"}
 # finetune's flags that `zoft plan` takes too: they shape the plan, and resolve the same way
 _PLAN_FLAGS = ("model", "device", "dtype", "gpu_mem", "transfer", "task", "train", "max_length", "optimizer",
-               "n_queries", "one_sided", "peft", "quant", "batch_size")
+               "n_queries", "one_sided", "peft", "quant", "batch_size", "writeback_every")
 
 
 def _add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
@@ -214,6 +216,8 @@ def _add_plan(sub) -> None:
                    help="eager materialises the attention scores")
     p.add_argument("--scratch", choices=("unit", "fused"), default="unit",
                    help="perturbation scratch: unit (today's engine: z + perturbed copy) or fused (copy only)")
+    p.add_argument("--regen-gbps", type=float, default=800.0,
+                   help="GB of weights per second the device re-applies one update to (deferred write-back)")
     p.add_argument("--json", help="also write the plan as JSON to this file")
     p.set_defaults(func=_run_plan)
 
@@ -224,12 +228,12 @@ def _run_plan(args: argparse.Namespace) -> int:
     from zoft.engine.plan import plan_json
     from zoft.resolve import format_run, resolve_run
 
-    what_if = ("num_probes", "h2d_gbps", "tflops", "attention", "scratch", "json")
+    what_if = ("num_probes", "h2d_gbps", "tflops", "attention", "scratch", "regen_gbps", "json")
     cfg = _train_config(args, what_if)
     if cfg.gpu_mem is None:
         raise UsageError("zoft plan needs --gpu-mem SIZE (e.g. 18GB)")
     run = resolve_run(cfg, args.num_probes, h2d_gbps=args.h2d_gbps, tflops=args.tflops,
-                      attention=args.attention, scratch=args.scratch)
+                      attention=args.attention, scratch=args.scratch, regen_gbps=args.regen_gbps)
     print(format_run(run))
     if args.json:
         Path(args.json).write_text(plan_json(run.plan) + "\n")

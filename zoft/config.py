@@ -46,6 +46,7 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the checkpoint's on CUDA, fp32 on CPU
     gpu_mem: str | None = None  # "18GB" = 18e9 bytes, "16GiB" = 16 * 2^30 bytes
     transfer: Literal["same", "bf16", "fp16", "int8"] = "same"  # codec of streamed blocks (with gpu_mem)
+    writeback_every: int | None = None  # streamed blocks: write back once per K updates (None: planned)
     # task and data
     task: Literal["lm", "sst2", "classify", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record", "squad",
                   "drop", "sst5", "snli", "mnli", "trec"] = "sst2"
@@ -105,6 +106,8 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
         if not self.dist_timeout > 0:
             raise UsageError("--dist-timeout must be > 0 seconds")
+        if self.writeback_every is not None and self.writeback_every < 1:
+            raise UsageError("--writeback-every must be >= 1")
         if self.eps <= 0 or self.lr < 0:
             raise UsageError("--eps must be > 0 and --lr >= 0")
         if self.gpu_mem is not None:

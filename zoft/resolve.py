@@ -122,7 +122,8 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
     try:
         plan = None if cfg.gpu_mem is None else make_plan(
             name, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length, num_probes=probes, dtype=dtype,
-            transfer=cfg.transfer, adapters=cfg.peft != "none", quant=cfg.quant, rows=rows, **plan_options)
+            transfer=cfg.transfer, adapters=cfg.peft != "none", quant=cfg.quant, rows=rows,
+            writeback_every=cfg.writeback_every, **plan_options)
     except UsageError as e:
         if cfg.dtype == "auto" and device == "cpu" and cuda != dtype:  # sizing a GPU run on a laptop
             raise UsageError(f"{e} (planned in {dtype}, --dtype auto on CPU; --device cuda plans a GPU run, "
