@@ -226,10 +226,10 @@ def test_writeback_every_minimises_the_bound():
 
 
 def test_cli_shows_writeback_every(capsys):
-    assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GB", "--writeback-every", "4"]) == 0
+    assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GB", "--device", "cuda", "--writeback-every", "4"]) == 0
     text = capsys.readouterr().out
     assert "write-back       every 4 steps" in text and "re-apply" in text
-    assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GB", "--writeback-every", "0"]) == 2
+    assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GB", "--device", "cuda", "--writeback-every", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "zoft: error: --writeback-every must be >= 1"
     from zoft.config import TrainConfig
