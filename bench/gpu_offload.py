@@ -38,7 +38,7 @@ from zoft.engine import Probe, Streaming, Update, ZOEngine
 from zoft.engine.plan import make_plan
 from zoft.models import resolve
 
-ZO2_PEAK_GB = {"opt-6.7b": 4.99}  # ALGORITHMS.md: ZO2, OPT-6.7B, batch 1 x 2048, fp16
+ZO2_PEAK_GB = {"opt-6.7b": 4.99}  # ZO2 paper (arXiv 2503.12668): OPT-6.7B, batch 1 x 2048, fp16
 
 
 class NextTokenLoss:

@@ -179,7 +179,7 @@ def test_cli_gib_and_opt30b(capsys):
 
 
 def test_reproduces_published_estimates():
-    # ALGORITHMS.md, OPT-30B, 16 x 256, bf16 transfer at 55 GB/s: compute ~0.7 s, H2D ~1.08 s
+    # back-of-envelope for OPT-30B, 16 x 256, bf16 transfer at 55 GB/s: compute ~0.7 s, H2D ~1.08 s
     p = make_plan("opt-30b", "13.4GB", batch_size=16, max_length=256, tflops=700, h2d_gbps=55,
                   transfer="bf16", write_back=False)
     assert p.resident_blocks == 0
