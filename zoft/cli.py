@@ -19,8 +19,7 @@ import typing
 from zoft.errors import UsageError, ZoftError
 
 _HELP = {
-    "model": "alias (opt-125m ... opt-175b, llama-2-7b, qwen3-0.6b, ...), local directory or hub id; "
-             "default: the embedded pretrained MiniLM demo",
+    "model": "alias (opt-125m ... opt-175b, llama-2-7b, qwen3-0.6b, ...), local directory or hub id",
     "random_init": "build the weights from the config alone (benchmarks, tests)",
     "gpu_mem": "device memory budget: 18GB (10^9 bytes), 16GiB (2^30 bytes) or plain bytes; blocks that do "
                "not fit stream from CPU RAM (on --device cpu: the CPU twin with byte accounting)",
@@ -80,6 +79,8 @@ def _add_finetune(sub) -> None:
         tp = hints[f.name]
         args = typing.get_args(tp)
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": _HELP.get(f.name)}
+        if f.name == "model":
+            kw["help"] += "; default: the embedded pretrained MiniLM demo"
         if tp is bool:
             kw["action"] = "store_true"
         elif typing.get_origin(tp) is list:

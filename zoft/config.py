@@ -62,8 +62,8 @@ def check_numbers(values: dict[str, Any], ranges: dict[str, Range]) -> None:
         ok = math.isfinite(v) and (rng.lo is None or (v > rng.lo if rng.lo_open else v >= rng.lo)) \
             and (rng.hi is None or v <= rng.hi)
         if not ok:
-            kind = "an integer" if isinstance(v, int) else "a finite number"
-            raise UsageError(f"--{name.replace('_', '-')} must be {kind} {rng}, not {v!r}")
+            finite = "" if isinstance(v, int) else " and finite"
+            raise UsageError(f"--{name.replace('_', '-')} must be {rng}{finite}, not {v!r}")
 
 
 @dataclass

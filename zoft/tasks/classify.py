@@ -118,8 +118,10 @@ class ClassifyTask:
             if "mask" not in fields:
                 template += " {mask}"
         elif "mask" in fields:
+            from zoft.models.loading import kind_phrase
+
             raise UsageError(f"template {template!r} has {{mask}}, which only masked LMs fill; "
-                             f"a {kind} model scores the words after the prompt")
+                             f"{kind_phrase(kind)} scores the words after the prompt")
         self.template = template
         self.fields = [f for f in fields if f != "mask"]
         self.text_fields = list(text_fields) if text_fields is not None else self.fields

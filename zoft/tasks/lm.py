@@ -102,7 +102,9 @@ class LMTask:
 
     def __init__(self, tokenizer, kind: str, max_length: int, text_field: str = "text"):
         if kind != "causal":
-            raise UsageError(f"task 'lm' needs a causal language model, not a {kind} model; "
+            from zoft.models.loading import kind_phrase
+
+            raise UsageError(f"task 'lm' needs a causal language model, not {kind_phrase(kind)}; "
                              "use task 'sst2' or 'classify' for masked LMs and encoders")
         self.tokenizer = tokenizer
         self.max_length = max_length
