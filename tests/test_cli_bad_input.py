@@ -106,11 +106,11 @@ def test_plan_numbers_are_checked(capsys):
 def test_eval_and_unlearn_numbers_are_checked(tmp_path, capsys):
     d = tmp_path / "d"
     d.mkdir()
-    assert "--limit must be >= 1, not 0" in error(capsys, ["eval", "wmdp", "--model", "m", "--data", d, "--limit", "0"])
     assert "--retrain-auc must be >= 0 and <= 1 and finite" in error(
         capsys, ["eval", "muse", "--model", "m", "--data", d, "--retrain-auc", "nan"])
     assert "--lr must be >= 0 and finite, not inf" in error(
         capsys, ["unlearn", "--model", "m", "--forget", d / "f.txt", "--lr", "inf"])
+    assert "--limit must be >= 1, not 0" in error(capsys, ["eval", "wmdp", "--model", "m", "--data", d, "--limit", "0"])
 
 
 def test_an_update_the_weights_cannot_hold_stops_and_leaves_a_reusable_directory(model_dir, data, tmp_path):

@@ -385,7 +385,7 @@ def _secs(t: float) -> str:
 def format_plan(p: Plan) -> str:
     """A short human table (kB, MB, GB: powers of 10^3 bytes)."""
     def gb(n: int) -> str:
-        return f"{human_bytes(n):>10}"
+        return f"{human_bytes(n):>11}"
 
     res = f"blocks 0-{p.resident_blocks - 1}" if p.resident_blocks else "none"
     rows = [
