@@ -16,31 +16,13 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import make_tiny_tokenizer
-from tiny_models import tiny_model
+from test_train_cli import TEXTS, lm_data, tiny_dir  # noqa: F401 - fixtures: a tiny OPT (128 positions), 6 texts
 from zoft.cli import main
 from zoft.config import parse_size
 
-TEXTS = ["the movie was great and the acting was wonderful", "an awful waste of time",
-         "a fine film with a lovely cast", "the plot was boring", "hello world", "It was great."]
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-opt")  # 128 positions
-    tiny_model("opt").save_pretrained(d)
-    make_tiny_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    f = tmp_path_factory.mktemp("data") / "train.jsonl"
-    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    return f
-
-
-def O(model_dir, data, out, *extra, steps=1):  # noqa: N802 - the issue's "O"
-    return ["finetune", "--model", str(model_dir), "--task", "lm", "--train", str(data), "--batch-size", "2",
+def O(model, data, out, *extra, steps=1):  # noqa: N802 - the issue's "O"
+    return ["finetune", "--model", str(model), "--task", "lm", "--train", str(data), "--batch-size", "2",
             "--max-length", "32", "--steps", str(steps), "--lr", "1e-3", "--output-dir", str(out), "--no-progress",
             *extra]
 
@@ -80,18 +62,18 @@ def weights(d: Path) -> dict:
 
 
 # -- the rule for numbers --------------------------------------------------------------------
-def test_non_finite_numbers_are_refused_not_trained_on(model_dir, data, tmp_path, capsys):
+def test_non_finite_numbers_are_refused_not_trained_on(tiny_dir, lm_data, tmp_path, capsys):
     """Item 1: `--lr nan` exited 0 with NaN weights. Now every numeric flag is finite and in range."""
     out = tmp_path / "r"
-    msg = one_line(zoft(*O(model_dir, data, out, "--lr", "nan")))
+    msg = one_line(zoft(*O(tiny_dir, lm_data, out, "--lr", "nan")))
     assert "--lr must be >= 0 and finite, not nan" in msg
     assert not out.exists()  # refused before anything was written
     for flag, value in [("--lr", "inf"), ("--weight-decay", "nan"), ("--eps", "nan"), ("--eps", "-inf"),
                         ("--dist-timeout", "nan")]:
-        assert f"{flag} must be" in error(capsys, O(model_dir, data, out, f"{flag}={value}")), flag
+        assert f"{flag} must be" in error(capsys, O(tiny_dir, lm_data, out, f"{flag}={value}")), flag
     cfg = tmp_path / "c.yaml"  # a config-file key meets the same rule, named as its flag
     cfg.write_text("weight_decay: .nan\n")
-    assert "--weight-decay must be >= 0 and finite" in error(capsys, O(model_dir, data, out, "--config", cfg))
+    assert "--weight-decay must be >= 0 and finite" in error(capsys, O(tiny_dir, lm_data, out, "--config", cfg))
 
 
 def test_plan_numbers_are_checked(capsys):
@@ -113,22 +95,22 @@ def test_eval_and_unlearn_numbers_are_checked(tmp_path, capsys):
     assert "--limit must be >= 1, not 0" in error(capsys, ["eval", "wmdp", "--model", "m", "--data", d, "--limit", "0"])
 
 
-def test_an_update_the_weights_cannot_hold_stops_and_leaves_a_reusable_directory(model_dir, data, tmp_path):
+def test_an_update_the_weights_cannot_hold_stops_and_leaves_a_reusable_directory(tiny_dir, lm_data, tmp_path):
     """Item 6: `--lr 1e300` crashed in the noise axpy ('without overflow') and left a directory
     that was neither reusable nor resumable."""
     out = tmp_path / "r"
-    msg = one_line(zoft(*O(model_dir, data, out, "--lr", "1e300")), code=1)
+    msg = one_line(zoft(*O(tiny_dir, lm_data, out, "--lr", "1e300")), code=1)
     assert re.search(r"step 0: an update coefficient of \S+ overflows the float32 weights .*lower --lr", msg), msg
     assert not (out / "trajectory.jsonl").exists()  # nothing applied, nothing recorded
-    proc = zoft(*O(model_dir, data, out))  # a rerun takes the directory over
+    proc = zoft(*O(tiny_dir, lm_data, out))  # a rerun takes the directory over
     assert proc.returncode == 0 and "done: 1 steps" in proc.stdout, proc.stderr
 
 
 # -- the rule for output directories -----------------------------------------------------------
-def test_replay_never_overwrites(model_dir, data, tmp_path, capsys):
+def test_replay_never_overwrites(tiny_dir, lm_data, tmp_path, capsys):
     """Item 3: replay wrote over any directory, even another run's checkpoint or the run itself."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert cli(O(model_dir, data, a, steps=2)) == 0 and cli(O(model_dir, data, b, "--seed", "1", steps=2)) == 0
+    assert cli(O(tiny_dir, lm_data, a, steps=2)) == 0 and cli(O(tiny_dir, lm_data, b, "--seed", "1", steps=2)) == 0
     before = weights(b / "checkpoint")
     msg = one_line(zoft("replay", a, "--output", b / "checkpoint"))
     assert "is not empty" in msg and "choose a new or empty --output" in msg
@@ -143,74 +125,74 @@ def test_replay_never_overwrites(model_dir, data, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
-def test_finetune_output_directory_rule(model_dir, data, tmp_path, capsys):
+def test_finetune_output_directory_rule(tiny_dir, lm_data, tmp_path, capsys):
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
-    msg = error(capsys, O(model_dir, data, foreign))
+    msg = error(capsys, O(tiny_dir, lm_data, foreign))
     assert "is not empty (thesis.tex) and holds no zoft run" in msg
     assert (foreign / "thesis.tex").read_text() == "precious"
     run = tmp_path / "run"
-    assert cli(O(model_dir, data, run)) == 0
-    assert "already holds a run; pass --resume" in error(capsys, O(model_dir, data, run))
+    assert cli(O(tiny_dir, lm_data, run)) == 0
+    assert "already holds a run; pass --resume" in error(capsys, O(tiny_dir, lm_data, run))
 
 
 # -- resume --------------------------------------------------------------------------------------
-def test_resume_refuses_fewer_steps(model_dir, data, tmp_path, capsys):
+def test_resume_refuses_fewer_steps(tiny_dir, lm_data, tmp_path, capsys):
     """Item 2: `--steps 3 --resume` on a 6-step run rewrote state.json to step 3 over step-6 weights."""
     out = tmp_path / "r"
-    assert cli(O(model_dir, data, out, "--eval", data, steps=6)) == 0
+    assert cli(O(tiny_dir, lm_data, out, "--eval", lm_data, steps=6)) == 0
     files = {p: (out / p).read_bytes() for p in ("metrics.jsonl", "trajectory.jsonl", "checkpoint/state.json")}
-    msg = one_line(zoft(*O(model_dir, data, out, "--eval", data, "--resume", steps=3)))
+    msg = one_line(zoft(*O(tiny_dir, lm_data, out, "--eval", lm_data, "--resume", steps=3)))
     assert "--resume with --steps 3, but the checkpoint in" in msg and "is at step 6; give --steps 6 or more" in msg
     assert all((out / p).read_bytes() == b for p, b in files.items())
     # Item 11: resuming the finished run is a no-op, not a second final eval line
-    assert cli(O(model_dir, data, out, "--eval", data, "--resume", steps=6)) == 0
+    assert cli(O(tiny_dir, lm_data, out, "--eval", lm_data, "--resume", steps=6)) == 0
     assert "done: 6 steps" in capsys.readouterr().out
     assert all((out / p).read_bytes() == files[p] for p in ("metrics.jsonl", "trajectory.jsonl"))
 
 
-def test_resume_under_a_decaying_schedule_keeps_its_steps(model_dir, data, tmp_path, capsys):
+def test_resume_under_a_decaying_schedule_keeps_its_steps(tiny_dir, lm_data, tmp_path, capsys):
     """Item 10: linear over 4 steps resumed to 6 made the lr jump back up (2.5e-5 then 3.33e-5).
     A decaying schedule spreads over --steps, so resume refuses a new total; constant extends."""
     out = tmp_path / "r"
-    assert cli(O(model_dir, data, out, "--schedule", "linear", "--lr", "1e-4", steps=4)) == 0
-    msg = error(capsys, O(model_dir, data, out, "--schedule", "linear", "--lr", "1e-4", "--resume", steps=6))
+    assert cli(O(tiny_dir, lm_data, out, "--schedule", "linear", "--lr", "1e-4", steps=4)) == 0
+    msg = error(capsys, O(tiny_dir, lm_data, out, "--schedule", "linear", "--lr", "1e-4", "--resume", steps=6))
     assert "--resume with --steps 6 under --schedule linear" in msg and "resume with --steps 4" in msg
     lrs = [m["lr"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert lrs == pytest.approx([1e-4, 7.5e-5, 5e-5, 2.5e-5])  # linear to 0 at step 4, unchanged
 
 
 # -- refusals that name the fix -----------------------------------------------------------------
-def test_nothing_to_train_is_refused(model_dir, data, tmp_path, capsys):
+def test_nothing_to_train_is_refused(tiny_dir, lm_data, tmp_path, capsys):
     """Item 9: every parameter frozen ran a no-op training with exit 0."""
     for extra in (["--freeze", "."], ["--trainable", "bias", "--freeze", "bias"]):
-        assert "nothing to train: every parameter is frozen" in error(capsys, O(model_dir, data, tmp_path / "r", *extra))
+        assert "nothing to train: every parameter is frozen" in error(capsys, O(tiny_dir, lm_data, tmp_path / "r", *extra))
     assert not (tmp_path / "r").exists()  # a refused run leaves no directory behind
 
 
-def test_limits_known_from_the_model_and_data(model_dir, tmp_path, capsys):
+def test_limits_known_from_the_model_and_data(tiny_dir, tmp_path, capsys):
     """Item 5: --max-length beyond the positions was an IndexError; item 12: --batch-size beyond
     the data silently repeated examples."""
     long = tmp_path / "long.jsonl"
     long.write_text("".join(json.dumps({"text": " ".join([t] * 40)}) + "\n" for t in TEXTS))
-    msg = error(capsys, O(model_dir, long, tmp_path / "r", "--max-length", "100000"))
+    msg = error(capsys, O(tiny_dir, long, tmp_path / "r", "--max-length", "100000"))
     assert "--max-length 100000 is beyond" in msg and "128 positions; give --max-length 128 or less" in msg
-    msg = error(capsys, O(model_dir, long, tmp_path / "r", "--batch-size", "100000"))
+    msg = error(capsys, O(tiny_dir, long, tmp_path / "r", "--batch-size", "100000"))
     assert "--batch-size 100000 is more than the 6 training examples" in msg
 
 
-def test_flag_combinations_and_config_paths(model_dir, data, tmp_path, capsys):
+def test_flag_combinations_and_config_paths(tiny_dir, lm_data, tmp_path, capsys):
     # item 16: the codec only exists for streamed blocks
     assert "--transfer int8 is the codec of blocks streamed under --gpu-mem" in error(
-        capsys, O(model_dir, data, tmp_path / "r", "--transfer", "int8"))
+        capsys, O(tiny_dir, lm_data, tmp_path / "r", "--transfer", "int8"))
     # item 17: a directory is not "missing"
-    assert f"config file '{tmp_path}' is a directory" in error(capsys, O(model_dir, data, tmp_path / "r",
+    assert f"config file '{tmp_path}' is a directory" in error(capsys, O(tiny_dir, lm_data, tmp_path / "r",
                                                                           "--config", tmp_path))
     # item 18: a null field is null, not missing
     null = tmp_path / "null.jsonl"
     null.write_text('{"text": "fine"}\n{"text": null}\n')
-    msg = error(capsys, O(model_dir, null, tmp_path / "r"))
+    msg = error(capsys, O(tiny_dir, null, tmp_path / "r"))
     assert "null.jsonl line 2: field 'text' is null" in msg and "missing" not in msg
 
 
@@ -236,7 +218,7 @@ def test_encoder_messages(tmp_path, capsys):
     assert "not an encoder" in msg
 
 
-def test_olmo_lora_message_names_the_real_option(data, tmp_path, capsys):
+def test_olmo_lora_message_names_the_real_option(lm_data, tmp_path, capsys):
     """Item 13: the message pointed at a `--peft-options` flag that does not exist."""
     from transformers import AutoModelForCausalLM, OlmoConfig
 
@@ -245,23 +227,23 @@ def test_olmo_lora_message_names_the_real_option(data, tmp_path, capsys):
                                                 num_attention_heads=4, intermediate_size=64,
                                                 max_position_embeddings=128, eos_token_id=2)).save_pretrained(d)
     make_tiny_tokenizer().save_pretrained(d)
-    msg = error(capsys, O(d, data, tmp_path / "r", "--peft", "lora"))
+    msg = error(capsys, O(d, lm_data, tmp_path / "r", "--peft", "lora"))
     assert "set target_modules under peft_options: in a --config file" in msg and "--peft-options" not in msg
 
 
 # -- zoft plan prints what a user can read ----------------------------------------------------
-def test_plan_help_and_human_units(model_dir, tmp_path, capsys):
+def test_plan_help_and_human_units(tiny_dir, tmp_path, capsys):
     """Item 14: `plan --help` promised a default model; item 15: small models printed 0.00B
     params, 0.00 GB everywhere and "needs 0.01 GB" refusals."""
     with pytest.raises(SystemExit):
         cli(["plan", "--help"])
     assert "MiniLM" not in capsys.readouterr().out
-    assert cli(["plan", "--model", model_dir, "--gpu-mem", "1GB"]) == 0
+    assert cli(["plan", "--model", tiny_dir, "--gpu-mem", "1GB"]) == 0
     text = capsys.readouterr().out
     assert "0.00" not in text, text
     assert re.search(r"\(\d+\.\d\dk params, 2 blocks\)", text) and " kB" in text and " MB" in text, text
-    msg = error(capsys, ["plan", "--model", model_dir, "--gpu-mem", "100kB"])
+    msg = error(capsys, ["plan", "--model", tiny_dir, "--gpu-mem", "100kB"])
     named = re.search(r"the smallest plan needs (\d+\.\d\d) (kB|MB) ", msg)
     assert named, msg
-    assert cli(["plan", "--model", model_dir, "--gpu-mem", "".join(named.groups())]) == 0  # the named budget fits
+    assert cli(["plan", "--model", tiny_dir, "--gpu-mem", "".join(named.groups())]) == 0  # the named budget fits
     assert parse_size("".join(named.groups())) < 10**8
