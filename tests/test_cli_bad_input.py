@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,8 +134,13 @@ def test_finetune_output_directory_rule(tiny_dir, lm_data, tmp_path, capsys):
     assert "is not empty (thesis.tex) and holds no zoft run" in msg
     assert (foreign / "thesis.tex").read_text() == "precious"
     run = tmp_path / "run"
-    assert cli(O(tiny_dir, lm_data, run)) == 0
+    assert cli(O(tiny_dir, lm_data, run, steps=3)) == 0
     assert "already holds a run; pass --resume" in error(capsys, O(tiny_dir, lm_data, run))
+    # a run that died before its first checkpoint left its logs only: a rerun takes them over
+    shutil.rmtree(run / "checkpoint")
+    assert "nothing to resume" in error(capsys, O(tiny_dir, lm_data, run, "--resume"))
+    assert cli(O(tiny_dir, lm_data, run, steps=2)) == 0
+    assert len((run / "trajectory.jsonl").read_text().splitlines()) == 2  # the new run's lines alone
 
 
 # -- resume --------------------------------------------------------------------------------------
