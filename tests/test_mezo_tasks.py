@@ -363,7 +363,8 @@ def minilm_tok():
 
 
 @pytest.mark.parametrize("name,row,text,label", [
-    # *cls**sent_0*_It_was*mask*.*sep+*
+    # *cls**sent_0*_It_was*mask*.*sep+* (sst2 on a masked LM is the k-shot task, not a template of its own)
+    ("sst2", {"sentence": "a gorgeous film .", "label": 1}, "[CLS] a gorgeous film. it was [MASK]. [SEP]", 1),
     ("sst5", {"text": "a gorgeous film .", "label": 4}, "[CLS] a gorgeous film. it was [MASK]. [SEP]", 4),
     # *cls**sent-_0*?*mask*,*+sentl_1**sep+*: the premise loses its last character, the
     # hypothesis starts lower-case
@@ -380,11 +381,45 @@ def test_kshot_rows_render_to_lmbff_tokens(minilm_tok, name, row, text, label):
     assert minilm_tok.decode(b.inputs["input_ids"][0]) == text
     assert b.targets["label"].tolist() == [label]
     assert b.inputs["input_ids"][0, b.targets["mask_pos"][0]] == minilm_tok.mask_token_id
-    words = {"sst5": ["terrible", "bad", "okay", "good", "great"], "mnli": ["yes", "maybe", "no"],
-             "rte": ["yes", "no"], "trec": ["expression", "entity", "description", "human", "location", "number"]}
+    words = {"sst2": ["terrible", "great"], "sst5": ["terrible", "bad", "okay", "good", "great"],
+             "mnli": ["yes", "maybe", "no"], "rte": ["yes", "no"],
+             "trec": ["expression", "entity", "description", "human", "location", "number"]}
     assert task.word_ids.tolist() == minilm_tok.convert_tokens_to_ids(words[name])
     with pytest.raises(UsageError, match="needs a masked LM"):
-        make_task(name if name != "rte" else "sst5", make_tiny_tokenizer(), "causal", 64)
+        make_task(name if name not in ("sst2", "rte") else "sst5", make_tiny_tokenizer(), "causal", 64)
+
+
+def test_trec_words_follow_hugging_faces_coarse_label_names():
+    """HF trec's coarse_label i is _COARSE_LABELS[i]; LM-BFF gives its words per class name."""
+    from zoft.tasks.mezo import KSHOT_TASKS, TREC_CLASSES
+
+    assert TREC_CLASSES == ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM")  # HF trec.py _COARSE_LABELS
+    words = KSHOT_TASKS["trec"].words
+    assert {TREC_CLASSES[i]: w for i, w in words.items()} == {
+        "ABBR": "Expression", "ENTY": "Entity", "DESC": "Description", "HUM": "Human", "LOC": "Location",
+        "NUM": "Number"}  # LM-BFF's run_fewshot.sh, by class
+
+
+def test_kshot_truncation_is_lmbffs(minilm_tok):
+    """LM-BFF (no demonstrations): sentence parts cut to first_sent_limit / other_sent_limit, then
+    the whole cut to its first max_length tokens (the tail goes, [CLS] and the mask stay)."""
+    enc = lambda t: minilm_tok.encode(t, add_special_tokens=False)  # noqa: E731
+    tok = minilm_tok.convert_tokens_to_ids
+    premise, hyp = "The cat sat on the mat all day.", "A cat rested on a mat in the sun for many long hours"
+    task = make_task("mnli", minilm_tok, "masked", 16)
+    ids = task.collate([{"premise": premise, "hypothesis": hyp, "label": 0}]).inputs["input_ids"][0].tolist()
+    # *cls**sent-_0*?*mask*,*+sentl_1**sep+*, written out by hand
+    full = ([minilm_tok.cls_token_id] + enc(premise[:-1]) + [tok("?"), minilm_tok.mask_token_id, tok(",")]
+            + enc(" a" + hyp[1:]) + [minilm_tok.sep_token_id])
+    assert len(full) > 16 and ids == full[:16]
+    # SST-5: a 150-word sentence is cut to 110 tokens (first_sent_limit), so the mask survives 128
+    long = " ".join(["fine"] * 150)
+    ids = make_task("sst5", minilm_tok, "masked", 128).collate([{"text": long, "label": 3}]).inputs["input_ids"][0]
+    assert ids.tolist() == ([minilm_tok.cls_token_id] + enc(long)[:110] + enc(" It was")
+                            + [minilm_tok.mask_token_id, tok("."), minilm_tok.sep_token_id])
+    # SST-2 has no sentence limit: a sentence past max_length takes the mask with it (LM-BFF asserts)
+    with pytest.raises(UsageError, match="0 mask tokens after truncation to 32 tokens"):
+        make_task("sst2", minilm_tok, "masked", 32).collate([{"sentence": long, "label": 1}])
 
 
 def test_kshot_sampling_is_lmbffs():

@@ -5,7 +5,7 @@
     zoft plan --model M --gpu-mem SIZE [--batch-size 16] [--max-length 256] [--json FILE]
     zoft eval {muse,wmdp,mmlu} ...
     zoft unlearn --model M --forget FILE [--retain FILE] --objective O --optimizer OPT [--config FILE]
-    zoft data preview --task NAME --data FILE [--limit N] [--json OUT]
+    zoft data preview --task NAME --data FILE [--model M] [--limit N] [--json OUT]
 
 Errors in user input print one line and exit 2; runtime failures print one line and exit 1.
 """
@@ -214,7 +214,12 @@ def _add_data(sub) -> None:
                         description="Print, per row, the prompt, the full text of every candidate as scored and "
                                     "the correct index (generation tasks: the teacher-forced target and the "
                                     "answers). Strings are JSON-quoted so that whitespace shows.")
-    v.add_argument("--task", required=True, help="sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop")
+    v.add_argument("--task", required=True, help="sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop; "
+                   "on a masked LM (--model): sst2, sst5, snli, mnli, rte, trec (k-shot)")
+    v.add_argument("--model", default=None, metavar="NAME", help="the model whose tokenizer builds the prompt: needed "
+                   "for the masked-LM k-shot tasks (e.g. roberta-large); sst2 and rte are k-shot on a masked LM")
+    v.add_argument("--max-length", type=int, default=None, metavar="N", help="k-shot tasks: the run's --max-length "
+                   "(default: LM-BFF's for the task, 128; MNLI, SNLI, RTE 256)")
     v.add_argument("--data", required=True, metavar="FILE", help="JSONL/CSV/TSV/JSON file, save_to_disk folder or "
                    "hf:NAME[:CONFIG]:SPLIT, in the Hugging Face dataset's fields")
     v.add_argument("--limit", type=int, default=5, metavar="N", help="first N rows (default 5)")
@@ -222,32 +227,71 @@ def _add_data(sub) -> None:
     v.set_defaults(func=_run_data_preview)
 
 
+def _preview_task(args: argparse.Namespace):
+    """The masked-LM k-shot task to preview (a ``ClassifyTask``), or None for the causal-LM suite."""
+    from zoft.tasks import KSHOT_TASKS, MEZO_TASKS, make_task
+
+    if args.task not in MEZO_TASKS and args.task not in KSHOT_TASKS:
+        raise UsageError(f"unknown task {args.task!r}; choose one of: {', '.join([*MEZO_TASKS, *KSHOT_TASKS])}")
+    kind = None
+    if args.model is not None:
+        from zoft.models import model_kind, resolve
+        from zoft.models.loading import kind_phrase
+
+        source, config = resolve(args.model)
+        kind = model_kind(config)
+    if args.task not in KSHOT_TASKS or (args.task in MEZO_TASKS and kind != "masked"):
+        if kind not in (None, "causal"):
+            raise UsageError(f"task {args.task!r} needs a causal LM (or, for sst2 and rte, a masked LM); "
+                             f"--model {args.model} is {kind_phrase(kind)}")
+        return None
+    if kind is None:
+        raise UsageError(f"task {args.task!r} is a masked-LM k-shot task whose prompt is built from the model's "
+                         "tokens: give --model (e.g. --model roberta-large)")
+    if kind != "masked":
+        raise UsageError(f"task {args.task!r} is a masked-LM k-shot task; --model {args.model} is {kind_phrase(kind)}")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception:  # noqa: BLE001 - offline/hub errors have many types
+        raise UsageError(f"could not load the tokenizer of --model {args.model} ({source}); "
+                         "give a local folder or a model in the Hugging Face cache") from None
+    length = args.max_length if args.max_length is not None else KSHOT_TASKS[args.task].max_length
+    return make_task(args.task, tok, "masked", length)
+
+
 def _run_data_preview(args: argparse.Namespace) -> int:
     import json
 
-    from zoft.config import AT_LEAST_1, check_numbers
+    from zoft.config import AT_LEAST_1, Range, check_numbers
     from zoft.tasks import MEZO_TASKS, load_examples
     from zoft.tasks.data import Examples
     from zoft.tasks.mezo import preview, validate_rows
 
-    if args.task not in MEZO_TASKS:
-        raise UsageError(f"unknown task {args.task!r}; choose one of: {', '.join(MEZO_TASKS)}")
-    check_numbers(vars(args), {"limit": AT_LEAST_1})
+    check_numbers(vars(args), {"limit": AT_LEAST_1, "max_length": Range(2)})
+    kshot = _preview_task(args)
     ex = load_examples(args.data)
     rows = Examples(ex[: args.limit], ex.source, ex.lines[: args.limit], ex.unit)
-    spec = MEZO_TASKS[args.task]
-    validate_rows(spec, rows)
-    records = preview(spec, rows)
+    if kshot is not None:
+        records = kshot.preview(rows)
+        generation = False
+    else:
+        spec = MEZO_TASKS[args.task]
+        validate_rows(spec, rows)
+        records = preview(spec, rows)
+        generation = spec.generation
     for rec in records:
         print(f"== {rec['row']}")
         print(f"prompt:      {json.dumps(rec['prompt'], ensure_ascii=False)}")
-        if spec.generation:
+        if generation:
             print(f"target:      {json.dumps(rec['target'], ensure_ascii=False)}")
             print(f"answers:     {json.dumps(rec['answers'], ensure_ascii=False)}")
             continue
         right = rec["correct"] if isinstance(rec["correct"], list) else [rec["correct"]]
         for i, c in enumerate(rec["candidates"]):
-            print(f"candidate {i}: {json.dumps(c, ensure_ascii=False)}" + ("  <- correct" if i in right else ""))
+            token = f" (token {json.dumps(rec['tokens'][i], ensure_ascii=False)})" if "tokens" in rec else ""
+            print(f"candidate {i}: {json.dumps(c, ensure_ascii=False)}{token}" + ("  <- correct" if i in right else ""))
     if args.json:
         try:
             with open(args.json, "w", encoding="utf-8") as f:

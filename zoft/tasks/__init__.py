@@ -43,7 +43,7 @@ def _kshot(name: str) -> Callable[..., Task]:
         return ClassifyTask(tokenizer, kind, max_length, template="", name=name,
                             verbalizers={label: " " + w for label, w in spec.words.items()},
                             label_field=spec.label_field, text_fields=spec.sentences,
-                            encode=lambda row: lmbff_encode(spec, row, tokenizer))
+                            encode=lambda row: lmbff_encode(spec, row, tokenizer, max_length))
     factory.__doc__ = f"MeZO's k-shot {name!r} ({KSHOT_TASKS[name].source}) on a masked LM; see zoft.tasks.mezo."
     return factory
 
@@ -66,7 +66,7 @@ def _by_kind(name: str) -> Callable[..., Task]:
             return _kshot(name)(tokenizer, kind, max_length)
         if name != "sst2":
             raise UsageError(f"task {name!r} needs a causal or masked LM, not {kind_phrase(kind)}")
-        return sst2_task(tokenizer, kind, max_length, text_field=text_field, label_field=label_field,
+        return sst2_task(tokenizer, max_length, text_field=text_field, label_field=label_field,
                          descriptions=descriptions, scale=scale)
     return factory
 

@@ -29,7 +29,6 @@ from zoft.tasks.lm import (IGNORE, call_model, eval_outputs, makes_token_types, 
 Kind = Literal["causal", "masked", "encoder"]
 KINDS = ("causal", "masked", "encoder")
 
-SST2_TEMPLATE = "{sentence} It was"
 SST2_VERBALIZERS = [" terrible", " great"]
 SST2_DESCRIPTIONS = ["It was terrible.", "It was great."]
 
@@ -98,7 +97,7 @@ class ClassifyTask:
     descriptions: encoder only: the text each class is compared with, like ``verbalizers``
                   (default: the verbalizer words).
     scale:        encoder only: logits = scale * cosine.
-    encode:       masked only: example -> token ids holding one mask token, instead of formatting
+    encode:       masked only: example -> token ids holding one mask token (at most max_length), instead of formatting
                   ``template`` and tokenizing the string (LM-BFF's part-wise templates,
                   ``zoft.tasks.mezo.lmbff_encode``); ``text_fields`` then name the fields checked.
     """
@@ -239,6 +238,21 @@ class ClassifyTask:
             inputs = pad_rows(self.tokenizer, enc, self._token_types)  # rows [0, B) examples, [B, B+C) descriptions
         return Batch(inputs, targets, size=B)
 
+    def preview(self, examples: list[dict]) -> list[dict[str, Any]]:
+        """Masked LMs: what the model sees, per row: ``row`` (where it came from), ``prompt`` (the
+        token ids of ``collate``, truncation included, decoded with the special tokens),
+        ``candidates`` (the verbalizer words, each scored as one token at the mask), ``tokens``
+        (those tokens as the tokenizer spells them) and ``correct`` (the label's index)."""
+        if self.kind != "masked":
+            raise UsageError(f"preview of task {self.name!r} is for masked LMs, not {kind_phrase(self.kind)}")
+        self.validate(examples)
+        tokens = self.tokenizer.convert_ids_to_tokens(self.word_ids.tolist())
+        b = self.collate(examples)
+        ids, mask = b.inputs["input_ids"], b.inputs["attention_mask"]  # (B, T) right-padded
+        return [{"row": where(examples, i), "prompt": self.tokenizer.decode(ids[i, :int(mask[i].sum())]),
+                 "candidates": list(self.words), "tokens": tokens, "correct": int(b.targets["label"][i])}
+                for i in range(len(examples))]
+
     def forward(self, model: torch.nn.Module, batch: Batch) -> Any:
         return call_model(model, batch, causal=self.kind == "causal")
 
@@ -278,13 +292,11 @@ class ClassifyTask:
         return {"accuracy": correct / len(examples), "loss": loss_sum / len(examples)}
 
 
-def sst2_task(tokenizer, kind: Kind, max_length: int, *, text_field: str = "sentence",
-              label_field: str = "label", descriptions: Sequence[str] | Mapping[Any, str] | None = None,
-              scale: float = 20.0) -> ClassifyTask:
-    """SST-2 as in MeZO: "{sentence} It was" + " terrible" (0) / " great" (1); masked LMs fill
-    "{sentence} It was [MASK] ."; encoders compare with "It was terrible." / "It was great."."""
-    template = f"{{{text_field}}} It was" + (" {mask} ." if kind == "masked" else "")
-    return ClassifyTask(tokenizer, kind, max_length, template=template, verbalizers=SST2_VERBALIZERS,
+def sst2_task(tokenizer, max_length: int, *, text_field: str = "sentence", label_field: str = "label",
+              descriptions: Sequence[str] | Mapping[Any, str] | None = None, scale: float = 20.0) -> ClassifyTask:
+    """SST-2 on an encoder without a head: the sentence's embedding against "It was terrible." (0) /
+    "It was great." (1). (On a causal or masked LM, ``make_task("sst2", ...)`` is MeZO's task.)"""
+    return ClassifyTask(tokenizer, "encoder", max_length, template=f"{{{text_field}}}", verbalizers=SST2_VERBALIZERS,
                         label_field=label_field,
                         descriptions=descriptions if descriptions is not None else SST2_DESCRIPTIONS,
                         scale=scale, name="sst2")

@@ -381,15 +381,26 @@ KSHOT_TASKS: dict[str, KShotSpec] = {s.name: s for s in [
               max_length=256),
     KShotSpec("rte", "glue/rte", _NLI, ("sentence1", "sentence2"), "label", {0: "Yes", 1: "No"},
               (240, None), 256),
-    # Hugging Face's trec coarse labels: ABBR, ENTY, DESC, HUM, LOC, NUM (LM-BFF's Expression,
-    # Entity, Description, Human, Location, Number)
+    # Rows are Hugging Face's `trec`, whose coarse_label numbers the classes as its trec.py
+    # `_COARSE_LABELS` lists them: ABBR 0, ENTY 1, DESC 2, HUM 3, LOC 4, NUM 5. LM-BFF's words are
+    # given per class name (run_fewshot.sh numbers its own data files: 0 Description, 1 Entity,
+    # 2 Expression, ...): ABBR Expression, ENTY Entity, DESC Description, HUM Human, LOC Location,
+    # NUM Number. TREC_CLASSES pins the names.
     KShotSpec("trec", "trec", "*cls**mask*:*+sent_0**sep+*", ("text",), "coarse_label",
               {0: "Expression", 1: "Entity", 2: "Description", 3: "Human", 4: "Location", 5: "Number"}, (110, None)),
 ]}
 
 
-def lmbff_encode(spec: KShotSpec, row: dict, tokenizer) -> list[int]:
-    """Token ids of ``row`` under LM-BFF's ``template`` (see ``KShotSpec``), part by part."""
+# Hugging Face trec's coarse_label names, by index (its trec.py `_COARSE_LABELS`).
+TREC_CLASSES = ("ABBR", "ENTY", "DESC", "HUM", "LOC", "NUM")
+
+
+def lmbff_encode(spec: KShotSpec, row: dict, tokenizer, max_length: int) -> list[int]:
+    """Token ids of ``row`` under LM-BFF's ``template`` (see ``KShotSpec``), part by part, as
+    LM-BFF's ``tokenize_multipart_input`` builds them for MeZO's medium_models runs (no
+    demonstrations): each sentence part cut to its limit, a one-character literal part as that
+    token (``convert_tokens_to_ids``), then the whole cut to its first ``max_length`` tokens
+    (LM-BFF truncates the tail; ``truncate_head`` only applies with demonstrations)."""
     special = {"cls": tokenizer.cls_token_id, "mask": tokenizer.mask_token_id, "sep+": tokenizer.sep_token_id}
     ids: list[int] = []
     for part in spec.template.split("*"):
@@ -412,8 +423,10 @@ def lmbff_encode(spec: KShotSpec, row: dict, tokenizer) -> list[int]:
             limit = spec.limits[0 if i == 0 else 1]
             ids.extend(toks[:limit] if limit is not None else toks)
         else:
-            ids.extend(tokenizer.encode(part.replace("_", " "), add_special_tokens=False))
-    return ids
+            text = part.replace("_", " ")
+            ids.extend([tokenizer.convert_tokens_to_ids(text)] if len(text) == 1
+                       else tokenizer.encode(text, add_special_tokens=False))
+    return ids[:max_length]
 
 
 def kshot_sample(rows: Sequence[dict], label_field: str, k: int, seed: int) -> tuple[list[dict], list[dict]]:
