@@ -61,7 +61,8 @@ class Rows(dict):
 
 
 def random_model(config, dtype, device="cpu"):
-    """Random weights fast: built on the meta device, storage allocated, filled N(0, 0.02)."""
+    """Random weights fast: built on the meta device, storage allocated on ``device`` and filled
+    N(0, 0.02) there (on a GPU: one kernel per tensor, not the CPU's serial generator)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to_empty(device=device)
@@ -124,8 +125,7 @@ def matmul_tflops(device, n=8192):
 def equivalence(device, tiny):
     cfg = OPTConfig(vocab_size=512, hidden_size=64, ffn_dim=256, num_hidden_layers=8, num_attention_heads=4,
                     max_position_embeddings=128, use_cache=False)
-    g = torch.Generator().manual_seed(1)
-    batch = Rows(input_ids=torch.randint(3, 512, (3, 32), generator=g, device=device))
+    batch = Rows(input_ids=token_ids(512, 3, 32, device, seed=1))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(cfg).eval()
@@ -146,27 +146,34 @@ def equivalence(device, tiny):
     return rows
 
 
-def measure(name, config, device, B, T, gbps, tflops, n_steps, resident_too=True):
-    """Streamed at the smallest budget (and all-resident when it fits the device)."""
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    dname = "fp16" if dtype == torch.float16 else "fp32"
+def token_ids(vocab, B, T, device, seed):
+    """(B, T) random token ids drawn by a keyed CPU generator, then moved: a CPU generator cannot
+    draw on CUDA (``torch.randint(..., generator=cpu_gen, device=cuda)`` raises)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (B, T), generator=g).to(device)
+
+
+def measure(name, config, model, device, B, T, gbps, tflops, n_steps, resident_too=True):
+    """Streamed at the smallest budget (and all-resident when it fits the device). ``model`` is
+    built once per shape (``random_model``, on the device) and reused across batch shapes: the
+    resident run uses it in place, the streamed engine takes it, and its close leaves it whole on
+    the host, from where the next shape's resident run moves it back."""
+    dtype = next(model.parameters()).dtype
+    dname = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
     kw = dict(batch_size=B, max_length=T, num_probes=2, dtype=dname, h2d_gbps=gbps, tflops=tflops)
     smallest = make_plan(config, 10**15, **kw).min_budget_bytes
     plan = make_plan(config, smallest, **kw)
-    g = torch.Generator().manual_seed(2)
-    batch = Rows(input_ids=torch.randint(3, config.vocab_size, (B, T), generator=g, device=device))
+    batch = Rows(input_ids=token_ids(config.vocab_size, B, T, device, seed=2))
     row = {"model": name, "batch": f"{B}x{T}", "budget_gb": smallest / 1e9, "resident_blocks": plan.resident_blocks,
            "streamed_blocks": plan.streamed_blocks, "lower_bound_s": plan.step_time_lb_s, "bound": plan.bound}
-    model = random_model(config, dtype)
     if resident_too:
-        res_model = copy.deepcopy(model).to(device) if device.type == "cuda" else model
-        eng = ZOEngine(res_model)
+        eng = ZOEngine(model.to(device))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _, row["resident_s"] = steps(eng, batch, n_steps, device)
         row["resident_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         eng.close()
-        del eng, res_model
+        del eng
         if device.type == "cuda":
             torch.cuda.empty_cache()
     eng = ZOEngine(model, offload=Streaming.from_plan(plan, str(device)))
@@ -184,7 +191,7 @@ def measure(name, config, device, B, T, gbps, tflops, n_steps, resident_too=True
     row["within_budget"] = row["streamed_peak_gb"] * 1e9 <= smallest
     if name in ZO2_PEAK_GB and (B, T) == (1, 2048):
         row["zo2_peak_gb"] = ZO2_PEAK_GB[name]
-    del model, eng
+    del eng
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -220,13 +227,16 @@ def main(argv=None) -> int:
         batches = [tuple(int(v) for v in b.split("x")) for b in args.batches.split(",")]
         shapes = [(m, resolve(m)[1], batches) for m in args.models.split(",")]
     report["rows"] = []
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     for name, config, batches in shapes:
+        model = random_model(config, dtype, device)  # on the device, once per shape
         for B, T in batches:
             t0 = time.perf_counter()
-            row = measure(name, config, device, B, T, gbps, tflops, args.steps)
+            row = measure(name, config, model, device, B, T, gbps, tflops, args.steps)
             row["wall_s"] = time.perf_counter() - t0
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
+        del model
     hdr = ("model", "batch", "budget GB", "res/str blocks", "peak GB", "ZO2 GB", "resident s", "streamed s",
            "x resident", "x bound")
     print("\n| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr))

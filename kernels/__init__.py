@@ -46,6 +46,22 @@ if __name__ == "kernels":
     if _spec.loader is not None:
         _spec.loader.exec_module(_mod)
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_MIN = (3, 4)  # the Philox kernels draw at 64-bit offsets (tensors past 2^31 elements)
 
-__all__ = ["HAS_TRITON"]
+
+def _triton_version() -> tuple[int, ...] | None:
+    """The installed ``triton``'s (major, minor), or None when it is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(v) for v in version("triton").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
+# an older triton is treated as absent: every dispatch takes the torch reference
+HAS_TRITON = (_triton_version() or (0,)) >= TRITON_MIN
+
+__all__ = ["HAS_TRITON", "TRITON_MIN"]

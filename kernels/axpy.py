@@ -43,11 +43,20 @@ if HAS_TRITON:
     def fused_axpy_triton(w: torch.Tensor, decay: float, terms: Sequence[Term], distribution: str = "gaussian") -> None:
         if not w.is_contiguous():
             raise ValueError("fused_axpy_triton needs a contiguous tensor")
-        seeds = torch.tensor([s for s, _ in terms] or [0], dtype=torch.int64, device=w.device)
-        coefs = torch.tensor([c for _, c in terms] or [0.0], dtype=torch.float32, device=w.device)
+        seeds = _to_device(torch.tensor([s for s, _ in terms] or [0], dtype=torch.int64), w.device)
+        coefs = _to_device(torch.tensor([c for _, c in terms] or [0.0], dtype=torch.float32), w.device)
         n = w.numel()
         _axpy_kernel[(triton.cdiv(n, BLOCK),)](w, n, float(decay), seeds, coefs, len(terms),
                                                 RADEMACHER=distribution == "rademacher", BLOCK=BLOCK)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A few host values on ``device`` without a host synchronisation: staged in page-locked memory
+    and copied in stream order (``torch.tensor(..., device=cuda)`` copies from pageable memory,
+    which waits for the device)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def fused_axpy(w: torch.Tensor, decay: float, terms: Sequence[Term], distribution: str = "gaussian") -> None:

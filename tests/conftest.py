@@ -48,6 +48,27 @@ def make_tiny_tokenizer():
     )
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: skipped (with the reason) where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (pytest -m gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_gpu(request, monkeypatch):
+    """On a GPU machine the suite runs as on a CPU: ``device="auto"`` (the default of finetune,
+    unlearn and the CLI) resolves to the CPU, in this process and in the subprocesses tests start,
+    unless the test is marked ``gpu`` (those run the CUDA paths: ``pytest -m gpu``)."""
+    if "gpu" in request.keywords or not torch.cuda.is_available():
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture
 def tiny_tokenizer():
     return make_tiny_tokenizer()

@@ -14,6 +14,7 @@ Tolerances, and why:
   rounding of the accumulator); bf16/fp16 results within one ulp of the output dtype (an fp32
   ulp of difference can flip a round-to-nearest).
 """
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -23,35 +24,99 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is decorated: jit -> interpreter
-
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton): the interpreter tests need it",
                 allow_module_level=True)
 
 
-def _import_kernels():
+def _package():
     """``zoft.kernels``; in a source checkout without ``pip install -e .`` it is ``kernels/``
     (setuptools ``package-dir`` maps it at install time), so load it from there under its name."""
     try:
-        import zoft.kernels  # noqa: F401
+        import zoft.kernels as pkg
     except ModuleNotFoundError:
         root = Path(__file__).resolve().parents[1] / "kernels"
         spec = importlib.util.spec_from_file_location("zoft.kernels", root / "__init__.py",
                                                       submodule_search_locations=[str(root)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["zoft.kernels"] = mod
-        spec.loader.exec_module(mod)
-    mods = []
-    for name in ("_triton", "philox", "axpy", "sround", "codec8"):
-        m = importlib.import_module(f"zoft.kernels.{name}")
-        mods.append(importlib.reload(m))  # re-decorate under the interpreter if imported before
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["zoft.kernels"] = pkg
+        spec.loader.exec_module(pkg)
+    return pkg
+
+
+@contextlib.contextmanager
+def _interpreter():
+    """``TRITON_INTERPRET=1`` while the block runs (``triton.jit`` reads it when it decorates)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def _interpreted_kernels() -> dict:
+    """Private copies of the kernel modules, decorated under the interpreter. The environment and
+    ``sys.modules`` are restored afterwards, so the rest of a session (on a GPU machine: the
+    compiled kernels, ``pytest -m gpu``) never sees an interpreted kernel."""
+    pkg = _package()
+    if not pkg.HAS_TRITON:
+        pytest.skip(f"triton < {'.'.join(map(str, pkg.TRITON_MIN))}: the kernels fall back to torch",
+                    allow_module_level=True)
+    root = Path(pkg.__file__).parent
+    names = ("_triton", "philox", "axpy", "sround", "codec8")
+    saved = {n: sys.modules.get(f"zoft.kernels.{n}") for n in names}
+    mods = {}
+    with _interpreter():
+        try:
+            for n in names:  # in dependency order: each copy imports the copies before it
+                spec = importlib.util.spec_from_file_location(f"zoft.kernels.{n}", root / f"{n}.py")
+                mods[n] = importlib.util.module_from_spec(spec)
+                sys.modules[f"zoft.kernels.{n}"] = mods[n]
+                spec.loader.exec_module(mods[n])
+            mods["words"] = _words_kernel()
+        finally:
+            for n, m in saved.items():
+                if m is None:
+                    sys.modules.pop(f"zoft.kernels.{n}", None)
+                else:
+                    sys.modules[f"zoft.kernels.{n}"] = m
     return mods
 
 
-_, philox, axpy, sround, codec8 = _import_kernels()
-import triton
-import triton.language as tl
+def _words_kernel():
+    """Test-only kernel: the four raw Philox words, to compare the integer stream bit for bit."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def words(out_ptr, n, seed, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        r0, r1, r2, r3 = tl.randint4x(seed, offs)
+        tl.store(out_ptr + offs * 4 + 0, r0.to(tl.int32, bitcast=True), mask=mask)
+        tl.store(out_ptr + offs * 4 + 1, r1.to(tl.int32, bitcast=True), mask=mask)
+        tl.store(out_ptr + offs * 4 + 2, r2.to(tl.int32, bitcast=True), mask=mask)
+        tl.store(out_ptr + offs * 4 + 3, r3.to(tl.int32, bitcast=True), mask=mask)
+
+    return words
+
+
+K = _interpreted_kernels()
+philox, axpy, sround, codec8 = K["philox"], K["axpy"], K["sround"], K["codec8"]
+import triton  # noqa: E402
+
+import zoft.kernels.philox as installed_philox  # noqa: E402  (what the rest of a session imports)
+
+
+@pytest.fixture(autouse=True)
+def _interpreting(monkeypatch):
+    """The interpreter reads ``TRITON_INTERPRET`` while it runs too: set for each test of this
+    module only, never for the session."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 SHAPES = [(1,), (7,), (1023,), (1025,), (33, 65), (3, 5, 7)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -71,23 +136,11 @@ def test_philox_reference_matches_random123_known_answers():
         assert [int(g) for g in got] == list(want)
 
 
-if True:  # test-only kernel: the four raw words, to compare the integer stream bit for bit
-    @triton.jit
-    def _words_kernel(out_ptr, n, seed, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        r0, r1, r2, r3 = tl.randint4x(seed, offs)
-        tl.store(out_ptr + offs * 4 + 0, r0.to(tl.int32, bitcast=True), mask=mask)
-        tl.store(out_ptr + offs * 4 + 1, r1.to(tl.int32, bitcast=True), mask=mask)
-        tl.store(out_ptr + offs * 4 + 2, r2.to(tl.int32, bitcast=True), mask=mask)
-        tl.store(out_ptr + offs * 4 + 3, r3.to(tl.int32, bitcast=True), mask=mask)
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_philox_words_bitwise(seed):
     n = 1500
     out = torch.empty(n, 4, dtype=torch.int32)
-    _words_kernel[(triton.cdiv(n, 512),)](out, n, seed, BLOCK=512)
+    K["words"][(triton.cdiv(n, 512),)](out, n, seed, BLOCK=512)
     ref = torch.stack(philox.randint4x_ref(seed, torch.arange(n)), 1)  # (n, 4) in [0, 2^32)
     assert torch.equal(out.to(torch.int64) & philox.M32, ref)
 
@@ -176,9 +229,14 @@ def test_dequantize8_kernel_bitwise(shape, block, dtype):
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher", "sphere"])
-def test_philox_noise_backend_on_the_interpreter(dist):
+def test_philox_noise_backend_on_the_interpreter(dist, monkeypatch):
     """The ``triton`` backend class (registered only with CUDA) draws the kernel's stream."""
     from zoft.noise import PhiloxNoise, mix
+
+    pkg = _package()  # the backend imports ``zoft.kernels.philox``/``axpy``: the interpreted copies,
+    for n in ("_triton", "philox", "axpy"):  # for this test only
+        monkeypatch.setitem(sys.modules, f"zoft.kernels.{n}", K[n])
+        monkeypatch.setattr(pkg, n, K[n], raising=False)
 
     nb = PhiloxNoise(dist)
     like = torch.empty(41, 50)
@@ -194,3 +252,12 @@ def test_philox_noise_backend_on_the_interpreter(dist):
     want = 0.5 * w + 0.25 * z
     nb.axpy(w, [(5, 0.25)], "w", decay=0.5)
     torch.testing.assert_close(w, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_session_keeps_compiled_kernels():
+    """Loading the interpreted copies leaves ``zoft.kernels`` as installed: on a GPU machine the
+    rest of the session (``pytest -m gpu``) runs compiled kernels, not the interpreter."""
+    real = installed_philox
+    assert real is not K["philox"] and sys.modules["zoft.kernels.philox"] is real
+    assert type(real._sample_kernel).__name__ == "JITFunction"
+    assert type(K["philox"]._sample_kernel).__name__ == "InterpretedFunction"

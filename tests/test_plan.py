@@ -76,7 +76,7 @@ def test_accounting_by_hand(tiny):
     # then the micro-batch, once its logits fit
     # then the micro-batch, once a block's working activations fit (a 2-token vocabulary so that
     # they, not the logits, decide)
-    small_v = dataclasses.replace(tiny, vocab=2)
+    small_v = dataclasses.replace(tiny, vocab=2, max_param_numel=2 * H)  # tiny logits and updates
     w1 = T * (4 * H + 2 * F) * W  # one example's working activations
     hi = plan(small_v, 10**9, batch_size=4)
     assert hi.micro_batch == 4 and hi.working_act_bytes == 4 * w1
@@ -145,13 +145,16 @@ def test_refusal_names_a_budget_that_fits(tiny):
 
 def test_cli_opt175b_offline(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB", "--scratch", "fused", "--batch-size", "4",
+    # fused scratch at batch 4: 18.44 GB, the fp16 update of the 50272 x 12288 embedding (an fp32
+    # copy, 2.47 GB) being the largest transient
+    assert main(["plan", "--model", "opt-175b", "--gpu-mem", "19GB", "--scratch", "fused", "--batch-size", "4",
                  "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "opt-175b" in text and "step time >=" in text
     d = json.loads(out.read_text())
-    assert d["resident_blocks"] + d["streamed_blocks"] == 96 and d["gpu_mem_bytes"] == 18 * 10**9
-    assert d["peak_device_bytes"] <= 18 * 10**9
+    assert d["resident_blocks"] + d["streamed_blocks"] == 96 and d["gpu_mem_bytes"] == 19 * 10**9
+    assert d["peak_device_bytes"] <= 19 * 10**9
+    assert d["update_bytes"] == 4 * 50272 * 12288 + 32 * 2**20
     # today's engine keeps z and a perturbed copy per unit: 18 GB is refused, one line, exit 2
     assert main(["plan", "--model", "opt-175b", "--gpu-mem", "18GB", "--batch-size", "4"]) == 2
     err = capsys.readouterr().err.strip()
@@ -174,3 +177,19 @@ def test_reproduces_published_estimates():
                   transfer="bf16", write_back=False)
     assert p.resident_blocks == 0
     assert p.t_compute_s == pytest.approx(0.70, abs=0.01) and p.t_transfer_s == pytest.approx(1.08, abs=0.01)
+
+
+def test_fp16_update_transients_are_counted(tiny):
+    """Applying an update to a 2-byte weight takes its fp32 z, an fp32 copy of the weight and one
+    chunk of stochastic rounding on the device (zoft/engine/core.py ``_apply_pending``); with a
+    tiny batch that is the largest transient, and the smallest budget must hold it."""
+    big = dataclasses.replace(tiny, max_param_numel=10**6)  # one large weight, tiny activations
+    fp16 = make_plan(big, 10**12, batch_size=1, max_length=2, dtype="fp16")
+    n = 10**6
+    assert fp16.update_bytes == 4 * n + 4 * n + 32 * n  # z + fp32 copy + stochastic rounding (n < 2^20)
+    small = make_plan(big, fp16.min_budget_bytes, batch_size=1, max_length=2, dtype="fp16")
+    rest = small.resident_weights_bytes + small.slot_bytes + small.scratch_bytes + small.boundary_act_bytes
+    assert small.peak_device_bytes == small.min_budget_bytes == rest + small.update_bytes
+    fp32 = make_plan(big, 10**12, batch_size=1, max_length=2, dtype="fp32")
+    assert fp32.update_bytes == 4 * n  # z only: an fp32 weight is updated in place
+    assert make_plan(big, 10**12, batch_size=1, max_length=2, dtype="fp16", scratch="fused").update_bytes == 36 * n

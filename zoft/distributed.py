@@ -18,7 +18,9 @@ gathered scalars. ZO-RankSGD spreads its m (x n_queries) candidates over the ran
 the SAME minibatch (a ranking compares candidates on one batch): ``--batch-size`` is then the
 shared batch, every rank loads the same B examples.
 
-Process groups: gloo on CPU, NCCL on CUDA; ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_*`` in the
+Process groups: gloo on CPU, NCCL on CUDA, and under NCCL a gloo side group that carries every
+collective zoft runs (scalars and small objects: a timeout or a dead peer then surfaces as gloo's
+error, which zoft turns into its one-line message, not as an NCCL watchdog abort); ``torchrun`` (``RANK``/``WORLD_SIZE``/``MASTER_*`` in the
 environment) or ``zoft finetune --nproc N`` (``launch_local``: N local worker processes of
 ``python -m zoft finetune`` with the same environment). Every collective runs under
 ``TrainConfig.dist_timeout`` seconds; a peer that dies or hangs makes the survivors stop with a
@@ -117,11 +119,12 @@ class DistContext:
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, timeout_s: float = 600.0,
-                 device: torch.device | None = None, backend: str | None = None):
+                 device: torch.device | None = None, backend: str | None = None, group: Any = None):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.timeout_s = timeout_s
-        self.device = device or torch.device("cpu")  # where collective tensors live (NCCL: the GPU)
+        self.device = device or torch.device("cpu")  # this rank's compute device
         self.backend = backend
+        self.group = group  # where the collectives run (a gloo side group under NCCL; None: the default)
         self.stats: dict[str, CommStats] = {}
         self.hint = ""  # appended to failure messages (where the last checkpoint is)
 
@@ -147,11 +150,11 @@ class DistContext:
             return x.reshape(1, -1).cpu()
         import torch.distributed as dist
 
-        local = x.to(self.device).contiguous()
-        out = torch.empty(self.world_size * local.numel(), dtype=local.dtype, device=self.device)
+        local = x.cpu().contiguous()  # gloo (the default group on CPU, the side group under NCCL)
+        out = torch.empty(self.world_size * local.numel(), dtype=local.dtype)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         try:
-            gather(out, local)
+            gather(out, local, group=self.group)
         except RuntimeError as e:  # DistBackendError: a dead peer (immediate) or a hung one (timeout)
             raise self._fail(what, e) from None
         self._count(tag, local.numel() * local.element_size())
@@ -172,7 +175,7 @@ class DistContext:
             msgs: list[Any] = [None] * self.world_size
             mine = None if err is None else (isinstance(err, UsageError), str(err) or type(err).__name__)
             try:
-                dist.all_gather_object(msgs, mine)
+                dist.all_gather_object(msgs, mine, group=self.group)
             except RuntimeError as e:
                 if err is None:
                     raise self._fail(what, e) from None
@@ -241,7 +244,10 @@ def init_distributed(cfg: Any, device: torch.device) -> DistContext:
     except (RuntimeError, ValueError) as e:
         raise ZoftError(f"rank {rank} of {world}: could not join the process group at {where} within "
                         f"--dist-timeout {cfg.dist_timeout:g} s: {_reason(e, cfg.dist_timeout)}") from None
-    return DistContext(rank, world, local_rank, cfg.dist_timeout, device, backend)
+    group = None
+    if backend == "nccl":  # scalars and objects go over gloo: its errors are zoft's one line
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+    return DistContext(rank, world, local_rank, cfg.dist_timeout, device, backend, group)
 
 
 def weights_digest(model: torch.nn.Module, h: Any = None) -> bytes:

@@ -73,8 +73,9 @@ def _z_dtype(like: torch.Tensor) -> torch.dtype:
 
 
 def _to_sphere(z: torch.Tensor) -> torch.Tensor:
-    """Rescale a Gaussian draw to norm sqrt(numel) (a new tensor: z may be a shared view)."""
-    return z * (math.sqrt(z.numel()) / z.norm(dtype=torch.float64).clamp_min(1e-30).item())
+    """Rescale a Gaussian draw to norm sqrt(numel) (a new tensor: z may be a shared view). The
+    scale stays a device tensor: no host synchronisation per tensor."""
+    return z * (math.sqrt(z.numel()) / z.norm(dtype=torch.float64).clamp_min(1e-30)).to(z.dtype)
 
 
 class NoiseBackend(Protocol):
@@ -96,10 +97,15 @@ class NoiseBackend(Protocol):
 
 
 class _AxpyBySample:
-    """``axpy`` from ``sample``: one in-place pass per term (no fused kernel on this path); z is
-    drawn into one scratch buffer per (device, dtype), reused across calls."""
+    """``axpy`` from ``sample``: one in-place pass per term (no fused kernel on this path). On the
+    CPU z is drawn into one scratch buffer per (thread, dtype), reused across calls (a fresh large
+    allocation page-faults every time); on a device it is a fresh tensor freed after the call
+    (the caching allocator makes that cheap), so no parameter-sized buffer stays on the device.
+    Either way it is one fp32 z of the parameter at a time: ``zoft.engine.precision.update_bytes``."""
 
-    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor | None:
+        if like.device.type != "cpu":
+            return None
         scratch = self.__dict__.setdefault("_scratch", threading.local()).__dict__  # per thread
         k = (like.device, _z_dtype(like))
         buf = scratch.get(k)

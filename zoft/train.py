@@ -265,7 +265,9 @@ class Trainer:
         if ckpt is not None and (ckpt / "optimizer.safetensors").is_file():
             from safetensors.torch import load_file
 
-            self.opt.load_tensor_state(load_file(str(ckpt / "optimizer.safetensors"), device=str(self.device)))
+            # on the host: the engine brings a buffer to its parameter's device on first use, and
+            # those of streamed parameters stay on the host between steps
+            self.opt.load_tensor_state(load_file(str(ckpt / "optimizer.safetensors"), device="cpu"))
         self.metrics_path = self.out / "metrics.jsonl"
         self.traj_path = self.out / "trajectory.jsonl"
         self.metrics: list[dict[str, Any]] = []
@@ -381,6 +383,8 @@ class Trainer:
         """One ZO step: returns the metrics record (already logged)."""
         cfg = self.cfg
         t0 = time.perf_counter()
+        if self.device.type == "cuda":  # cuda_max_allocated_bytes is this step's peak
+            torch.cuda.reset_peak_memory_stats(self.device)
         dp = self.dp  # data-parallel: this rank's shard and probes, one all-gather (zoft/distributed.py)
         idx = batch_indices(len(self.train), dp.global_batch(cfg.batch_size) if dp else cfg.batch_size, step, cfg.seed)
         idx = dp.shard(idx) if dp else idx

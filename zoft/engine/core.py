@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from zoft.engine.offload import Meter, Offloader, tensor_bytes
-from zoft.engine.precision import stochastic_round
+from zoft.engine.precision import stochastic_round_, update_bytes
 from zoft.engine.probes import Probe, Update, combine_outputs, split_args
 from zoft.models.layout import Layout, Unit, discover_layout
 from zoft.noise import NoiseBackend, key_hash, make_noise, mix
@@ -114,6 +114,8 @@ class ZOEngine:
         # Free scratch buffers by (shape, dtype, device): one unit's worth, reused across units/steps.
         self._pool: dict[tuple, list[torch.Tensor]] = {}
         self._executor: ThreadPoolExecutor | None = None  # draws z while the main thread updates
+        self._scalars: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> a 0-dim tensor (``z_like``)
+        self._live_in = 0  # bytes of the running unit's inputs (the meter's view during an update)
         self.refresh_trainable()
         self._handles = []
         for u in self.layout.units:
@@ -157,21 +159,26 @@ class ZOEngine:
     def _apply_pending(self, key: str, p: nn.Parameter) -> None:
         if self._pending is None or key in self._applied:
             return
-        # a stateful optimizer's buffers (momentum, Adam moments) of a streamed unit live on the
-        # host between steps and come to the device only while the unit is there
-        store = getattr(self._pending, "store", None) if key in self._streamed_keys else None
+        # a stateful optimizer's buffers (momentum, Adam moments) come to the parameter's device
+        # on first use (a resumed run loads them on the host); those of a streamed unit live on
+        # the host between steps and come to the device only while the unit is there
+        store = getattr(self._pending, "store", None)
         if store:
             self._move_state(store, key, p.device)
+        # transients of the update, for the meter (``update_bytes``; the planner counts the same)
+        fused = self.noise.name == "triton" and p.is_cuda and self.noise.distribution != "sphere"
+        self.meter.observe(self._live_in + update_bytes(p.numel(), p.element_size(), fused))
         with torch.no_grad():
             if p.dtype in (torch.bfloat16, torch.float16):
                 # a low-precision weight is updated in fp32 and stochastically rounded back:
                 # round-to-nearest would drop ZO-sized updates (|lr*g*z| << half an ulp of w)
                 w32 = p.data.float()
                 self._pending.apply(key, w32, self.noise, self.decays[key])
-                p.data.copy_(stochastic_round(w32, p.dtype, mix(self._sround_seed, key + "/sround")))
+                stochastic_round_(p.data, w32, mix(self._sround_seed, key + "/sround"))
+                del w32
             else:
                 self._pending.apply(key, p.data, self.noise, self.decays[key])
-        if store:
+        if store and key in self._streamed_keys:
             self._move_state(store, key, torch.device("cpu"))
         self._applied.add(key)
 
@@ -180,9 +187,13 @@ class ZOEngine:
         for bufs in store.values():
             t = bufs.get(key)
             if t is not None and t.device != device:
-                bufs[key] = t.to(device)  # synchronous: correct before the next use, not overlapped
+                # no host synchronisation: device -> host lands in page-locked memory (what
+                # ``non_blocking`` allocates), host -> device reads it back in stream order; the
+                # host reads these buffers only after ``flush`` (checkpoints)
+                bufs[key] = t.to(device, non_blocking=True)
 
     def _apply_all_pending(self) -> None:
+        self._live_in = 0
         if self._pending is not None:
             if self.offload is not None:  # stream the units the last pass did not reach
                 for s in self.offload.streamed:
@@ -226,8 +237,36 @@ class ZOEngine:
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoft-z")
+            # the worker launches on the compute device (a thread starts on CUDA device 0)
+            dev = self.compute_device
+            init = (torch.cuda.set_device, (dev,)) if dev.type == "cuda" else (None, ())
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoft-z", initializer=init[0],
+                                                initargs=init[1])
         return self._executor
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the engine draws z and computes: the streaming device, else the first
+        trainable parameter's (the model's) device."""
+        if self.offload is not None:
+            return self.offload.device
+        p = next(iter(self.params.values()), None)
+        p = p if p is not None else next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def z_like(self) -> dict[str, torch.Tensor]:
+        """Per trainable key, a stand-in for the parameter that holds no memory (an expanded
+        scalar) with its shape and dtype on the device where the engine draws its z. Streamed
+        parameters live on the host between steps but their z is drawn on the compute device:
+        anything that recomputes the engine's z (``zoft.optim.directions.z_norm``) draws it here."""
+        out = {}
+        for k, p in self.params.items():
+            dev = self.offload.device if k in self._streamed_keys else p.device
+            one = self._scalars.get((p.dtype, dev))
+            if one is None:
+                one = self._scalars[(p.dtype, dev)] = torch.zeros((), dtype=p.dtype, device=dev)
+            out[k] = one.expand(p.shape)
+        return out
 
     def _sample(self, seed: int, key: str, p: torch.Tensor, res: _Residency) -> torch.Tensor:
         if key in self._tied:
@@ -287,14 +326,15 @@ class ZOEngine:
             self.offload.acquire(module)  # weights now in a device slot
             dirty = self._pending is not None and any(k not in self._applied for k, _ in params)
             self._acquired[id(module)] = (module, dirty)
+        self._live_in = tensor_bytes(args) + tensor_bytes(kwargs)
         if not probes or not params:
             for k, p in params:
                 self._apply_pending(k, p)
-            self.meter.observe(tensor_bytes(args) + tensor_bytes(kwargs))
+            self.meter.observe(self._live_in)
             return None
         self._trim_pool(params)
         res = _Residency(params, w0={k: p.data for k, p in params})  # the update is in place
-        res.in_bytes = tensor_bytes(args) + tensor_bytes(kwargs)
+        res.in_bytes = self._live_in
         self._live[id(module)] = res
         P = len(probes)
         # The first direction's z depends on (seed, key) and shapes only, not on the weights: draw
@@ -424,8 +464,10 @@ class ZOEngine:
         return self.meter.peak
 
     def close(self) -> None:
-        """Flush and remove the hooks: the model is the plain Hugging Face model again (streamed
-        blocks keep their CPU masters as their parameters' storage)."""
+        """Flush and remove the hooks: the model is the plain Hugging Face model again. Under
+        streaming it is whole on the host (streamed blocks keep their CPU masters as their
+        parameters' storage; resident units and buffers come back from the device), so whatever
+        reads it next sees one device; ``model.to(device)`` puts it back where it fits."""
         self.flush()
         if self.offload is not None:
             self.offload.close()

@@ -28,6 +28,7 @@ weights, slots, the engine's perturbation scratch and the activations crossing u
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -82,6 +83,11 @@ class Meter:
 
     def reset_peak(self) -> None:
         self.peak = self.now
+
+    def clear(self) -> None:
+        """Nothing is on the device any more (the scheduler closed)."""
+        self.now = 0
+        self.by_kind = dict.fromkeys(self.by_kind, 0)
 
 
 def tensor_bytes(x: Any) -> int:
@@ -166,6 +172,16 @@ class Offloader:
         self.model, self.layout, self.transfer = model, layout, transfer
         self.meter = meter or Meter()
         self.stats = OffloadStats()
+        self.pins = HostPins()
+        try:
+            self._setup(model, layout, resident_blocks, prefetch)
+        except BaseException:
+            self.pins.release()  # what was page-locked before the failure
+            raise
+
+    def _setup(self, model: nn.Module, layout: Layout, resident_blocks: int, prefetch: int) -> None:
+        blocks = layout.blocks
+        transfer = self.transfer
         streamed_units = list(blocks[resident_blocks:])
         owners: dict[str, int] = {}
         for u in layout.units:
@@ -254,7 +270,7 @@ class Offloader:
         numel = sum(p.numel() for _, p in params)
         master = torch.empty(numel, dtype=dtype)
         if self.cuda:
-            _pin(master)
+            self.pins.pin(master)
         offsets, views, pos = [], [], 0
         for _, p in params:
             n = p.numel()
@@ -271,7 +287,7 @@ class Offloader:
             sizes = [-(-t.numel() * t.element_size() // 16) * 16 for _, _, t in segs]  # 16-byte aligned
             s.packed_master = torch.empty(sum(sizes), dtype=torch.uint8)
             if self.cuda:
-                _pin(s.packed_master)
+                self.pins.pin(s.packed_master)
             pos = 0
             for (owner, attr, t), size in zip(segs, sizes):
                 nb = t.numel() * t.element_size()
@@ -482,13 +498,24 @@ class Offloader:
             self._settle_delta(s)
 
     def close(self) -> None:
+        """Wait, forget the slots, unpin, and bring the resident units and every buffer back to the
+        host: the model is then whole on the host (where streamed blocks' masters are), one
+        device for whatever reads it next (evaluation, attacks, ``save_pretrained``)."""
         self.synchronize()
         self.abandon()
+        self.pins.release()
         if self.cuda:
-            for s in self.streamed:
-                _unpin(s.master)
-                if s.packed_master is not None:
-                    _unpin(s.packed_master)
+            host = torch.device("cpu")
+            for _, p in self.model.named_parameters():
+                if p.device != host:
+                    p.data = p.data.to(host)
+                if not p.dtype.is_floating_point:
+                    _aux_to(p, host, skip=set())
+            for m in self.model.modules():
+                for n, b in list(m.named_buffers(recurse=False)):
+                    if b.device != host:
+                        m._buffers[n] = b.to(host)
+        self.meter.clear()  # nothing of this model is on the device now
 
 
 _CODEC_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -552,13 +579,53 @@ def _return_freed_memory() -> None:
 _TRIM: Any = None
 
 
-def _pin(t: torch.Tensor) -> None:
-    """Page-lock ``t``'s memory in place (exact size; the caching host allocator would round up to
-    a power of two)."""
-    rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-    if int(rc) != 0:
-        raise RuntimeError(f"cudaHostRegister failed ({rc})")
+class HostPins:
+    """Host buffers page-locked in place (``cudaHostRegister``: exact size; the caching host
+    allocator would round up to a power of two), each unregistered once by ``release``.
+
+    Where page-locking is refused (a container's locked-memory limit, an unsupported mapping), the
+    buffer stays pageable: copies from it are synchronous and slower but correct, and zoft says so
+    once per process."""
+
+    refused_said = False
+
+    def __init__(self) -> None:
+        self.ptrs: list[int] = []
+
+    def pin(self, t: torch.Tensor) -> bool:
+        if t.numel() == 0:
+            return False
+        rt = torch.cuda.cudart()
+        rc = int(rt.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0))
+        if rc != 0:
+            _clear_cuda_error()
+            if not HostPins.refused_said:
+                HostPins.refused_said = True
+                print(f"zoft: page-locking host memory was refused (cudaHostRegister error {rc}); streaming "
+                      "from pageable memory: correct, but uploads are synchronous and slower", file=sys.stderr)
+            return False
+        self.ptrs.append(t.data_ptr())
+        return True
+
+    def release(self) -> None:
+        """Unregister every buffer this object pinned (each once)."""
+        if self.ptrs:
+            rt = torch.cuda.cudart()
+            for ptr in self.ptrs:
+                rt.cudaHostUnregister(ptr)
+        self.ptrs = []
 
 
-def _unpin(t: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last-error state after a refused ``cudaHostRegister``: PyTorch checks
+    ``cudaGetLastError`` after its next kernel launch and would report this refusal there. Best
+    effort: through the runtime library the process has loaded (``torch.cuda.cudart`` does not
+    expose the call)."""
+    import ctypes
+
+    for name in ("libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0", "libcudart.so"):
+        try:
+            ctypes.CDLL(name, mode=getattr(ctypes, "RTLD_NOLOAD", 4) | ctypes.RTLD_GLOBAL).cudaGetLastError()
+            return
+        except (OSError, AttributeError):
+            continue

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 
+from zoft.engine.precision import update_bytes
 from zoft.errors import UsageError
 
 Dtype = Literal["fp16", "bf16", "fp32"]
@@ -46,6 +47,7 @@ class ModelShape:
     block_linear_numel: int = 0  # weights of the nn.Linear layers of a block (what bitsandbytes packs)
     block_linear_rows: int = 0  # their output features, summed (8-bit: one fp32 scale per row)
     block_linears: int = 0  # how many nn.Linear layers a block holds
+    max_param_numel: int = 0  # the largest parameter (what one update draws z for at once)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Plan:
     boundary_act_bytes: int
     working_act_bytes: int
     logits_bytes: int
+    update_bytes: int  # transients of applying an update to the largest parameter
     peak_device_bytes: int
     min_budget_bytes: int  # peak of the smallest plan (0 resident blocks, k = 3, mb = 1)
     cpu_bytes: int
@@ -90,7 +93,9 @@ class Plan:
 
     @property
     def activation_bytes(self) -> int:
-        return self.boundary_act_bytes + max(self.working_act_bytes, self.logits_bytes)
+        """Boundary activations plus the largest of what never coexists: a block's working set,
+        the logits, and an update's transients (applied before the unit runs)."""
+        return self.boundary_act_bytes + max(self.working_act_bytes, self.logits_bytes, self.update_bytes)
 
     @property
     def bound(self) -> str:
@@ -153,6 +158,7 @@ def shape_from_config(config: Any, name: str = "model") -> ModelShape:
         block_linear_numel=sum(m.weight.numel() for m in linears),
         block_linear_rows=sum(m.out_features for m in linears),
         block_linears=len(linears),
+        max_param_numel=max(numel.values()),
     )
 
 
@@ -235,9 +241,15 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
     # log-softmax); at the head's exit the per-probe outputs and their concatenation (2b) are
     # live instead, which is no more for b <= 8. Micro-batching does not shrink this term.
     logits = P * B * T * V * (b + 8)
-    peak = resident + slots + scratch_b + boundary + max(working, logits)
+    # Applying the pending update to a parameter, in the unit's pre-hook (before its forward, so
+    # never beside its working set or the logits): its z in fp32 and, for a 2-byte weight, an fp32
+    # copy and one chunk of stochastic rounding (``zoft.engine.precision.update_bytes``; "fused"
+    # scratch: the Philox kernel draws no z here either). Frozen
+    # bases (adapters) update only adapter-sized parameters (not counted, like their scratch).
+    update = 0 if adapters else update_bytes(s.max_param_numel or s.max_unit_numel, b, fused=scratch == "fused")
+    peak = resident + slots + scratch_b + boundary + max(working, logits, update)
     return {"resident": resident, "slots": slots, "k": k, "scratch": scratch_b, "boundary": boundary,
-            "working": working, "logits": logits, "peak": peak}
+            "working": working, "logits": logits, "update": update, "peak": peak}
 
 
 def _resident_choices(n_blocks: int) -> list[int]:
@@ -330,7 +342,8 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         streamed_blocks=streamed, slots=acc["k"], prefetch=MIN_PREFETCH if streamed else 0,
         micro_batch=mb, n_micro=math.ceil(batch_size / mb), resident_weights_bytes=acc["resident"],
         slot_bytes=acc["slots"], scratch_bytes=acc["scratch"], boundary_act_bytes=acc["boundary"],
-        working_act_bytes=acc["working"], logits_bytes=acc["logits"], peak_device_bytes=acc["peak"],
+        working_act_bytes=acc["working"], logits_bytes=acc["logits"], update_bytes=acc["update"],
+        peak_device_bytes=acc["peak"],
         min_budget_bytes=smallest, cpu_bytes=_cpu_bytes(s, b, transfer, acc["k"], quant),
         upload_bytes_per_step=upload, writeback_bytes_per_step=writeback, t_compute_s=t_compute,
         t_transfer_s=t_transfer, step_time_lb_s=max(t_compute, t_transfer), h2d_gbps=h2d_gbps,
@@ -401,7 +414,8 @@ def format_plan(p: Plan) -> str:
         f"    stream slots       {gb(p.slot_bytes)}",
         f"    perturb scratch    {gb(p.scratch_bytes)}  ({p.scratch})",
         (f"    activations        {gb(p.activation_bytes)}  (boundary {human_bytes(p.boundary_act_bytes)}"
-         f" + max(block {human_bytes(p.working_act_bytes)}, logits {human_bytes(p.logits_bytes)}))"),
+         f" + max(block {human_bytes(p.working_act_bytes)}, logits {human_bytes(p.logits_bytes)},"
+         f" update {human_bytes(p.update_bytes)}))"),
         (f"    total              {gb(p.peak_device_bytes)}  of {human_bytes(p.gpu_mem_bytes)}"
          f" (smallest plan: {human_bytes(p.min_budget_bytes, up=True)})"),
         f"  CPU RAM          {gb(p.cpu_bytes)}  (pinned master weights, {p.dtype})",

@@ -83,16 +83,21 @@ def bind(optimizer: Any, engine: Any) -> CompositeNoise:
     if not isinstance(engine.noise, CompositeNoise):
         engine.noise = CompositeNoise(engine.noise)
     if hasattr(optimizer, "bind"):
-        optimizer.bind(engine.params, engine.noise)
+        optimizer.bind(engine.z_like(), engine.noise)
     return engine.noise
 
 
 def z_norm(seed: int, params: dict[str, torch.Tensor], noise: Any, how: str = "exact") -> float:
-    """``||z(seed)||`` over all ``params`` (the z the engine applies: cast to each param's dtype)."""
+    """``||z(seed)||`` over all ``params`` (the z the engine applies: cast to each param's dtype).
+
+    ``params``: key -> a tensor with the parameter's shape and dtype on the device where the engine
+    draws z (``ZOEngine.z_like``: a streamed parameter's z is drawn on the compute device, not
+    where its master lives, and CPU and CUDA streams differ). One z at a time; the squares are
+    summed on that device and read back once per device."""
     if how == "sqrt_d":
         return math.sqrt(sum(p.numel() for p in params.values()))
-    sq = 0.0
+    sums: dict[torch.device, list[torch.Tensor]] = {}
     for k, p in params.items():
         z = noise.sample(seed, k, p).to(p.dtype)
-        sq += float(z.double().square().sum())
-    return math.sqrt(sq)
+        sums.setdefault(z.device, []).append(torch.linalg.vector_norm(z, dtype=torch.float64).square())
+    return math.sqrt(sum(float(torch.stack(v).sum()) for v in sums.values()))

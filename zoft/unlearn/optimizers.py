@@ -154,13 +154,13 @@ def phases_for(name: str, steps: int, opts: OptimizerOptions) -> list[str]:
 
 def make_zo_engine(model: nn.Module, *, noise: str = "torch", distribution: str = "gaussian",
                    gpu_mem: str | int | None = None, num_probes: int = 2, batch_rows: int = 4,
-                   max_length: int = 256, offload: Any = None):
+                   max_length: int = 256, offload: Any = None, device: str | None = None):
     """The one place the unlearning code builds its ZO engine.
 
     ``offload`` (a ``zoft.engine.Streaming``) streams blocks as given; ``gpu_mem`` (a device budget,
     e.g. "18GB") asks the planner for that placement for ``num_probes`` probes of ``batch_rows`` x
-    ``max_length`` (refused with the smallest budget that fits). Blocks stream through the model's
-    device: CUDA, or the CPU twin when the model is on the CPU."""
+    ``max_length`` (refused with the smallest budget that fits). Blocks stream through ``device``
+    (default: the model's device): CUDA, or the CPU twin. A streamed model is loaded on the host."""
     from zoft.engine import Streaming, ZOEngine
     from zoft.engine.plan import make_plan
     from zoft.noise import make_noise
@@ -170,7 +170,7 @@ def make_zo_engine(model: nn.Module, *, noise: str = "torch", distribution: str 
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[p.dtype]
         plan = make_plan(model.config, gpu_mem, batch_size=batch_rows, max_length=max_length,
                          num_probes=num_probes, dtype=dtype)
-        offload = Streaming.from_plan(plan, p.device)
+        offload = Streaming.from_plan(plan, device or p.device)
     return ZOEngine(model, noise=make_noise(noise, distribution), offload=offload)
 
 
@@ -212,6 +212,7 @@ class Runner:
     batch_rows: int = 4
     max_length: int = 256
     offload: Any = None  # or an explicit zoft.engine.Streaming placement
+    device: str | None = None  # where --gpu-mem streams to (default: the model's device)
     phases: list[str] = field(init=False)
 
     def __post_init__(self):
@@ -224,7 +225,8 @@ class Runner:
         self.fo = make_fo(self.fo_name, params, self.lr, o) if "fo" in self.phases else None
         self.engine = self.zo = None
         streams = self.gpu_mem is not None or self.offload is not None
-        if streams and "fo" in self.phases and next(self.model.parameters()).is_cuda:
+        on_cuda = torch.device(self.device).type == "cuda" if self.device else next(self.model.parameters()).is_cuda
+        if streams and "fo" in self.phases and on_cuda:
             raise UsageError(f"--gpu-mem streams zeroth-order phases only; --optimizer {self.name} takes first-order "
                              "steps, which need the whole model on the device: use --optimizer zo or drop --gpu-mem")
         if "zo" in self.phases:
@@ -239,7 +241,7 @@ class Runner:
             self.zo = make_optimizer(o.zo_optimizer, zo_opts, seed=self.seed, total_steps=self.steps)
             self.engine = make_zo_engine(self.model, noise=o.noise, distribution=o.distribution, gpu_mem=self.gpu_mem,
                                          num_probes=self.zo.num_probes(), batch_rows=self.batch_rows,
-                                         max_length=self.max_length, offload=self.offload)
+                                         max_length=self.max_length, offload=self.offload, device=self.device)
 
     def lr_at(self, t: int) -> float:
         return lr_at(t, self.lr, self.schedule, self.steps, self.warmup_steps)

@@ -158,13 +158,15 @@ class Unlearner:
         if module is not None:
             if tokenizer is None:
                 raise UsageError("a model object needs its tokenizer: unlearn(model=m, tokenizer=tok, ...)")
-            self.model = module.to(self.device)
+            self.model = module if cfg.gpu_mem else module.to(self.device)
         else:
             if cfg.model is None:
                 raise UsageError("no model: pass --model NAME")
             from zoft.models.loading import kind_phrase, load_model
 
-            lm = load_model(cfg.model, random_init=cfg.random_init, dtype=cfg.dtype, device=self.device,
+            # streamed (--gpu-mem): loaded on the host; the engine moves the resident units
+            lm = load_model(cfg.model, random_init=cfg.random_init, dtype=cfg.dtype,
+                            device=torch.device("cpu") if cfg.gpu_mem else self.device,
                             seed=cfg.seed, tokenizer=cfg.tokenizer)
             if lm.kind != "causal":
                 raise UsageError(f"unlearning needs a causal language model; '{cfg.model}' is {kind_phrase(lm.kind)}")
@@ -197,7 +199,7 @@ class Unlearner:
         self.runner = Runner(cfg.optimizer, self.model, self.objective, cfg.lr, cfg.steps, self.opt_options,
                              seed=cfg.seed, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, gpu_mem=cfg.gpu_mem,
                              batch_rows=cfg.batch_size + (cfg.retain_batch_size or cfg.batch_size),
-                             max_length=cfg.max_length)
+                             max_length=cfg.max_length, device=str(self.device))
         if ckpt is not None:
             tensors = {}
             if (ckpt / "optimizer.safetensors").is_file():
@@ -275,15 +277,16 @@ class Unlearner:
                 bar.close()
         self.runner.flush()
         self._save()
-        self.runner.close()
+        stages = dict(self.state["stages"])
+        if want_report:  # while the engine is open: streamed blocks still stream through the device
+            stages["unlearned"] = self.evaluate(self.model)
+        self.runner.close()  # a streamed model is whole on the host from here (one device)
         self.model.save_pretrained(self.out, safe_serialization=True)
         self.tokenizer.save_pretrained(self.out)
         history = read_jsonl(self.metrics_path)
         if history:
             plot_metrics(history, self.out / "loss.png")
-        stages = dict(self.state["stages"])
         if want_report:
-            stages["unlearned"] = self.evaluate(self.model)
             stages.update(self.attack_stages())
             meta = {"model": cfg.model or type(self.model).__name__, "objective": cfg.objective,
                     "optimizer": cfg.optimizer, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed,
