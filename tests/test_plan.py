@@ -60,8 +60,15 @@ def test_accounting_by_hand(tiny):
     assert p.working_act_bytes == B * T * (4 * H + 2 * F) * W
     assert p.peak_device_bytes == p.min_budget_bytes == MIN_PEAK
     assert p.cpu_bytes == W * (NONBLOCK + L * BLOCK)
-    assert p.upload_bytes_per_step == p.writeback_bytes_per_step == 8 * W * BLOCK
-    assert p.t_transfer_s == pytest.approx(2 * 8 * W * BLOCK / 25e9)
+    once = plan(tiny, MIN_PEAK, writeback_every=1)  # write-back every step
+    assert once.upload_bytes_per_step == once.writeback_bytes_per_step == 8 * W * BLOCK
+    assert once.t_transfer_s == pytest.approx(2 * 8 * W * BLOCK / 25e9) and once.t_regen_s == 0
+    # planned: compute is ~0 here, so k balances re-applied updates (k-1)/2 per block and step at
+    # 800 GB/s against the link at 25 GB/s: (k-1)/2/800 = (1 + 1/k)/25 gives k ~ 66 -> the cap, 64
+    assert p.writeback_every == 64 and p.writeback_bytes_per_step == 8 * W * BLOCK // 64
+    assert p.t_regen_s == pytest.approx(8 * W * BLOCK * 63 / 2 / 800e9)
+    assert p.t_transfer_s == pytest.approx((8 * W * BLOCK + 8 * W * BLOCK // 64) / 25e9)
+    assert p.step_time_lb_s == pytest.approx(max(p.t_compute_s + p.t_regen_s, p.t_transfer_s))
     assert p.t_compute_s == pytest.approx(P * 2 * (NONBLOCK + L * BLOCK) * B * T / 312e12)
     # blocks first: one block's bytes more keeps one block resident (micro-batch still 1)
     one = plan(tiny, MIN_PEAK + W * BLOCK)
@@ -193,3 +200,39 @@ def test_fp16_update_transients_are_counted(tiny):
     fp32 = make_plan(big, 10**12, batch_size=1, max_length=2, dtype="fp32")
     assert fp32.update_bytes == 4 * n  # z only: an fp32 weight is updated in place
     assert make_plan(big, 10**12, batch_size=1, max_length=2, dtype="fp16", scratch="fused").update_bytes == 36 * n
+
+
+def test_writeback_every_minimises_the_bound():
+    """OPT-30B at 18 GB (fp16, 16 x 256, 25 GB/s, 312 TFLOP/s, 800 GB/s re-apply): the planned
+    write-back interval is the k in 1..64 with the lowest ``max(compute + (k-1)/2 re-applied
+    updates, (upload + write-back / k) / link)`` (brute force here, independent of the planner),
+    the bound falls from today's 4.341 s (k = 1) to 2.274 s, and ``zoft plan`` prints k; a frozen
+    base (adapters) writes nothing back, so k = 1."""
+    today = make_plan("opt-30b", "18GB", batch_size=16, max_length=256, writeback_every=1)
+    assert today.step_time_lb_s == pytest.approx(4.341, abs=1e-3) and today.writeback_every == 1
+    up, wb, tc = today.upload_bytes_per_step, today.writeback_bytes_per_step, today.t_compute_s
+
+    def bound(k):
+        return max(tc + wb * (k - 1) / 2 / 800e9, (up + wb / k) / 25e9)
+
+    best = min(range(1, 65), key=lambda k: (bound(k), k))
+    p = make_plan("opt-30b", "18GB", batch_size=16, max_length=256)
+    assert p.writeback_every == best == 21
+    assert p.step_time_lb_s == pytest.approx(bound(best), rel=1e-6) and p.step_time_lb_s == pytest.approx(2.274, abs=1e-3)
+    assert p.writeback_bytes_per_step == wb // 21 and p.upload_bytes_per_step == up
+    assert make_plan("opt-30b", "18GB", batch_size=16, max_length=256, adapters=True).writeback_every == 1
+    with pytest.raises(UsageError, match="writeback-every"):
+        make_plan("opt-30b", "18GB", batch_size=16, max_length=256, writeback_every=0)
+
+
+def test_cli_shows_writeback_every(capsys):
+    assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GB", "--writeback-every", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "write-back       every 4 steps" in text and "re-apply" in text
+    assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GB", "--writeback-every", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "zoft: error: --writeback-every must be >= 1"
+    from zoft.config import TrainConfig
+
+    with pytest.raises(UsageError, match="--writeback-every must be >= 1"):
+        TrainConfig(writeback_every=0)

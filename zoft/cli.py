@@ -26,6 +26,8 @@ _HELP = {
                "not fit stream from CPU RAM (on --device cpu: the CPU twin with byte accounting)",
     "transfer": "codec of streamed blocks: same (master bytes), bf16/fp16 (fp32 masters), int8 (per-block "
                 "absmax; the forward sees the codec's rounding, updates reach the master exactly)",
+    "writeback_every": "write a streamed block back to its CPU master once per K updates (the device "
+                       "re-applies the missing ones after each upload; default: the planner's K)",
     "train": "JSONL/CSV/TSV/JSON file, datasets save_to_disk folder or hf:NAME[:CONFIG]:SPLIT (default: the "
              "built-in sentiment set)",
     "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config), or "
@@ -187,6 +189,9 @@ def _add_plan(sub) -> None:
                    help="adapter training: the base is frozen, streamed blocks are never written back")
     p.add_argument("--quant", choices=("none", "4bit", "8bit"), default="none",
                    help="bitsandbytes-packed base (implies --peft): blocks move in their packed form")
+    p.add_argument("--writeback-every", type=int, default=None, help=_HELP["writeback_every"])
+    p.add_argument("--regen-gbps", type=float, default=800.0,
+                   help="GB of weights per second the device re-applies one update to (deferred write-back)")
     p.add_argument("--json", help="also write the plan as JSON to this file")
     p.set_defaults(func=_run_plan)
 
@@ -199,7 +204,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     plan = make_plan(args.model, args.gpu_mem, batch_size=args.batch_size, max_length=args.max_length,
                      num_probes=args.num_probes, dtype=args.dtype, transfer=args.transfer,
                      h2d_gbps=args.h2d_gbps, tflops=args.tflops, attention=args.attention,
-                     scratch=args.scratch, adapters=args.peft, quant=args.quant)
+                     scratch=args.scratch, adapters=args.peft, quant=args.quant,
+                     writeback_every=args.writeback_every, regen_gbps=args.regen_gbps)
     print(format_plan(plan))
     if args.json:
         Path(args.json).write_text(plan_json(plan) + "\n")

@@ -79,6 +79,7 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     gpu_mem: str | None = None  # "18GB" = 18e9 bytes, "16GiB" = 16 * 2^30 bytes
     transfer: Literal["same", "bf16", "fp16", "int8"] = "same"  # codec of streamed blocks (with gpu_mem)
+    writeback_every: int | None = None  # streamed blocks: write back once per K updates (None: planned)
     # task and data
     task: Literal["lm", "sst2", "classify", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record", "squad",
                   "drop", "sst5", "snli", "mnli", "trec"] = "sst2"
@@ -164,7 +165,7 @@ class TrainConfig:
 
 TRAIN_RANGES = {**dict.fromkeys(("steps", "batch_size", "max_length", "n_queries", "max_nan_steps",
                                  "eval_batch_size", "nproc", "eval_limit", "num_train", "num_dev", "num_eval",
-                                 "k_shot"), AT_LEAST_1),
+                                 "k_shot", "writeback_every"), AT_LEAST_1),
                 **dict.fromkeys(("eval_every", "save_every", "warmup_steps", "lr", "weight_decay"),
                                 NON_NEGATIVE),
                 "eps": POSITIVE, "dist_timeout": POSITIVE}

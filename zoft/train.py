@@ -192,7 +192,7 @@ def plan_for(cfg: TrainConfig, num_probes: int = 2):
     _, config = resolve(cfg.model)
     return make_plan(config, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length,
                      num_probes=num_probes, dtype=cfg.dtype, transfer=cfg.transfer, adapters=cfg.peft != "none",
-                     quant=cfg.quant)
+                     quant=cfg.quant, writeback_every=cfg.writeback_every)
 
 
 def build_optimizer(cfg: TrainConfig):
@@ -268,6 +268,7 @@ class Trainer:
             # on the host: the engine brings a buffer to its parameter's device on first use, and
             # those of streamed parameters stay on the host between steps
             self.opt.load_tensor_state(load_file(str(ckpt / "optimizer.safetensors"), device="cpu"))
+        self._moved = (0, 0)  # link bytes (host to device, device to host) already in a record
         self.metrics_path = self.out / "metrics.jsonl"
         self.traj_path = self.out / "trajectory.jsonl"
         self.metrics: list[dict[str, Any]] = []
@@ -412,6 +413,11 @@ class Trainer:
             rec.update(world_size=self.dist.world_size, comm_bytes=dp.comm_bytes())
         if self.engine.offload is not None:
             rec["device_peak_bytes"] = self.engine.device_peak_bytes
+            # bytes over the link since the previous step's record (an eval's or a checkpoint's
+            # flush counts in the step after it)
+            st = self.engine.offload.stats
+            rec["h2d_bytes"], rec["d2h_bytes"] = st.upload_bytes - self._moved[0], st.writeback_bytes - self._moved[1]
+            self._moved = (st.upload_bytes, st.writeback_bytes)
         if self.device.type == "cuda":
             rec["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if skipped:
@@ -539,6 +545,9 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
     lm = _load(cfg, torch.device("cpu") if cfg.gpu_mem else dev, None)
     records = read_jsonl(run / "trajectory.jsonl", state.get("trajectory_lines"))
     opt = build_optimizer(cfg)  # stateful optimizers rebuild each update (and their buffers) from its record
+    # replay runs no forward to hide re-applied updates behind: stream with write-back every update
+    # (the weights are the same for any interval)
+    cfg.writeback_every = 1
     engine = build_engine(cfg, lm.model, opt.num_probes(), dev)
     bind(opt, engine)
     for r in records:

@@ -26,6 +26,7 @@ Scratch = Literal["unit", "fused"]
 _DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 INT8_GROUP = 256  # int8 codec: one fp32 scale per 256 consecutive elements of a unit's flat buffer
 MIN_PREFETCH = 2  # uploads run d >= 2 units ahead; k = d + 1 slots (d in flight + 1 computing)
+MAX_WRITEBACK_EVERY = 64  # the planner's largest write-back interval (updates re-applied per upload < 64)
 GB = 10**9
 
 
@@ -90,6 +91,9 @@ class Plan:
     h2d_gbps: float
     tflops: float
     quant: str = "none"  # bitsandbytes-packed blocks ("4bit", "8bit"): moved as they are
+    writeback_every: int = 1  # a streamed block is written back once per this many updates
+    t_regen_s: float = 0.0  # re-applying the updates its master lacks after each upload, per step
+    regen_gbps: float = 800.0  # weight bytes per second one re-applied update sweeps on the device
 
     @property
     def activation_bytes(self) -> int:
@@ -99,7 +103,7 @@ class Plan:
 
     @property
     def bound(self) -> str:
-        return "transfer" if self.t_transfer_s > self.t_compute_s else "compute"
+        return "transfer" if self.t_transfer_s > self.t_compute_s + self.t_regen_s else "compute"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -263,7 +267,7 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
               num_probes: int = 2, dtype: Dtype = "fp16", transfer: Transfer = "same",
               h2d_gbps: float = 25.0, tflops: float = 312.0, attention: Attention = "sdpa",
               scratch: Scratch = "unit", write_back: bool = True, quant: str = "none",
-              adapters: bool = False) -> Plan:
+              adapters: bool = False, writeback_every: int | None = None, regen_gbps: float = 800.0) -> Plan:
     """Plan a streamed ZO step under ``gpu_mem_bytes`` (int bytes, or "18GB" / "16GiB").
 
     Order of priority: embeddings, final norm and head stay resident; then as many blocks as fit
@@ -274,15 +278,20 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     adapter-only base weights are never written back. ``scratch``: "unit" is what
     ``zoft/engine/core.py`` keeps today (z and the perturbed copy, both unit-sized); "fused" draws
     z inside the perturbed-copy pass (no z buffer), as the streaming scheduler may.
+    ``writeback_every``: write a streamed block back once per that many updates (None: the ``k``
+    in 1..64 with the lowest step-time bound, the smallest on ties; see ``_writeback_every``);
+    ``regen_gbps`` is the rate at which the device re-applies one update to a block's weights
+    (GB of weights per second: one fused read-and-write pass, z generated in registers).
 
     Raises ``UsageError`` naming the smallest budget that fits when none does.
     """
     from zoft.config import AT_LEAST_1, POSITIVE, check_numbers, parse_size
 
     check_numbers({"batch_size": batch_size, "max_length": max_length, "num_probes": num_probes,
-                   "h2d_gbps": h2d_gbps, "tflops": tflops},
+                   "h2d_gbps": h2d_gbps, "tflops": tflops, "writeback_every": writeback_every,
+                   "regen_gbps": regen_gbps},
                   {"batch_size": AT_LEAST_1, "max_length": AT_LEAST_1, "num_probes": AT_LEAST_1,
-                   "h2d_gbps": POSITIVE, "tflops": POSITIVE})
+                   "h2d_gbps": POSITIVE, "tflops": POSITIVE, "writeback_every": AT_LEAST_1, "regen_gbps": POSITIVE})
     budget = parse_size(gpu_mem_bytes)
     if dtype not in _DTYPE_BYTES:
         raise UsageError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPE_BYTES)}")
@@ -332,8 +341,13 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     acc = _device_bytes(s, r, mb, **kw)
     streamed = s.n_blocks - r
     upload = streamed * (_encoded_bytes(s.block_numel, transfer, b) if quant == "none" else _block_bytes(s, b, quant))
-    writeback = streamed * b * s.block_numel if write_back else 0
+    full_writeback = streamed * b * s.block_numel if write_back else 0
     t_compute = num_probes * 2 * s.n_params * batch_size * max_length / (tflops * 1e12)
+    every = writeback_every or _writeback_every(t_compute, upload, full_writeback, h2d_gbps, regen_gbps)
+    if not full_writeback:
+        every = 1  # nothing is written back: nothing to defer
+    writeback = full_writeback // every  # per step, averaged over a write-back interval
+    t_regen = _regen_s(full_writeback, every, regen_gbps)
     t_transfer = (upload + writeback) / (h2d_gbps * 1e9)
     return Plan(
         model=s.name, gpu_mem_bytes=budget, batch_size=batch_size, max_length=max_length,
@@ -346,8 +360,26 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         peak_device_bytes=acc["peak"],
         min_budget_bytes=smallest, cpu_bytes=_cpu_bytes(s, b, transfer, acc["k"], quant),
         upload_bytes_per_step=upload, writeback_bytes_per_step=writeback, t_compute_s=t_compute,
-        t_transfer_s=t_transfer, step_time_lb_s=max(t_compute, t_transfer), h2d_gbps=h2d_gbps,
-        tflops=tflops, quant=quant)
+        t_transfer_s=t_transfer, step_time_lb_s=max(t_compute + t_regen, t_transfer), h2d_gbps=h2d_gbps,
+        tflops=tflops, quant=quant, writeback_every=every, t_regen_s=t_regen, regen_gbps=regen_gbps)
+
+
+def _regen_s(full_writeback: int, every: int, regen_gbps: float) -> float:
+    """Device time per step to re-apply the updates the masters lack: a block ``j`` updates past
+    its write-back re-applies ``j`` of them after upload, ``j`` cycling through 0..k-1, so
+    ``(k - 1) / 2`` per block per step on average, each one pass over the block's weights."""
+    return full_writeback * (every - 1) / 2 / (regen_gbps * 1e9)
+
+
+def _writeback_every(t_compute: float, upload: int, full_writeback: int, h2d_gbps: float,
+                     regen_gbps: float) -> int:
+    """The write-back interval with the lowest step-time bound
+    ``max(t_compute + t_regen(k), (upload + full_writeback / k) / link)``, ``k`` in 1..64."""
+    def bound(k: int) -> float:
+        return max(t_compute + _regen_s(full_writeback, k, regen_gbps),
+                   (upload + full_writeback / k) / (h2d_gbps * 1e9))
+
+    return min(range(1, MAX_WRITEBACK_EVERY + 1), key=lambda k: (bound(k), k)) if full_writeback else 1
 
 
 def _cpu_bytes(s: ModelShape, b: int, transfer: str, k: int, quant: str = "none") -> int:
@@ -401,6 +433,12 @@ def format_plan(p: Plan) -> str:
         return f"{human_bytes(n):>11}"
 
     res = f"blocks 0-{p.resident_blocks - 1}" if p.resident_blocks else "none"
+    wb = f" + write-back {human_bytes(p.writeback_bytes_per_step)}" if p.write_back else ""
+    every = f"every {p.writeback_every} step" + ("s" if p.writeback_every > 1 else "")
+    if not p.write_back:
+        every += " (nothing written back: frozen base)"
+    elif p.writeback_every > 1:
+        every += f" (updates re-applied after upload: {_secs(p.t_regen_s)} at {p.regen_gbps:g} GB/s)"
     rows = [
         (f"plan: {p.model} ({_human(p.n_params, '', prefixes=_COUNT)[0].replace(' ', '')} params, {p.n_blocks} blocks), --gpu-mem "
          f"{human_bytes(p.gpu_mem_bytes)}, batch {p.batch_size} x {p.max_length} tokens, "
@@ -419,11 +457,11 @@ def format_plan(p: Plan) -> str:
         (f"    total              {gb(p.peak_device_bytes)}  of {human_bytes(p.gpu_mem_bytes)}"
          f" (smallest plan: {human_bytes(p.min_budget_bytes, up=True)})"),
         f"  CPU RAM          {gb(p.cpu_bytes)}  (pinned master weights, {p.dtype})",
-        (f"  per step         upload {human_bytes(p.upload_bytes_per_step)}"
-         + (f" + write-back {human_bytes(p.writeback_bytes_per_step)}" if p.write_back else "")
-         + f" at {p.h2d_gbps:g} GB/s"),
+        f"  per step         upload {human_bytes(p.upload_bytes_per_step)}{wb} at {p.h2d_gbps:g} GB/s",
+        f"  write-back       {every}",
         (f"  step time >=     {_secs(p.step_time_lb_s)}  ({p.bound}-bound: compute {_secs(p.t_compute_s)}"
-         f" at {p.tflops:g} TFLOP/s, transfer {_secs(p.t_transfer_s)})"),
+         f" at {p.tflops:g} TFLOP/s" + (f" + re-apply {_secs(p.t_regen_s)}" if p.t_regen_s else "")
+         + f", transfer {_secs(p.t_transfer_s)})"),
     ]
     return "\n".join(rows)
 

@@ -150,11 +150,11 @@ def bnb_config(quant: Quant, options: dict[str, Any] | None = None, dtype: str |
 
     if quant not in ("4bit", "8bit"):
         raise UsageError(f"--quant must be 4bit or 8bit, not '{quant}'")
-    try:
-        import bitsandbytes  # noqa: F401 - transformers needs it for BitsAndBytesConfig loading
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise UsageError(f"--quant {quant} needs bitsandbytes: pip install 'zoft[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    from zoft.models.quant import import_bitsandbytes
+
+    import_bitsandbytes(f"--quant {quant}")  # transformers needs it for BitsAndBytesConfig loading
     options = dict(options or {})
     valid = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
     bad = sorted(k for k in options if k not in valid or k in ("load_in_4bit", "load_in_8bit"))
@@ -204,13 +204,17 @@ def _load_quantized(source: str, config: Any, kind: ModelKind, torch_dtype: torc
     qcfg = bnb_config(quant, quant_options, torch_dtype)
     if quant == "8bit":
         _quiet_int8_cast_warning()
+    from zoft.models.quant import keep_canonical_layout
+
     kw = dict(config=config, dtype=torch_dtype, quantization_config=qcfg, device_map={"": str(device)})
     if built is None:
-        return _auto_class(kind).from_pretrained(source, **kw)
-    # One code path for pretrained and random weights: bitsandbytes quantizes as transformers loads.
-    with tempfile.TemporaryDirectory(prefix="zoft-quant-") as tmp:
-        built.save_pretrained(tmp, safe_serialization=True)
-        return _auto_class(kind).from_pretrained(tmp, **kw)
+        model = _auto_class(kind).from_pretrained(source, **kw)
+    else:  # one code path for pretrained and random weights: bitsandbytes quantizes as transformers loads
+        with tempfile.TemporaryDirectory(prefix="zoft-quant-") as tmp:
+            built.save_pretrained(tmp, safe_serialization=True)
+            model = _auto_class(kind).from_pretrained(tmp, **kw)
+    keep_canonical_layout(model)  # the same bytes and fp32 matmul on every CPU and on CUDA
+    return model
 
 
 def load_model(
