@@ -173,7 +173,8 @@ def test_resume_under_a_decaying_schedule_keeps_its_steps(tiny_dir, lm_data, tmp
 def test_nothing_to_train_is_refused(tiny_dir, lm_data, tmp_path, capsys):
     """Item 9: every parameter frozen ran a no-op training with exit 0."""
     for extra in (["--freeze", "."], ["--trainable", "bias", "--freeze", "bias"]):
-        assert "nothing to train: every parameter is frozen" in error(capsys, O(tiny_dir, lm_data, tmp_path / "r", *extra))
+        msg = error(capsys, O(tiny_dir, lm_data, tmp_path / "r", *extra))
+        assert "nothing to train: every parameter is frozen" in msg
     assert not (tmp_path / "r").exists()  # a refused run leaves no directory behind
 
 

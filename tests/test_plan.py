@@ -231,7 +231,7 @@ def test_cli_shows_writeback_every(capsys):
     assert "write-back       every 4 steps" in text and "re-apply" in text
     assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GB", "--writeback-every", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "zoft: error: --writeback-every must be >= 1"
+    assert err == "zoft: error: --writeback-every must be >= 1, not 0"
     from zoft.config import TrainConfig
 
     with pytest.raises(UsageError, match="--writeback-every must be >= 1"):

@@ -117,7 +117,8 @@ def claim_output_dir(path: str | os.PathLike, flag: str, *, run: bool, resume: b
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"cannot write to output directory '{out}': {e.strerror or e}; choose another {flag}") from None
+        raise UsageError(f"cannot write to output directory '{out}': {e.strerror or e}; "
+                         f"choose another {flag}") from None
     names = sorted(p.name for p in out.iterdir())
     if not names:
         return out

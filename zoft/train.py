@@ -431,7 +431,8 @@ class Trainer:
         dtype = next(p.dtype for p in self.model.parameters() if p.requires_grad)
         worst = max([abs(c) for _, c in upd.terms] + [abs(getattr(upd, "lr", 0.0))], default=0.0)
         if not worst <= torch.finfo(dtype).max:
-            raise ZoftError(f"step {step}: an update coefficient of {worst:.3g} overflows the {str(dtype).removeprefix('torch.')} weights "
+            raise ZoftError(f"step {step}: an update coefficient of {worst:.3g} overflows the "
+                            f"{str(dtype).removeprefix('torch.')} weights "
                             f"(largest {torch.finfo(dtype).max:.3g}); lower --lr (now {self.cfg.lr:g})")
 
     def run(self) -> RunResult:

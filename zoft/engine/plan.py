@@ -440,7 +440,8 @@ def format_plan(p: Plan) -> str:
     elif p.writeback_every > 1:
         every += f" (updates re-applied after upload: {_secs(p.t_regen_s)} at {p.regen_gbps:g} GB/s)"
     rows = [
-        (f"plan: {p.model} ({_human(p.n_params, '', prefixes=_COUNT)[0].replace(' ', '')} params, {p.n_blocks} blocks), --gpu-mem "
+        (f"plan: {p.model} ({_human(p.n_params, '', prefixes=_COUNT)[0].replace(' ', '')} params, "
+         f"{p.n_blocks} blocks), --gpu-mem "
          f"{human_bytes(p.gpu_mem_bytes)}, batch {p.batch_size} x {p.max_length} tokens, "
          f"{p.num_probes} probes, {p.dtype}" + (f" ({p.quant} base)" if p.quant != "none" else "")
          + f", transfer {p.transfer}, {p.attention} attention"),
