@@ -145,8 +145,9 @@ def test_refusal_names_a_budget_that_fits(tiny):
     assert make_plan("opt-30b", exact, batch_size=1, max_length=2048).micro_batch == 1
     with pytest.raises(UsageError):
         make_plan("opt-30b", exact - 1, batch_size=1, max_length=2048)
-    with pytest.raises(UsageError, match="smallest plan needs 0.01 GB"):  # 127296 B, rounded up
+    with pytest.raises(UsageError, match="smallest plan needs 127.30 kB "):  # 127296 B, rounded up
         plan(tiny, MIN_PEAK - 1)
+    assert min_budget_from_message(MIN_PEAK) == 127300
 
 
 def test_cli_opt175b_offline(tmp_path, capsys):
@@ -231,7 +232,7 @@ def test_cli_shows_writeback_every(capsys):
     assert "write-back       every 4 steps" in text and "re-apply" in text
     assert main(["plan", "--model", "opt-30b", "--gpu-mem", "18GB", "--device", "cuda", "--writeback-every", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "zoft: error: --writeback-every must be >= 1"
+    assert err == "zoft: error: --writeback-every must be >= 1, not 0"
     from zoft.config import TrainConfig
 
     with pytest.raises(UsageError, match="--writeback-every must be >= 1"):

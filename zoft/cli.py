@@ -20,8 +20,7 @@ import typing
 from zoft.errors import UsageError, ZoftError
 
 _HELP = {
-    "model": "alias (opt-125m ... opt-175b, llama-2-7b, qwen3-0.6b, ...), local directory or hub id; "
-             "default: the embedded pretrained MiniLM demo",
+    "model": "alias (opt-125m ... opt-175b, llama-2-7b, qwen3-0.6b, ...), local directory or hub id",
     "random_init": "build the weights from the config alone (benchmarks, tests)",
     "gpu_mem": "device memory budget: 18GB (10^9 bytes), 16GiB (2^30 bytes) or plain bytes; blocks that do "
                "not fit stream from CPU RAM (on --device cpu: the CPU twin with byte accounting)",
@@ -98,6 +97,8 @@ def _add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None =
         tp = hints[f.name]
         args = typing.get_args(tp)
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": _HELP.get(f.name)}
+        if f.name == "model":
+            kw["help"] += "; default: the embedded pretrained MiniLM demo"
         if tp is bool:
             kw["action"] = "store_true"
         elif typing.get_origin(tp) is list:
@@ -270,19 +271,20 @@ def _preview_task(args: argparse.Namespace):
     kind = None
     if args.model is not None:
         from zoft.models import model_kind, resolve
+        from zoft.models.loading import kind_phrase
 
         source, config = resolve(args.model)
         kind = model_kind(config)
     if args.task not in KSHOT_TASKS or (args.task in MEZO_TASKS and kind != "masked"):
         if kind not in (None, "causal"):
             raise UsageError(f"task {args.task!r} needs a causal LM (or, for sst2 and rte, a masked LM); "
-                             f"--model {args.model} is a {kind} model")
+                             f"--model {args.model} is {kind_phrase(kind)}")
         return None
     if kind is None:
         raise UsageError(f"task {args.task!r} is a masked-LM k-shot task whose prompt is built from the model's "
                          "tokens: give --model (e.g. --model roberta-large)")
     if kind != "masked":
-        raise UsageError(f"task {args.task!r} is a masked-LM k-shot task; --model {args.model} is a {kind} model")
+        raise UsageError(f"task {args.task!r} is a masked-LM k-shot task; --model {args.model} is {kind_phrase(kind)}")
     from transformers import AutoTokenizer
 
     try:
@@ -297,14 +299,12 @@ def _preview_task(args: argparse.Namespace):
 def _run_data_preview(args: argparse.Namespace) -> int:
     import json
 
+    from zoft.config import AT_LEAST_1, Range, check_numbers
     from zoft.tasks import MEZO_TASKS, load_examples
     from zoft.tasks.data import Examples
     from zoft.tasks.mezo import preview, validate_rows
 
-    if args.limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    if args.max_length is not None and args.max_length < 2:
-        raise UsageError(f"--max-length must be >= 2, got {args.max_length}")
+    check_numbers(vars(args), {"limit": AT_LEAST_1, "max_length": Range(2)})
     kshot = _preview_task(args)
     ex = load_examples(args.data)
     rows = Examples(ex[: args.limit], ex.source, ex.lines[: args.limit], ex.unit)

@@ -291,8 +291,13 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
 
     Raises ``UsageError`` naming the smallest budget that fits when none does.
     """
-    from zoft.config import parse_size
+    from zoft.config import AT_LEAST_1, POSITIVE, check_numbers, parse_size
 
+    check_numbers({"batch_size": batch_size, "max_length": max_length, "num_probes": num_probes,
+                   "h2d_gbps": h2d_gbps, "tflops": tflops, "writeback_every": writeback_every,
+                   "regen_gbps": regen_gbps},
+                  {"batch_size": AT_LEAST_1, "max_length": AT_LEAST_1, "num_probes": AT_LEAST_1,
+                   "h2d_gbps": POSITIVE, "tflops": POSITIVE, "writeback_every": AT_LEAST_1, "regen_gbps": POSITIVE})
     budget = parse_size(gpu_mem_bytes)
     if dtype not in _DTYPE_BYTES:
         raise UsageError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPE_BYTES)}")
@@ -311,10 +316,7 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     if adapters:
         write_back = False  # the base is frozen; adapters are written back (their bytes are not counted)
     rows = batch_size if rows is None else rows
-    if batch_size < 1 or max_length < 1 or num_probes < 1 or rows < 1:
-        raise UsageError("batch size, max length and probe count must be positive")
-    if writeback_every is not None and writeback_every < 1:
-        raise UsageError("--writeback-every must be >= 1")
+    check_numbers({"rows": rows}, {"rows": AT_LEAST_1})
     if isinstance(config_or_name, ModelShape):
         s = config_or_name
     elif isinstance(config_or_name, str):
@@ -333,7 +335,7 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     if budget < smallest:
         raise UsageError(
             f"--gpu-mem {_fmt_budget(budget)} cannot fit {s.name}: the smallest plan needs "
-            f"{_gb_up(smallest)} GB (batch {_batch(batch_size, max_length, rows)}); "
+            f"{human_bytes(smallest, up=True)} (batch {_batch(batch_size, max_length, rows)}); "
             "raise --gpu-mem or lower --batch-size/--max-length")
     r = next(r for r in choices if _device_bytes(s, r, 1, **kw)["peak"] <= budget)
     lo, hi = 1, rows  # the peak grows with mb: binary search the largest that fits
@@ -400,14 +402,29 @@ def _batch(batch_size: int, max_length: int, rows: int) -> str:
     return f"{batch_size} x {max_length} tokens" + (f", {rows} rows per probe" if rows != batch_size else "")
 
 
-def _gb_up(n: int) -> str:
-    """``n`` bytes in GB (10^9), 2 decimals, rounded up: that budget always fits ``n``."""
-    return f"{math.ceil(n / GB * 100) / 100:.2f}"
+_SI = ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "k"))
+_COUNT = ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "k"))  # parameter counts: 1.3B, 125M
+
+
+def _human(n: float, unit: str, up: bool = False, prefixes=_SI) -> tuple[str, float]:
+    """``n`` in the largest prefix it reaches, 2 decimals (rounded up with ``up``): the text and
+    the value it stands for."""
+    scale, prefix = next(((s, p) for s, p in prefixes if abs(n) >= s), (1, ""))
+    if scale == 1:
+        return f"{n:.0f} {unit}".strip(), n
+    v = math.ceil(n / scale * 100) / 100 if up else round(n / scale, 2)
+    return f"{v:.2f} {prefix}{unit}".strip(), v * scale
+
+
+def human_bytes(n: float, up: bool = False) -> str:
+    """Bytes in kB / MB / GB / TB (powers of 10^3), 2 decimals; ``up``: rounded up, so that a
+    budget written as the text (``parse_size`` reads it without the space) always fits ``n``."""
+    return _human(n, "B", up)[0]
 
 
 def min_budget_from_message(n: int) -> int:
     """The budget (bytes) that a refusal message names for a smallest plan of ``n`` bytes."""
-    return round(float(_gb_up(n)) * GB)
+    return round(_human(n, "B", up=True)[1])
 
 
 def _fmt_budget(n: int) -> str:
@@ -415,25 +432,30 @@ def _fmt_budget(n: int) -> str:
         return f"{n // GB}GB"
     if n % 2**30 == 0:
         return f"{n // 2**30}GiB"
-    return f"{n / GB:.2f}GB" if n >= 10**7 else f"{n}B"
+    return human_bytes(n).replace(" ", "")
 
 
 # -- output -----------------------------------------------------------------------------------
+def _secs(t: float) -> str:
+    return "0 s" if t == 0 else f"{t:.3f} s" if t >= 1e-3 else f"{t:.2g} s"  # ms and up: 3 decimals
+
+
 def format_plan(p: Plan) -> str:
-    """A short human table (GB = 10^9 bytes)."""
+    """A short human table (kB, MB, GB: powers of 10^3 bytes)."""
     def gb(n: int) -> str:
-        return f"{n / GB:8.2f} GB"
+        return f"{human_bytes(n):>11}"
 
     res = f"blocks 0-{p.resident_blocks - 1}" if p.resident_blocks else "none"
-    wb = f" + write-back {p.writeback_bytes_per_step / GB:.2f} GB" if p.write_back else ""
+    wb = f" + write-back {human_bytes(p.writeback_bytes_per_step)}" if p.write_back else ""
     every = f"every {p.writeback_every} step" + ("s" if p.writeback_every > 1 else "")
     if not p.write_back:
         every += " (nothing written back: frozen base)"
     elif p.writeback_every > 1:
-        every += f" (updates re-applied after upload: {p.t_regen_s:.3f} s at {p.regen_gbps:g} GB/s)"
+        every += f" (updates re-applied after upload: {_secs(p.t_regen_s)} at {p.regen_gbps:g} GB/s)"
     rows = [
-        (f"plan: {p.model} ({p.n_params / 1e9:.2f}B params, {p.n_blocks} blocks), --gpu-mem "
-         f"{p.gpu_mem_bytes / GB:.2f} GB, batch {_batch(p.batch_size, p.max_length, p.rows)}, "
+        (f"plan: {p.model} ({_human(p.n_params, '', prefixes=_COUNT)[0].replace(' ', '')} params, "
+         f"{p.n_blocks} blocks), --gpu-mem "
+         f"{human_bytes(p.gpu_mem_bytes)}, batch {_batch(p.batch_size, p.max_length, p.rows)}, "
          f"{p.num_probes} probes, {p.dtype}" + (f" ({p.quant} base)" if p.quant != "none" else "")
          + f", transfer {p.transfer}, {p.attention} attention"),
         f"  resident         embeddings, final norm, head + {res} ({p.resident_blocks} blocks)",
@@ -444,17 +466,17 @@ def format_plan(p: Plan) -> str:
         f"    resident weights   {gb(p.resident_weights_bytes)}",
         f"    stream slots       {gb(p.slot_bytes)}",
         f"    perturb scratch    {gb(p.scratch_bytes)}  ({p.scratch})",
-        (f"    activations        {gb(p.activation_bytes)}  (boundary {p.boundary_act_bytes / GB:.2f}"
-         f" + max(block {p.working_act_bytes / GB:.2f}, logits {p.logits_bytes / GB:.2f},"
-         f" update {p.update_bytes / GB:.2f}))"),
-        (f"    total              {gb(p.peak_device_bytes)}  of {p.gpu_mem_bytes / GB:.2f} GB"
-         f" (smallest plan: {_gb_up(p.min_budget_bytes)} GB)"),
+        (f"    activations        {gb(p.activation_bytes)}  (boundary {human_bytes(p.boundary_act_bytes)}"
+         f" + max(block {human_bytes(p.working_act_bytes)}, logits {human_bytes(p.logits_bytes)},"
+         f" update {human_bytes(p.update_bytes)}))"),
+        (f"    total              {gb(p.peak_device_bytes)}  of {human_bytes(p.gpu_mem_bytes)}"
+         f" (smallest plan: {human_bytes(p.min_budget_bytes, up=True)})"),
         f"  CPU RAM          {gb(p.cpu_bytes)}  (pinned master weights, {p.dtype})",
-        f"  per step         upload {p.upload_bytes_per_step / GB:.2f} GB{wb} at {p.h2d_gbps:g} GB/s",
+        f"  per step         upload {human_bytes(p.upload_bytes_per_step)}{wb} at {p.h2d_gbps:g} GB/s",
         f"  write-back       {every}",
-        (f"  step time >=     {p.step_time_lb_s:.3f} s  ({p.bound}-bound: compute {p.t_compute_s:.3f} s"
-         f" at {p.tflops:g} TFLOP/s" + (f" + re-apply {p.t_regen_s:.3f} s" if p.t_regen_s else "")
-         + f", transfer {p.t_transfer_s:.3f} s)"),
+        (f"  step time >=     {_secs(p.step_time_lb_s)}  ({p.bound}-bound: compute {_secs(p.t_compute_s)}"
+         f" at {p.tflops:g} TFLOP/s" + (f" + re-apply {_secs(p.t_regen_s)}" if p.t_regen_s else "")
+         + f", transfer {_secs(p.t_transfer_s)})"),
     ]
     return "\n".join(rows)
 

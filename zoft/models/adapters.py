@@ -52,11 +52,16 @@ def peft_config(method: str, options: dict[str, Any] | None, model: nn.Module):
     if method not in PEFT_METHODS:
         raise UsageError(f"--peft must be one of {', '.join(PEFT_METHODS)}, not '{method}'")
     kw = {"task_type": _task_type(model), **_DEFAULTS[method], **(options or {})}
+    if method == "prefix" and kw["task_type"] is None:  # peft's prefix tuning hooks a task model's generation
+        from zoft.models.loading import kind_phrase, model_kind
+
+        raise UsageError(f"--peft prefix needs a causal LM; {type(model).__name__} is "
+                         f"{kind_phrase(model_kind(model.config))}: use --peft lora on it")
     cls = peft.LoraConfig if method == "lora" else peft.PrefixTuningConfig
     try:
         return cls(**kw)
     except (TypeError, ValueError) as e:
-        raise UsageError(f"--peft-options for {method}: {e}") from None
+        raise UsageError(f"peft_options for {method} (in the --config file): {e}") from None
 
 
 def apply_peft(model: nn.Module, method: str, options: dict[str, Any] | None = None, seed: int = 0) -> nn.Module:
@@ -77,7 +82,7 @@ def apply_peft(model: nn.Module, method: str, options: dict[str, Any] | None = N
         except ValueError as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(f"--peft {method} cannot wrap {type(model).__name__}: {first}; "
-                             "set target_modules in --peft-options") from None
+                             "set target_modules under peft_options: in a --config file") from None
     pm.train(was_training)
     if not any(p.requires_grad for p in pm.parameters()):
         raise UsageError(f"--peft {method} added no trainable parameter to {type(model).__name__}")

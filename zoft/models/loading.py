@@ -98,6 +98,11 @@ def model_kind(config: Any) -> ModelKind:
     return "causal"
 
 
+def kind_phrase(kind: ModelKind) -> str:
+    """``kind`` with its article, for messages: "a causal LM", "a masked LM", "an encoder"."""
+    return {"causal": "a causal LM", "masked": "a masked LM", "encoder": "an encoder"}.get(kind, f"a {kind} model")
+
+
 def _auto_class(kind: ModelKind):
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from zoft.errors import UsageError
+from zoft.models.loading import kind_phrase
 from zoft.tasks.base import Batch, Task
 from zoft.tasks.classify import KINDS, ClassifyTask, Kind, sst2_task
 from zoft.tasks.data import Examples, builtin_sentiment, load_examples
@@ -51,7 +52,7 @@ def _kshot(name: str) -> Callable[..., Task]:
         spec = KSHOT_TASKS[name]
         if kind != "masked":
             raise UsageError(f"task {name!r} is MeZO's masked-LM k-shot suite (medium_models) and needs a masked LM, "
-                             f"not a {kind} model")
+                             f"not {kind_phrase(kind)}")
         return ClassifyTask(tokenizer, kind, max_length, template="", name=name,
                             verbalizers={label: " " + w for label, w in spec.words.items()},
                             label_field=spec.label_field, text_fields=spec.sentences,
@@ -77,7 +78,7 @@ def _by_kind(name: str) -> Callable[..., Task]:
         if kind == "masked":
             return _kshot(name)(tokenizer, kind, max_length)
         if name != "sst2":
-            raise UsageError(f"task {name!r} needs a causal or masked LM, not a {kind} model")
+            raise UsageError(f"task {name!r} needs a causal or masked LM, not {kind_phrase(kind)}")
         return sst2_task(tokenizer, max_length, text_field=text_field, label_field=label_field,
                          descriptions=descriptions, scale=scale)
 
