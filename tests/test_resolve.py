@@ -210,3 +210,20 @@ def test_sst2_at_its_smallest_plan_stays_within_the_budget(tmp_path):
     peaks = [json.loads(x).get("device_peak_bytes") for x in (out / "metrics.jsonl").read_text().splitlines()]
     peaks = [p for p in peaks if p is not None]
     assert len(peaks) == 2 and max(peaks) <= budget.min_budget_bytes
+
+
+def test_stateful_optimizers_plan_write_back_every_step():
+    """The engine writes a streamed block back in the residency that applied a momentum or Adam
+    update (their buffers are not seed-form), so their plans have k_wb = 1 and the step-time bound
+    of write-back every step; seed-form optimizers get the planned interval (21 for OPT-30B at
+    18 GB); an explicit --writeback-every still wins."""
+    def plan(**kw):
+        return resolve_run(TrainConfig(model="opt-30b", gpu_mem="18GB", device="cuda", max_length=256, **kw)).plan
+
+    seed_form = plan()
+    assert seed_form.writeback_every > 1
+    for name in ("zo-sgd-mmt", "zo-adam", "r-adazo"):
+        p = plan(optimizer=name)
+        assert p.writeback_every == 1, name
+        assert p.writeback_bytes_per_step == p.upload_bytes_per_step > seed_form.writeback_bytes_per_step
+    assert plan(optimizer="zo-adam", writeback_every=4).writeback_every == 4

@@ -116,14 +116,20 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
         dtype = auto_dtype(config, device)
         why = "auto: fp32 on CPU" + (f"; on CUDA: the checkpoint's {cuda}" if cuda != dtype else "")
     resolved = dataclasses.replace(cfg, device=device, dtype=dtype)
-    probes = num_probes if num_probes is not None else build_optimizer(resolved).num_probes()
+    opt = build_optimizer(resolved)
+    probes = num_probes if num_probes is not None else opt.num_probes()
+    # a stateful optimizer's update (momentum, Adam moments) is not seed-form: the engine writes
+    # a streamed block back in the residency that applied it, so its plan has k_wb = 1
+    writeback_every = cfg.writeback_every
+    if writeback_every is None and getattr(opt, "store", None) is not None:
+        writeback_every = 1
     kind = model_kind(config)
     rows = rows_per_probe(cfg.task, kind, cfg.batch_size, **cfg.task_options)
     try:
         plan = None if cfg.gpu_mem is None else make_plan(
             name, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length, num_probes=probes, dtype=dtype,
             transfer=cfg.transfer, adapters=cfg.peft != "none", quant=cfg.quant, rows=rows,
-            writeback_every=cfg.writeback_every, **plan_options)
+            writeback_every=writeback_every, **plan_options)
     except UsageError as e:
         if cfg.dtype == "auto" and device == "cpu" and cuda != dtype:  # sizing a GPU run on a laptop
             raise UsageError(f"{e} (planned in {dtype}, --dtype auto on CPU; --device cuda plans a GPU run, "
