@@ -10,9 +10,14 @@ planner's lower bound. One script, meant to finish in < 8 minutes on one H200.
      budget, at batch 1 x 2048 (transfer-bound) and 16 x 512 (more compute); the pinned
      host-to-device bandwidth and the fp16 matmul throughput are measured first and fed to the
      planner, and each streamed step is reported as a multiple of the planner's lower bound.
+  4. link bytes (deferred write-back): the first model and batch, streamed under the smallest
+     budget with write-back every step (k = 1, before) and every planned k (after): bytes over the
+     link per step (host-to-device + device-to-host, the final flush apart) against the streamed
+     bytes, the planner's per-step bytes, and the step time of each.
 
     python bench/gpu_offload.py [--json FILE] [--models opt-2.7b,opt-6.7b] [--batches 1x2048,16x512] [--steps 4]
     python bench/gpu_offload.py --device cpu --tiny     # smoke test of this script on a CPU
+    python bench/gpu_offload.py --device cpu --tiny --steps 16 --writeback-every 8   # link bytes, k 1 vs 8
     python bench/gpu_offload.py --device cpu --models opt-125m --batches 4x128   # the CPU twin's overhead
 
 Prints one table; ``--json`` also writes every number.
@@ -33,7 +38,7 @@ from zoft.engine import Probe, Streaming, Update, ZOEngine
 from zoft.engine.plan import make_plan
 from zoft.models import resolve
 
-ZO2_PEAK_GB = {"opt-6.7b": 4.99}  # ALGORITHMS.md: ZO2, OPT-6.7B, batch 1 x 2048, fp16
+ZO2_PEAK_GB = {"opt-6.7b": 4.99}  # ZO2 paper (arXiv 2503.12668): OPT-6.7B, batch 1 x 2048, fp16
 
 
 class NextTokenLoss:
@@ -197,6 +202,43 @@ def measure(name, config, model, device, B, T, gbps, tflops, n_steps, resident_t
     return row
 
 
+def link_bytes(name, config, device, B, T, gbps, tflops, n_steps, after=None):
+    """Streamed at the smallest budget with write-back every step and every planned k: link bytes
+    per step over the ``n_steps`` timed steps (the final flush apart) and the step time."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    kw = dict(batch_size=B, max_length=T, num_probes=2, dtype="fp16" if dtype == torch.float16 else "fp32",
+              h2d_gbps=gbps, tflops=tflops)
+    smallest = make_plan(config, 10**15, **kw).min_budget_bytes
+    g = torch.Generator().manual_seed(2)
+    batch = Rows(input_ids=torch.randint(3, config.vocab_size, (B, T), generator=g, device=device))
+    rows = []
+    for every in (1, after):
+        plan = make_plan(config, smallest, **kw, writeback_every=every)
+        model = random_model(config, dtype)
+        eng = ZOEngine(model, offload=Streaming.from_plan(plan, str(device)))
+        obj, times = NextTokenLoss(), []
+        for t in range(n_steps):
+            sync(device)
+            t0 = time.perf_counter()
+            losses = eng.evaluate([Probe(t, 1e-3), Probe(t, -1e-3)], batch, obj)
+            eng.set_update(Update([(t, -1e-6 * (losses[0] - losses[1]).item() / 2e-3)]))
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        st = eng.offload.stats
+        streamed = sum(s.numel * s.master.element_size() for s in eng.offload.streamed)
+        rows.append({"model": name, "batch": f"{B}x{T}", "writeback_every": plan.writeback_every,
+                     "h2d_bytes_per_step": st.upload_bytes / n_steps, "d2h_bytes_per_step": st.writeback_bytes / n_steps,
+                     "x_streamed_bytes": (st.upload_bytes + st.writeback_bytes) / n_steps / streamed,
+                     "plan_bytes_per_step": plan.upload_bytes_per_step + plan.writeback_bytes_per_step,
+                     "step_s": sorted(times[1:])[len(times[1:]) // 2] if n_steps > 1 else times[0],
+                     "lower_bound_s": plan.step_time_lb_s})
+        eng.close()
+        del eng, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -204,6 +246,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="opt-2.7b,opt-6.7b", help="comma-separated aliases")
     ap.add_argument("--batches", default="1x2048,16x512", help="comma-separated BxT")
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--writeback-every", type=int, default=None,
+                    help="write-back interval of the link-bytes run after k = 1 (default: the planner's)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -244,6 +288,14 @@ def main(argv=None) -> int:
         print(f"| {r['model']} | {r['batch']} | {r['budget_gb']:.2f} | {r['resident_blocks']}/{r['streamed_blocks']} | "
               f"{r['streamed_peak_gb']:.2f} | {r.get('zo2_peak_gb', '')} | {r.get('resident_s', float('nan')):.3f} | "
               f"{r['streamed_s']:.3f} | {r.get('x_resident', float('nan')):.2f} | {r['x_lower_bound']:.2f} ({r['bound']}) |")
+    name, config, batches = shapes[0]
+    report["link_bytes"] = link_bytes(name, config, device, *batches[0], gbps, tflops, args.steps, args.writeback_every)
+    print("\n| model | batch | write-back every | H2D MB/step | D2H MB/step | x streamed bytes | plan MB/step | "
+          "step s | bound s |\n|" + "---|" * 9)
+    for r in report["link_bytes"]:
+        print(f"| {r['model']} | {r['batch']} | {r['writeback_every']} | {r['h2d_bytes_per_step'] / 1e6:.1f} | "
+              f"{r['d2h_bytes_per_step'] / 1e6:.1f} | {r['x_streamed_bytes']:.3f} | {r['plan_bytes_per_step'] / 1e6:.1f} | "
+              f"{r['step_s']:.3f} | {r['lower_bound_s']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -41,10 +41,23 @@ if __name__ == "kernels":
                 return spec
         return None
 
-    _spec = _installed_kernels() or _ModuleSpec("kernels", None, is_package=True)
+    def _not_installed(name: str):
+        """``from kernels import get_kernel`` (bitsandbytes' probe) on the empty package: say what is
+        true (Hugging Face's package is not installed), not Python's "cannot import name ...
+        (unknown location)", which reads like a broken install. Only the Hub loaders answer so; any
+        other look-up stays a plain AttributeError (``hasattr`` / ``getattr(m, x, None)`` probes)."""
+        if name not in ("get_kernel", "get_local_kernel", "has_kernel", "load_kernel"):
+            raise AttributeError(name)
+        raise ModuleNotFoundError("No module named 'kernels' (Hugging Face's kernels package is not installed; "
+                                  "the kernels/ folder here is zoft's, imported as zoft.kernels)", name="kernels")
+
+    _real = _installed_kernels()
+    _spec = _real or _ModuleSpec("kernels", None, is_package=True)
     _sys.modules["kernels"] = _mod = importlib.util.module_from_spec(_spec)
-    if _spec.loader is not None:
+    if _real is not None:
         _spec.loader.exec_module(_mod)
+    else:
+        _mod.__getattr__ = _not_installed
 
 TRITON_MIN = (3, 4)  # the Philox kernels draw at 64-bit offsets (tensors past 2^31 elements)
 

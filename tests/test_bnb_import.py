@@ -33,8 +33,9 @@ CHILD = textwrap.dedent(r"""
     try:                                                      # bitsandbytes' own probe, verbatim
         from kernels import get_kernel
         out["get_kernel"] = get_kernel()
-    except ImportError:
+    except ImportError as e:
         out["get_kernel"] = "ImportError"
+        out["get_kernel_error"] = str(e)
     mod = sys.modules.get("kernels")
     out["kernels_file"] = getattr(mod, "__file__", None)
     out["kernels_path"] = [str(p) for p in getattr(mod, "__path__", [])]
@@ -86,6 +87,8 @@ def test_without_hf_kernels_the_project_folder_reads_as_not_installed():
     assert res["kernels_file"] is None and res["kernels_path"] == []
     assert not res["kernels_has_zoft_attr"] and res["kernels_submodule"] is False
     assert res["get_kernel"] == "ImportError"  # bitsandbytes falls back to its own CPU kernels
+    # and what it logs says so: not Python's "cannot import name ... (unknown location)", a broken install's look
+    assert "Hugging Face's kernels package is not installed" in res["get_kernel_error"]
     assert res["is_kernels_available"] is False  # and transformers does not crash on it
     assert res["kernels_still_not_ours"] is None
     assert_zoft_kernels_work(res)

@@ -131,8 +131,10 @@ def test_missing_file_unknown_extension_not_utf8(tmp_path):
 
 
 def test_check_fields_on_plain_lists():
-    with pytest.raises(UsageError, match="example 2: missing field 'label'"):
+    with pytest.raises(UsageError, match="example 2: field 'label' is null; every example needs 'label'"):
         check_fields([{"label": 1}, {"label": None}], ["label"])
+    with pytest.raises(UsageError, match="example 2: missing field 'label'"):
+        check_fields([{"label": 1}, {"text": "x"}], ["label"])
 
 
 # --- Hugging Face datasets ----------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig
 
 from test_engine import TokenNLL, make_batch
-from tiny_models import ENCODERS, tiny_model
+from tiny_models import ENCODERS, QUANT_WIDTH, bnb_cpu_layout, tiny_model
 from zoft.engine import Probe, Streaming, Update, ZOEngine
 from zoft.engine.plan import make_plan
 from zoft.engine.precision import stochastic_round
@@ -144,12 +144,15 @@ def test_frozen_streamed_units_are_never_written_back():
             assert torch.equal(p, frozen[n]), n
 
 
-def test_a_raising_forward_loses_no_update():
+@pytest.mark.parametrize("every", [1, 3])
+def test_a_raising_forward_loses_no_update(every):
     """A forward that raises inside a streamed block: the block is released, its already-applied
-    pending update is written back, and the next steps equal an uninterrupted run."""
+    pending update is written back (or, deferred, stays re-appliable from the log), and the next
+    steps equal an uninterrupted run."""
     family = "llama"
     ref_model, model = deep_model(family), deep_model(family)
-    ref, eng = ZOEngine(ref_model), ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, prefetch=2))
+    ref = ZOEngine(ref_model)
+    eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, prefetch=2, writeback_every=every))
     obj, batch = TokenNLL(True), make_batch(family)
     for e in (ref, eng):
         e.evaluate([Probe(1, 1e-3), Probe(1, -1e-3)], batch, obj)
@@ -219,13 +222,17 @@ def test_accounted_peak_within_every_plan_of_a_sweep(opt8):
 
 # -- codecs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("codec", ["bf16", "fp16", "int8"])
-def test_lossy_codec_forward_error_bounded_and_masters_exact(codec):
+@pytest.mark.parametrize("every", [1, 3])
+def test_lossy_codec_forward_error_bounded_and_masters_exact(codec, every):
     """The forward sees the codec's rounding (bounded: int8 per-block error <= absmax/254 of its
     block; bf16/fp16 <= half an ulp), but with lr = 0 the masters keep their bytes exactly (the
     write-back carries the device's change, zero), and a real update reaches the master as the
-    resident engine's update does up to the codec's rounding of the weights it is applied to."""
+    resident engine's update does up to the codec's rounding of the weights it is applied to.
+    Deferred write-back (``every`` 3): the change written back spans the updates since the last
+    write-back, each applied on the device to the decoded master, and still carries no codec error."""
     model = deep_model("opt")
-    eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, prefetch=2, transfer=codec))
+    eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, prefetch=2, transfer=codec,
+                                            writeback_every=every))
     masters = [s.master.clone() for s in eng.offload.streamed]
     s0 = eng.offload.streamed[0]
     seen = {}
@@ -456,23 +463,28 @@ def test_lora_streamed_equals_resident_and_uploads_only():
     assert_same_runs(*out)
 
 
-@pytest.mark.parametrize("bits", ["4bit", "8bit"])
-def test_quantized_base_streams_packed_and_equals_resident(bits, tmp_path):
+@pytest.mark.parametrize("bits,cpu_layout", [("4bit", False), ("4bit", True), ("8bit", False)],
+                         ids=["4bit-canonical-cpu", "4bit-avx512bf16-cpu", "8bit"])
+def test_quantized_base_streams_packed_and_equals_resident(bits, cpu_layout, tmp_path):
     """ZO-QLoRA under streaming (issue 8): a bitsandbytes 4-/8-bit base streams its packed bytes as
     they are (upload only: the uint8/int8 weights cross the link, the small quantization
     constants stay resident), LoRA parameters are the only ones written back, losses and adapter
-    weights equal the resident engine's, and every packed byte is unchanged after training."""
+    weights equal the resident engine's, and every packed byte is unchanged after training.
+    4-bit runs under both settings of bitsandbytes' per-layer CPU-layout switch (on: what the layers
+    of an AVX512-BF16 CPU say): the engine keeps the canonical layout either way, so its views and
+    masters see the bytes they were built from."""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     from zoft.models.adapters import apply_peft
 
-    tiny_model("opt", layers=4).save_pretrained(tmp_path)
+    tiny_model("opt", layers=4, width=QUANT_WIDTH).save_pretrained(tmp_path)
     q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == "4bit"
          else BitsAndBytesConfig(load_in_8bit=True))
     out = []
     for offload in (None, Streaming("cpu", resident_blocks=0, prefetch=2)):
         base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu").eval()
+        assert bnb_cpu_layout(base, cpu_layout) == (24 if bits == "4bit" else 0)
         model = apply_peft(base, "lora", {"target_modules": ["q_proj", "v_proj"]}, seed=1)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -503,3 +515,292 @@ def test_quantized_base_streams_packed_and_equals_resident(bits, tmp_path):
     run_steps(eng, "opt", steps=2)
     assert eng.device_peak_bytes <= min(plan.gpu_mem_bytes, plan.peak_device_bytes)
     eng.close()
+
+
+# -- deferred write-back (issue 16) ----------------------------------------------------------
+def link_ratio(stats, streamed, steps):
+    """(h2d + d2h bytes) per step over the bytes of every streamed unit (one upload each)."""
+    unit_bytes = sum(s.numel * s.master.element_size() for s in streamed)
+    return (stats.upload_bytes + stats.writeback_bytes) / steps / unit_bytes
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "bloom", "gpt2"])
+@pytest.mark.parametrize("every", [1, 3, 8])
+def test_deferred_writeback_equals_resident(family, every):
+    """Every block streamed, write-back once per ``every`` updates: the device re-applies the
+    updates a master lacks after each upload (weight decay on), and the per-step losses and the
+    final weights equal the resident engine's (rtol 1e-5; the re-applied update is the same
+    ``axpy`` on the same values, so in practice bitwise). Each unit crosses the link once per
+    step up and once per ``every`` updates down (plus the final flush, which applies the last
+    update), and the masters are behind before the flush (the test sees the deferral)."""
+    ref_model, model = deep_model(family), deep_model(family)
+    ref = ZOEngine(ref_model)
+    eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, prefetch=2, writeback_every=every))
+    steps = 9  # k = 8: one write-back during the passes, one by the flush
+    streamed = eng.offload.streamed
+    losses = run_steps(eng, family, steps=steps, flush=False)
+    st = eng.offload.stats
+    S = len(streamed)
+    d = eng.offload.prefetch  # the next pass's first uploads are issued during this one's tail
+    assert st.uploads == steps * S + d and st.stalls == 0
+    assert st.writebacks == (steps - 1) // every * S  # updates 1..steps-1 applied during the passes
+    assert all(s.master_version == (steps - 1) // every * every for s in streamed)
+    steady = link_ratio(st, streamed, steps)
+    eng.flush()
+    print(f"\n{family} k={every}: (h2d + d2h) / streamed bytes per step = {steady:.3f} over {steps} steps, "
+          f"{link_ratio(st, streamed, steps):.3f} with the final flush")
+    assert steady == pytest.approx(1 + d / (steps * S) + ((steps - 1) // every) / steps)
+    torch.testing.assert_close(losses, run_steps(ref, family, steps=steps), rtol=RTOL, atol=0)
+    eng.close()
+    ref.close()
+    assert_same_weights(model, ref_model)
+
+
+def test_link_bytes_over_a_run_within_1_15x_of_the_streamed_bytes():
+    """OPT with every block streamed, write-back every 8 updates, 64 steps: uploads plus
+    write-backs, the final flush included (it applies the last update: one more upload and
+    write-back of every block), average <= 1.15x the streamed bytes per step; write-back every
+    step moves 2x plus the flush. (Equal results: ``test_deferred_writeback_equals_resident``.)"""
+    model = deep_model("opt", layers=4)
+    eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, prefetch=2, writeback_every=8))
+    run_steps(eng, "opt", steps=64, lr=1e-3)
+    ratio = link_ratio(eng.offload.stats, eng.offload.streamed, 64)
+    eng.close()
+    print(f"\nlink bytes per step / streamed bytes over 64 steps, k=8, final flush included: {ratio:.3f}")
+    assert ratio <= 1.15
+
+
+def test_lora_deferred_writeback_equals_resident():
+    """Adapters on a streamed base with write-back every 1, 3, 8 updates: only the LoRA prefix is
+    ever written back, losses and weights equal the resident engine's, the base keeps its bytes."""
+    from zoft.models.adapters import apply_peft
+
+    def lora_model():
+        model = apply_peft(deep_model("opt"), "lora", {"target_modules": ["q_proj", "v_proj"]}, seed=1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+        return model
+
+    ref_model = lora_model()
+    ref = ZOEngine(ref_model)
+    ref_losses = run_steps(ref, "opt", steps=9)
+    ref.close()
+    for every in (1, 3, 8):
+        model = lora_model()
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, writeback_every=every))
+        losses = run_steps(eng, "opt", steps=9)
+        st, s0 = eng.offload.stats, eng.offload.streamed[0]
+        assert st.writeback_bytes == st.writebacks * s0.n_write * 4 and s0.n_write < s0.numel
+        assert st.writebacks == (8 // every + 1) * len(eng.offload.streamed)  # passes, then the flush
+        close_keeping(eng, model, base)
+        assert_same_runs((ref_losses, ref_model), (losses, model))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_stateful_optimizers_write_back_every_step(name):
+    """Momentum, ZO-Adam and R-AdaZO updates are not seed-form (their buffers advance once per
+    update), so a unit holding one is written back in the residency that applied it, whatever
+    ``writeback_every`` says; seed-form optimizers defer. Either way: the resident results."""
+    family, obj = "llama", TokenNLL(True)
+    batch = make_batch(family)
+    results = []
+    for offload in (None, Streaming("cpu", resident_blocks=0, prefetch=2, writeback_every=4)):
+        model = deep_model(family)
+        eng = ZOEngine(model, offload=offload)
+        opt = make_optimizer(name, {"lr": 1e-3, "eps": 1e-3}, seed=3, total_steps=5)
+        bind(opt, eng)
+        losses, stateful = [], False
+        for t in range(4):
+            loss = evaluate_step(eng, opt, t, batch, obj)
+            upd, _ = opt.update(t, loss)
+            stateful = type(upd).apply is not Update.apply
+            eng.set_update(upd)
+            losses.append(loss)
+        if offload is not None:
+            S = len(eng.offload.streamed)
+            # updates 1..3 were applied during the passes of steps 1..3
+            assert eng.offload.stats.writebacks == (3 * S if stateful else 0), (name, stateful)
+        eng.close()
+        results.append((torch.cat(losses), model))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=RTOL, atol=0)
+    assert_same_weights(results[1][1], results[0][1])
+
+
+def test_bf16_masters_deferred_writeback_is_bit_identical():
+    """bf16 weights streamed with write-back every 3 updates: every re-applied update is rounded
+    with the key it was first rounded with (the update and the parameter), so the weights equal
+    the resident bf16 engine's bit for bit, and so does a replay of the same updates (set_update
+    alone, as ``zoft replay`` does) through a differently placed streamed engine."""
+    ref_model = deep_model("opt").to(torch.bfloat16)
+    model, again = copy.deepcopy(ref_model), copy.deepcopy(ref_model)
+    ref = ZOEngine(ref_model)
+    eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, writeback_every=3))
+    obj, batch, updates = TokenNLL(True), make_batch("opt"), []
+    for t in range(7):
+        losses = [e.evaluate([Probe(t, 1e-3), Probe(t, -1e-3)], batch, obj) for e in (ref, eng)]
+        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+        updates.append(Update([(t, -0.2 * (losses[0][0] - losses[0][1]).item() / 2e-3)], decay=0.999))
+        for e in (ref, eng):
+            e.set_update(updates[-1])
+    eng.close()
+    ref.close()
+    assert_same_weights(model, ref_model, rtol=0)
+    rep = ZOEngine(again, offload=Streaming("cpu", resident_blocks=2, writeback_every=2))
+    for u in updates:
+        rep.set_update(u)
+    rep.close()
+    assert_same_weights(again, ref_model, rtol=0)
+    assert not all(torch.equal(p, q) for p, q in zip(again.parameters(), deep_model("opt").to(torch.bfloat16).parameters()))
+
+
+def test_paused_and_flush_bring_every_master_up_to_date():
+    """With write-back every 8 updates the masters lag after 3 steps; ``paused()`` (first-order
+    phases, checkpoints, eval) hands out a model whose streamed weights are the resident ones."""
+    ref_model, model = deep_model("opt"), deep_model("opt")
+    ref = ZOEngine(ref_model)
+    eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=1, writeback_every=8))
+    run_steps(ref, "opt", steps=3)
+    run_steps(eng, "opt", steps=3, flush=False)
+    eng.evaluate([Probe(9, 1e-3)], make_batch("opt"), TokenNLL(True))  # applies the last update
+    assert all(s.master_version < s.version == 3 for s in eng.offload.streamed)
+    with eng.paused() as m:
+        assert all(s.master_version == 3 for s in eng.offload.streamed)
+        assert_same_weights(m, ref_model)
+    ref.close()
+    eng.close()
+
+
+_KILL_AFTER_STEP = textwrap.dedent("""
+    import json, os, signal, sys
+    from zoft.config import TrainConfig
+    from zoft.train import Trainer
+
+    class KilledAfter(Trainer):
+        def step(self, step):
+            rec = super().step(step)
+            if step == int(sys.argv[2]):
+                streamed = self.engine.offload.streamed
+                print(json.dumps({"behind": [s.version - s.master_version for s in streamed]}), flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)  # no flush, no checkpoint, no exit handler
+            return rec
+
+    KilledAfter(TrainConfig.from_dict(json.loads(sys.argv[1]))).run()
+""")
+
+
+def test_run_killed_between_writebacks_resumes_to_identical_weights(deep_dir, tmp_path):
+    """``zoft finetune --gpu-mem`` with every block streamed and write-back every 3 updates,
+    checkpoint every 4 steps: a process SIGKILLed after step 6 (its masters one update behind
+    the device: deferred, never written) resumes from the step-4 checkpoint to the weights of an
+    uninterrupted run, bit for bit; ``replay`` of that run gives them too. metrics.jsonl records
+    the link bytes of every step: write-backs only on steps whose updates reach k (or a flush)."""
+    from safetensors.torch import load_file
+
+    from zoft.config import TrainConfig
+    from zoft.train import Trainer, plan_for, replay
+
+    base = dict(model=str(deep_dir), task="lm", train=str(deep_dir / "train.jsonl"), steps=8, batch_size=2,
+                lr=1e-3, weight_decay=0.1, max_length=12, progress=False, device="cpu", writeback_every=3,
+                save_every=4)
+    smallest = plan_for(TrainConfig(**base, gpu_mem="1GB")).min_budget_bytes
+    base["gpu_mem"] = str(smallest)
+    assert plan_for(TrainConfig(**base)).resident_blocks == 0
+    killed = {**base, "output_dir": str(tmp_path / "k")}
+    out = subprocess.run([sys.executable, "-c", _KILL_AFTER_STEP, json.dumps(killed), "5"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == -9, out.stderr[-2000:]
+    behind = json.loads(out.stdout.strip().splitlines()[-1])["behind"]
+    assert behind == [1] * L  # the step-6 update lives on the device only when the process dies
+    Trainer(TrainConfig(**killed, resume=True)).run()
+    Trainer(TrainConfig(**base, output_dir=str(tmp_path / "u"))).run()
+    wk = load_file(str(tmp_path / "k" / "checkpoint" / "model.safetensors"))
+    wu = load_file(str(tmp_path / "u" / "checkpoint" / "model.safetensors"))
+    assert wk.keys() == wu.keys() and all(torch.equal(wk[k], wu[k]) for k in wu)
+    replayed = replay(tmp_path / "u")
+    for k, p in replayed.state_dict().items():
+        if k in wu:
+            assert torch.equal(p, wu[k]), k
+    recs = [json.loads(x) for x in (tmp_path / "u" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "h2d_bytes" in r]
+    assert [r["step"] for r in steps] == list(range(8))
+    block = deep_model("opt").model.decoder.layers[0]
+    unit = sum(p.numel() * 4 for p in block.parameters())
+    # updates 1-3 are applied in steps 1-3: the third is written back in step 3; the step-4
+    # checkpoint flushes update 4 (counted in step 4); update 7 is written back in step 7
+    assert [r["d2h_bytes"] // (L * unit) for r in steps] == [0, 0, 0, 1, 1, 0, 0, 1]
+    assert all(r["h2d_bytes"] >= L * unit for r in steps)
+
+
+def test_an_update_interrupted_mid_unit_is_never_applied_twice():
+    """The pending update raises halfway through a streamed unit's parameters (a noise backend
+    failing once on one key): the keys already updated reach the master with the slot, and the
+    residency that completes the update writes back too, so no later re-application (write-back
+    every 3 updates) applies it twice: weights equal the resident engine's after more steps."""
+    from zoft.noise import TorchGeneratorNoise
+
+    class FailsOnce(TorchGeneratorNoise):
+        armed = True
+
+        def axpy(self, w, terms, key, decay=1.0):
+            if self.armed and key == "model.layers.2.mlp.up_proj.weight" and terms[0][0] == 1:
+                self.armed = False
+                raise RuntimeError("transient")
+            return super().axpy(w, terms, key, decay)
+
+    ref_model, model = deep_model("llama"), deep_model("llama")
+    ref = ZOEngine(ref_model)
+    eng = ZOEngine(model, noise=FailsOnce(), offload=Streaming("cpu", resident_blocks=0, writeback_every=3))
+    obj, batch = TokenNLL(True), make_batch("llama")
+    for t in range(5):
+        for e in (ref, eng):
+            try:
+                e.evaluate([Probe(t, 1e-3), Probe(t, -1e-3)], batch, obj)
+            except RuntimeError:
+                assert e is eng and t == 2  # update 1 is applied in the pass of step 2
+            e.set_update(Update([(t, -0.3)], decay=0.99))
+    assert not eng.noise.armed
+    ref.close()
+    eng.close()
+    assert_same_weights(model, ref_model)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_streamed_quantized_layers_compute_with_the_streamed_bytes(bits, tmp_path):
+    """A streamed packed block's layers must compute from the bytes that crossed the link, not from a
+    tensor bitsandbytes cached (LLM.int8() keeps its int8 weight as ``weight.CB`` and, after the first
+    forward, in the layer's matmul state). Zero every streamed packed master: the streamed engine's
+    losses (from the step after next: uploads run ahead into the next step) then equal, bitwise, a
+    resident engine's on a model whose packed weights (and 4-bit absmax, which stream too) were zeroed
+    in place by hand."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    tiny_model("opt", layers=2, width=QUANT_WIDTH).save_pretrained(tmp_path)
+    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32) if bits == "4bit"
+         else BitsAndBytesConfig(load_in_8bit=True))
+    probes, batch, obj = [Probe(1, 1e-3), Probe(1, -1e-3)], make_batch("opt"), TokenNLL(True)
+    out = []
+    for offload in (None, Streaming("cpu", resident_blocks=0, prefetch=2)):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu").eval()
+        eng = ZOEngine(model, offload=offload)
+        eng.evaluate(probes, batch, obj)  # bitsandbytes' first forward (LLM.int8() caches its weight here)
+        if offload is None:
+            with torch.no_grad():
+                for blk in model.model.decoder.layers:
+                    for p in blk.parameters():
+                        if not p.dtype.is_floating_point:
+                            p.data.zero_()
+                            if getattr(p, "quant_state", None) is not None:
+                                p.quant_state.absmax.zero_()
+        else:
+            assert all(s.packed_master is not None for s in eng.offload.streamed[:2])
+            for s in eng.offload.streamed:
+                if s.packed_master is not None:
+                    s.packed_master.zero_()
+        eng.evaluate(probes, batch, obj)  # its first blocks were uploaded ahead, before the zeroing
+        out.append(eng.evaluate(probes, batch, obj))
+        eng.close()
+    assert torch.equal(out[0], out[1])

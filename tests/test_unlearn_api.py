@@ -125,7 +125,7 @@ def _files(tmp_path):
 
 def test_cli_unlearn_end_to_end(tmp_path, tok, capsys):
     model_dir = tmp_path / "model"
-    tiny_eval_opt(tok).save_pretrained(model_dir)
+    tiny_eval_opt(tok, hidden=64).save_pretrained(model_dir)  # the nf4 attack: dimensions of bitsandbytes' blocks
     tok.save_pretrained(model_dir)
     f, r = _files(tmp_path)
     (tmp_path / "recipe.yaml").write_text("objective_options: {beta: 0.2}\noptimizer_options: {q: 2, mu: 0.01}\n"

@@ -171,11 +171,13 @@ def test_smoothing_tends_to_plain_gradient(tok, batch):
 
 def test_hybrid_zo_phases_stream_with_the_resident_results(tok, batch):
     """The hybrid's ZO phases through the streaming engine (CPU twin, both blocks streamed) give
-    the same per-step losses and final weights as resident; FO phases run on the same model."""
+    the same per-step losses and final weights as resident; FO phases run on the same model
+    (with write-back every 3 updates too: ``paused()`` writes every lagging block back first)."""
     from zoft.engine import Streaming
 
     out = []
-    for offload in (None, Streaming("cpu", resident_blocks=0, prefetch=1)):
+    for offload in (None, Streaming("cpu", resident_blocks=0, prefetch=1),
+                    Streaming("cpu", resident_blocks=0, prefetch=1, writeback_every=3)):
         model = tiny_eval_opt(tok)
         opts = parse_optimizer_options("hybrid", {"fo_block": 1, "zo_block": 2, "q": 2, "mu": 1e-2})
         obj = make_objective("npo")
@@ -189,9 +191,10 @@ def test_hybrid_zo_phases_stream_with_the_resident_results(tok, batch):
         finally:
             r.close()
         out.append((losses, model))
-    assert out[1][0] == pytest.approx(out[0][0], rel=1e-5)
-    for p, q in zip(out[1][1].parameters(), out[0][1].parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=0)
+    for streamed in out[1:]:
+        assert streamed[0] == pytest.approx(out[0][0], rel=1e-5)
+        for p, q in zip(streamed[1].parameters(), out[0][1].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=0)
 
 
 def test_make_zo_engine_plans_under_gpu_mem(tok):

@@ -43,12 +43,38 @@ FAMILIES = {
                                intermediate_size=64, max_position_embeddings=128),
 }
 ENCODERS = {"bert"}
+QUANT_WIDTH = 64  # hidden size of the quantized tests' models: bitsandbytes' block size
 
 
-def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int | None = None) -> torch.nn.Module:
+def bnb_cpu_layout(model: torch.nn.Module, on: bool) -> int:
+    """Set bitsandbytes' per-layer switch of its CPU-only 4-bit layout (``support_avx512bf16_for_cpu``,
+    which a ``Linear4bit`` copies from ``has_avx512bf16()`` when built) on every 4-bit layer of
+    ``model``: ``on`` is what every layer says on a CPU with AVX512-BF16, off what it says on any other
+    CPU or on CUDA. Lets one machine run both kinds of CPU's code path. Returns the layers set."""
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = on
+    return len(layers)
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, layers: int | None = None,
+               width: int | None = None) -> torch.nn.Module:
     """A tiny random-weight model of ``family`` in eval mode (fixed init for a given seed), with
-    2 blocks or ``layers``."""
+    2 blocks or ``layers``, and hidden size 32 or ``width`` (MLP ``2 * width``, heads unchanged).
+
+    Quantized tests use ``width=QUANT_WIDTH``: every linear layer then has the shape of a real
+    model's (dimensions multiples of bitsandbytes' 64-wide blocks)."""
     cfg = FAMILIES[family]()
+    if width is not None:
+        heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+        for attr in ("hidden_size", "n_embd", "word_embed_proj_dim"):
+            if hasattr(cfg, attr):
+                setattr(cfg, attr, width)
+        for attr in ("intermediate_size", "ffn_dim"):
+            if hasattr(cfg, attr):
+                setattr(cfg, attr, 2 * width)
+        if getattr(cfg, "head_dim", None):
+            cfg.head_dim = width // heads
     if layers is not None:
         for attr in ("num_hidden_layers", "n_layer"):
             if hasattr(cfg, attr):

@@ -21,7 +21,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from zoft.errors import ZoftError
+from zoft.errors import UsageError, ZoftError
+
+_RUN_LOGS = ("config.yaml", "metrics.jsonl", "trajectory.jsonl", "loss.png", "loss.tmp.png", "metrics.tmp",
+             "trajectory.tmp")  # what a run writes before (and beside) its checkpoint
 
 
 def _clean(v: Any) -> Any:
@@ -96,6 +99,38 @@ def find_checkpoint(out_dir: Path) -> Path | None:
         if (p / "state.json").is_file():
             return p
     return None
+
+
+def claim_output_dir(path: str | os.PathLike, flag: str, *, run: bool, resume: bool = False) -> Path:
+    """The one rule for output directories (``finetune --output-dir``, ``replay --output``).
+
+    A new or empty directory is taken (created, parents too). For a run (``run=True``): a
+    directory holding a run with a checkpoint is taken only to continue it (``resume``); one whose
+    run stopped before its first checkpoint holds only that run's logs (``config.yaml``,
+    ``metrics.jsonl``, ``trajectory.jsonl``, ``loss.png``), which the new run replaces. Anything
+    else non-empty is refused (``UsageError`` naming ``flag``): nothing is ever overwritten.
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to output directory '{out}': {e.strerror or e}; "
+                         f"choose another {flag}") from None
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return out
+    if run and find_checkpoint(out) is not None:
+        if resume:
+            return out
+        raise UsageError(f"'{out}' already holds a run; pass --resume to continue it or choose another {flag}")
+    if run and all(n in _RUN_LOGS or n.startswith(".checkpoint-") for n in names):
+        return out  # a run that died before its first checkpoint: nothing a rerun can continue
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    what = "holds no zoft run" if run else "would be overwritten"
+    raise UsageError(f"'{out}' is not empty ({shown}) and {what}; choose a new or empty {flag}")
 
 
 def plot_metrics(metrics: list[dict[str, Any]], path: Path) -> None:

@@ -1,8 +1,8 @@
 """``zoft`` command line: a thin layer over the Python API.
 
-    zoft finetune [--model M] [--config FILE] [flags]   (no --model: the embedded default demo)
+    zoft finetune [--model M] [--config FILE] [flags] [--dry-run]   (no --model: the embedded default demo)
     zoft replay RUN_DIR --output DIR
-    zoft plan --model M --gpu-mem SIZE [--batch-size 16] [--max-length 256] [--json FILE]
+    zoft plan --model M --gpu-mem SIZE [finetune's flags that shape the plan] [--json FILE]
     zoft optimizers [--json]
     zoft eval {muse,wmdp,mmlu} ...
     zoft unlearn --model M --forget FILE [--retain FILE] --objective O --optimizer OPT [--config FILE]
@@ -21,13 +21,14 @@ import typing
 from zoft.errors import UsageError, ZoftError
 
 _HELP = {
-    "model": "alias (opt-125m ... opt-175b, llama-2-7b, qwen3-0.6b, ...), local directory or hub id; "
-             "default: the embedded pretrained MiniLM demo",
+    "model": "alias (opt-125m ... opt-175b, llama-2-7b, qwen3-0.6b, ...), local directory or hub id",
     "random_init": "build the weights from the config alone (benchmarks, tests)",
     "gpu_mem": "device memory budget: 18GB (10^9 bytes), 16GiB (2^30 bytes) or plain bytes; blocks that do "
                "not fit stream from CPU RAM (on --device cpu: the CPU twin with byte accounting)",
     "transfer": "codec of streamed blocks: same (master bytes), bf16/fp16 (fp32 masters), int8 (per-block "
                 "absmax; the forward sees the codec's rounding, updates reach the master exactly)",
+    "writeback_every": "write a streamed block back to its CPU master once per K updates (the device "
+                       "re-applies the missing ones after each upload; default: the planner's K)",
     "train": "JSONL/CSV/TSV/JSON file, datasets save_to_disk folder or hf:NAME[:CONFIG]:SPLIT (default: the "
              "built-in sentiment set)",
     "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config), or "
@@ -46,7 +47,7 @@ _HELP = {
     "resume": "continue the run in --output-dir from its last checkpoint",
     "tokenizer": "where to load the tokenizer from (default: the model's own)",
     "device": "auto: CUDA when visible, else CPU",
-    "dtype": "weights' dtype (fp32 recommended on CPU)",
+    "dtype": "weights' and compute dtype; auto: the checkpoint's own on CUDA (fp16 for OPT), fp32 on CPU",
     "eval": "held-out file, same formats as --train",
     "eval_limit": "evaluate on the first N held-out examples",
     "max_length": "truncate inputs to N tokens",
@@ -79,22 +80,27 @@ _HELP = {
     "freeze": "comma-separated substrings of parameter names to keep frozen (e.g. word_embeddings)",
 }
 _SKIP = {"task_options", "optimizer_options", "peft_options", "quant_options", "progress"}
+# finetune's flags that `zoft plan` takes too: they shape the plan, and resolve the same way
+_PLAN_FLAGS = ("model", "device", "dtype", "gpu_mem", "transfer", "task", "train", "max_length", "optimizer",
+               "n_queries", "one_sided", "peft", "quant", "batch_size", "writeback_every")
 
 
-def _add_finetune(sub) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """``--config FILE`` and one flag per ``TrainConfig`` field (or those in ``only``), typed by the
+    field; a flag not given leaves the field to the config file or its default."""
     from zoft.config import TrainConfig
 
-    p = sub.add_parser("finetune", help="zeroth-order fine-tuning",
-                       description="Fine-tune a model with zeroth-order (MeZO-style) steps.")
     p.add_argument("--config", help="YAML or TOML file whose keys are these flags' names")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name in _SKIP:
+        if f.name in _SKIP or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         args = typing.get_args(tp)
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": _HELP.get(f.name)}
+        if f.name == "model":
+            kw["help"] += "; default: the embedded pretrained MiniLM demo"
         if tp is bool:
             kw["action"] = "store_true"
         elif typing.get_origin(tp) is list:
@@ -105,24 +111,43 @@ def _add_finetune(sub) -> None:
             base = next((a for a in (args or (tp,)) if a is not type(None)), str)
             kw["type"] = base if base in (int, float) else str
         p.add_argument(flag, **kw)
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="zeroth-order fine-tuning",
+                       description="Fine-tune a model with zeroth-order (MeZO-style) steps.")
+    _add_config_flags(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
                    help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve every default for the chosen device, print the settings and the plan, load "
+                        "nothing; exit 0 if the run would start, else 2 with the reason")
     p.set_defaults(func=_run_finetune)
 
 
-def _run_finetune(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace, cli_only: tuple[str, ...] = ()):
+    """The ``TrainConfig`` of the parsed flags: over ``--config FILE``, or over the embedded demo
+    recipe when neither a file nor ``--model`` is given. ``cli_only``: parsed names that are not
+    config keys."""
     from zoft.config import TrainConfig, load_config_file
     from zoft.models import configs_dir
-    from zoft.train import finetune
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config", *cli_only)}
     if args.config:
         base = load_config_file(args.config)
     elif "model" not in given:
         base = load_config_file(str(configs_dir() / "demo.yaml"))  # the embedded default recipe
     else:
         base = {}
-    cfg = TrainConfig.from_dict({**base, **given})
+    return TrainConfig.from_dict({**base, **given})
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from zoft.train import finetune
+
+    cfg = _train_config(args, ("dry_run",))
+    if args.dry_run:
+        return _dry_run(cfg)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # launch the ranks here; they do the run
         from zoft.distributed import launch_local
         from zoft.train import read_run
@@ -134,6 +159,20 @@ def _run_finetune(args: argparse.Namespace) -> int:
     res = finetune(cfg)
     if os.environ.get("RANK", "0") == "0" and os.environ.get("ZOFT_LAUNCHED") != "1":  # data-parallel: once
         _print_done(cfg, res.metrics, res.final_eval)
+    return 0
+
+
+def _dry_run(cfg) -> int:
+    """Print what ``zoft finetune`` would run: resolved settings and plan; nothing loads."""
+    import torch
+
+    from zoft.resolve import format_run, resolve_run
+
+    run = resolve_run(cfg)
+    print(format_run(run))
+    where = ("" if run.cfg.device == "cpu" or torch.cuda.is_available()
+             else " on a machine with a CUDA device (none is visible here)")
+    print(f"dry run: the run would start{where}; no weights were loaded")
     return 0
 
 
@@ -171,23 +210,17 @@ def _add_plan(sub) -> None:
                        description="Print which units stay resident, the stream slots, prefetch depth and "
                                    "micro-batch, predicted peak device bytes, CPU RAM and a step-time lower "
                                    "bound. GB = 10^9 bytes, GiB = 2^30.")
-    p.add_argument("--model", required=True, help=_HELP["model"])
-    p.add_argument("--gpu-mem", required=True, help=_HELP["gpu_mem"])
-    p.add_argument("--batch-size", type=int, default=16, help="examples per step")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per example")
-    p.add_argument("--num-probes", type=int, default=2, help="perturbed evaluations per step (MeZO: 2)")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="compute and master dtype")
-    p.add_argument("--transfer", choices=("same", "bf16", "fp16", "int8"), default="same", help="host-to-device codec")
+    _add_config_flags(p, _PLAN_FLAGS)
+    p.add_argument("--num-probes", type=int, default=None,
+                   help="what-if: perturbed evaluations per step (default: the optimizer's; mezo-sgd: 2)")
     p.add_argument("--h2d-gbps", type=float, default=25.0, help="pinned host-to-device GB/s (PCIe Gen4 x16: 25)")
     p.add_argument("--tflops", type=float, default=312.0, help="device dense TFLOP/s in the compute dtype")
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                    help="eager materialises the attention scores")
     p.add_argument("--scratch", choices=("unit", "fused"), default="unit",
                    help="perturbation scratch: unit (today's engine: z + perturbed copy) or fused (copy only)")
-    p.add_argument("--peft", action="store_true",
-                   help="adapter training: the base is frozen, streamed blocks are never written back")
-    p.add_argument("--quant", choices=("none", "4bit", "8bit"), default="none",
-                   help="bitsandbytes-packed base (implies --peft): blocks move in their packed form")
+    p.add_argument("--regen-gbps", type=float, default=800.0,
+                   help="GB of weights per second the device re-applies one update to (deferred write-back)")
     p.add_argument("--json", help="also write the plan as JSON to this file")
     p.set_defaults(func=_run_plan)
 
@@ -195,15 +228,18 @@ def _add_plan(sub) -> None:
 def _run_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from zoft.engine.plan import format_plan, make_plan, plan_json
+    from zoft.engine.plan import plan_json
+    from zoft.resolve import format_run, resolve_run
 
-    plan = make_plan(args.model, args.gpu_mem, batch_size=args.batch_size, max_length=args.max_length,
-                     num_probes=args.num_probes, dtype=args.dtype, transfer=args.transfer,
-                     h2d_gbps=args.h2d_gbps, tflops=args.tflops, attention=args.attention,
-                     scratch=args.scratch, adapters=args.peft, quant=args.quant)
-    print(format_plan(plan))
+    what_if = ("num_probes", "h2d_gbps", "tflops", "attention", "scratch", "regen_gbps", "json")
+    cfg = _train_config(args, what_if)
+    if cfg.gpu_mem is None:
+        raise UsageError("zoft plan needs --gpu-mem SIZE (e.g. 18GB)")
+    run = resolve_run(cfg, args.num_probes, h2d_gbps=args.h2d_gbps, tflops=args.tflops,
+                      attention=args.attention, scratch=args.scratch, regen_gbps=args.regen_gbps)
+    print(format_run(run))
     if args.json:
-        Path(args.json).write_text(plan_json(plan) + "\n")
+        Path(args.json).write_text(plan_json(run.plan) + "\n")
     return 0
 
 
@@ -263,19 +299,20 @@ def _preview_task(args: argparse.Namespace):
     kind = None
     if args.model is not None:
         from zoft.models import model_kind, resolve
+        from zoft.models.loading import kind_phrase
 
         source, config = resolve(args.model)
         kind = model_kind(config)
     if args.task not in KSHOT_TASKS or (args.task in MEZO_TASKS and kind != "masked"):
         if kind not in (None, "causal"):
             raise UsageError(f"task {args.task!r} needs a causal LM (or, for sst2 and rte, a masked LM); "
-                             f"--model {args.model} is a {kind} model")
+                             f"--model {args.model} is {kind_phrase(kind)}")
         return None
     if kind is None:
         raise UsageError(f"task {args.task!r} is a masked-LM k-shot task whose prompt is built from the model's "
                          "tokens: give --model (e.g. --model roberta-large)")
     if kind != "masked":
-        raise UsageError(f"task {args.task!r} is a masked-LM k-shot task; --model {args.model} is a {kind} model")
+        raise UsageError(f"task {args.task!r} is a masked-LM k-shot task; --model {args.model} is {kind_phrase(kind)}")
     from transformers import AutoTokenizer
 
     try:
@@ -290,14 +327,12 @@ def _preview_task(args: argparse.Namespace):
 def _run_data_preview(args: argparse.Namespace) -> int:
     import json
 
+    from zoft.config import AT_LEAST_1, Range, check_numbers
     from zoft.tasks import MEZO_TASKS, load_examples
     from zoft.tasks.data import Examples
     from zoft.tasks.mezo import preview, validate_rows
 
-    if args.limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    if args.max_length is not None and args.max_length < 2:
-        raise UsageError(f"--max-length must be >= 2, got {args.max_length}")
+    check_numbers(vars(args), {"limit": AT_LEAST_1, "max_length": Range(2)})
     kshot = _preview_task(args)
     ex = load_examples(args.data)
     rows = Examples(ex[: args.limit], ex.source, ex.lines[: args.limit], ex.unit)

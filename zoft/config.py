@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,38 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric flag must lie in: ``lo`` (exclusive when ``lo_open``) to ``hi``
+    (inclusive); None leaves that side open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+
+    def __str__(self) -> str:
+        parts = [f"{'>' if self.lo_open else '>='} {self.lo:g}"] if self.lo is not None else []
+        return " and ".join(parts + ([f"<= {self.hi:g}"] if self.hi is not None else []))
+
+
+AT_LEAST_1, NON_NEGATIVE, POSITIVE, FRACTION = Range(1), Range(0), Range(0, lo_open=True), Range(0, 1)
+
+
+def check_numbers(values: dict[str, Any], ranges: dict[str, Range]) -> None:
+    """The one rule for every number a user gives (a flag of any command or a config-file key):
+    it is finite and inside its ``Range``; otherwise one ``UsageError`` naming the flag. Names
+    missing from ``values`` or set to None (an optional flag not given) pass."""
+    for name, rng in ranges.items():
+        v = values.get(name)
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue  # absent, or a type error that the type check reports
+        ok = math.isfinite(v) and (rng.lo is None or (v > rng.lo if rng.lo_open else v >= rng.lo)) \
+            and (rng.hi is None or v <= rng.hi)
+        if not ok:
+            finite = "" if isinstance(v, int) else " and finite"
+            raise UsageError(f"--{name.replace('_', '-')} must be {rng}{finite}, not {v!r}")
+
+
 @dataclass
 class TrainConfig:
     """Everything a ``zoft finetune`` run needs. Units: lr and eps are absolute; steps count
@@ -43,9 +76,10 @@ class TrainConfig:
     random_init: bool = False
     tokenizer: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: the checkpoint's on CUDA, fp32 on CPU
     gpu_mem: str | None = None  # "18GB" = 18e9 bytes, "16GiB" = 16 * 2^30 bytes
     transfer: Literal["same", "bf16", "fp16", "int8"] = "same"  # codec of streamed blocks (with gpu_mem)
+    writeback_every: int | None = None  # streamed blocks: write back once per K updates (None: planned)
     # task and data
     task: Literal["lm", "sst2", "classify", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record", "squad",
                   "drop", "sst5", "snli", "mnli", "trec"] = "sst2"
@@ -97,29 +131,20 @@ class TrainConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
-        for name in ("steps", "batch_size", "max_length", "n_queries", "max_nan_steps", "eval_batch_size", "nproc"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("eval_every", "save_every", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
-        if not self.dist_timeout > 0:
-            raise UsageError("--dist-timeout must be > 0 seconds")
-        if self.eps <= 0 or self.lr < 0:
-            raise UsageError("--eps must be > 0 and --lr >= 0")
+        check_numbers(vars(self), TRAIN_RANGES)
         if self.gpu_mem is not None:
             try:
                 parse_size(self.gpu_mem)
             except UsageError as e:
                 raise UsageError(f"--gpu-mem: {e}") from None
+        elif self.transfer != "same":
+            raise UsageError(f"--transfer {self.transfer} is the codec of blocks streamed under --gpu-mem; "
+                             "give --gpu-mem SIZE too, or drop --transfer")
         if self.quant != "none" and self.peft == "none":
             raise UsageError(f"--quant {self.quant} needs --peft lora|prefix: a quantized base is packed integers "
                              "that a ZO step cannot perturb or update in place, so only an adapter on it can train")
         if self.k_shot is not None and self.num_train is not None:
             raise UsageError("--k-shot and --num-train are two samplings; give one")
-        for name in ("num_train", "num_dev", "num_eval", "k_shot"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
         if (self.num_dev or self.num_eval) and self.num_train is None:
             raise UsageError("--num-dev/--num-eval sample MeZO-style and need --num-train too")
         if self.task == "lm" and self.train is None:
@@ -136,6 +161,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+TRAIN_RANGES = {**dict.fromkeys(("steps", "batch_size", "max_length", "n_queries", "max_nan_steps",
+                                 "eval_batch_size", "nproc", "eval_limit", "num_train", "num_dev", "num_eval",
+                                 "k_shot", "writeback_every"), AT_LEAST_1),
+                **dict.fromkeys(("eval_every", "save_every", "warmup_steps", "lr", "weight_decay"),
+                                NON_NEGATIVE),
+                "eps": POSITIVE, "dist_timeout": POSITIVE}
 
 
 def _check_type(name: str, value: Any, tp: Any) -> None:
@@ -158,7 +191,8 @@ def load_config_file(path: str) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a dict of config keys."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"config file '{path}' does not exist")
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise UsageError(f"config file '{path}' {what}; pass a .yaml, .toml or .json file")
     text = p.read_text()
     try:
         if p.suffix == ".toml":

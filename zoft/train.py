@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +23,7 @@ import yaml
 
 from zoft.checkpoint import (
     append_jsonl,
+    claim_output_dir,
     find_checkpoint,
     plot_metrics,
     read_jsonl,
@@ -41,7 +44,8 @@ from zoft.errors import UsageError, ZoftError
 from zoft.models import LoadedModel, load_model
 from zoft.models.adapters import apply_peft, load_adapter_weights
 from zoft.noise import make_noise, mix
-from zoft.optim import bind, evaluate_step, make_optimizer, update_record
+from zoft.optim import bind, evaluate_step, update_record
+from zoft.resolve import build_optimizer, device_type, plan_for, resolve_run
 from zoft.tasks import builtin_sentiment, kshot_sample, load_examples, make_task, mezo_sample
 
 # Config keys that change the trajectory: a resumed run must keep them.
@@ -65,11 +69,9 @@ class RunResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA device is visible; use --device cpu")
-    return torch.device(device)
+    return torch.device(device_type(device))
 
 
 @lru_cache(maxsize=8)
@@ -86,20 +88,6 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
         epoch, i = divmod(pos + len(out), n)
         take = min(batch_size - len(out), n - i)
         out.extend(_epoch_perm(n, seed, epoch)[i:i + take])
-    return out
-
-
-def _prepare_output_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"cannot write to output directory '{out}': {e.strerror or e}; choose another --output-dir") from None
-    if not cfg.resume and (find_checkpoint(out) or (out / "trajectory.jsonl").exists()):
-        raise UsageError(f"'{out}' already holds a run; pass --resume to continue it or choose another --output-dir")
     return out
 
 
@@ -158,6 +146,16 @@ def _load(cfg: TrainConfig, device: torch.device, checkpoint: Path | None) -> Lo
     return lm
 
 
+def _check_max_length(cfg: TrainConfig, lm: LoadedModel) -> None:
+    """Refuse a ``--max-length`` beyond the model's positions (its config's context length)."""
+    from zoft.eval.generate import model_max_length
+
+    limit = model_max_length(lm.model, default=0)
+    if limit and cfg.max_length > limit:
+        raise UsageError(f"--max-length {cfg.max_length} is beyond {lm.name}'s {limit} positions; "
+                         f"give --max-length {limit} or less")
+
+
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, num_probes: int = 2,
                  device: torch.device | None = None, plan: Any = None) -> ZOEngine:
     """The engine over ``model``. With ``cfg.trainable`` only parameters whose names contain one of
@@ -173,30 +171,14 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, num_probes: int = 2,
             p.requires_grad_(False)
         if any(s in n for s in cfg.freeze):
             p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError("nothing to train: every parameter is frozen (--trainable "
+                         f"{','.join(cfg.trainable) or '(all)'}, --freeze {','.join(cfg.freeze) or '(none)'}); "
+                         "leave some parameter names out of --freeze")
     offload = None
     if cfg.gpu_mem is not None:
         offload = Streaming.from_plan(plan or plan_for(cfg, num_probes), device or resolve_device(cfg.device))
     return ZOEngine(model, noise=make_noise(cfg.noise, cfg.distribution), offload=offload)
-
-
-def plan_for(cfg: TrainConfig, num_probes: int = 2):
-    """The planner's placement of ``cfg.model`` (its config alone: no weights) under
-    ``cfg.gpu_mem`` for ``num_probes`` probes; a budget that cannot fit is refused with the
-    smallest one that would (``UsageError``). Adapter runs plan the base and write nothing back."""
-    from zoft.engine.plan import make_plan
-    from zoft.models import resolve
-
-    _, config = resolve(cfg.model)
-    return make_plan(config, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                     num_probes=num_probes, dtype=cfg.dtype, transfer=cfg.transfer, adapters=cfg.peft != "none",
-                     quant=cfg.quant)
-
-
-def build_optimizer(cfg: TrainConfig):
-    opts = dict(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, n_queries=cfg.n_queries,
-                one_sided=cfg.one_sided, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps)
-    opts.update(cfg.optimizer_options)
-    return make_optimizer(cfg.optimizer, opts, seed=cfg.seed, total_steps=cfg.steps)
 
 
 class Trainer:
@@ -206,8 +188,15 @@ class Trainer:
         # data-parallel under torchrun / --nproc (docs/distributed.md); world size 1 otherwise
         self.dist = init_distributed(cfg, resolve_device(cfg.device))
         self.dist.hint = f"the last checkpoint in '{cfg.output_dir}' continues with --resume (any number of ranks)"
-        with self.dist.agree("setting up the run"):  # one rank's bad input stops every rank at once
-            self._setup(cfg)
+        created = not Path(cfg.output_dir).exists()
+        try:
+            with self.dist.agree("setting up the run"):  # one rank's bad input stops every rank at once
+                self._setup(cfg)
+        except BaseException:
+            if created and self.dist.is_main and Path(cfg.output_dir).is_dir() \
+                    and not any(Path(cfg.output_dir).iterdir()):
+                Path(cfg.output_dir).rmdir()  # refused before writing anything: leave no trace
+            raise
         if self.dist.world_size > 1:  # same config, data and starting weights everywhere, or stop now
             same = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "nproc", "dist_timeout")}
             self.dist.check_identical(run_digest(same, self.train, self.model),
@@ -215,29 +204,38 @@ class Trainer:
                                       "start every rank with the same flags, files and checkpoint")
 
     def _setup(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+        # every default ("auto" device and dtype, probes) and the plan, as --dry-run prints them;
+        # streamed runs are planned (or refused) here, before anything is written or loaded
+        run = resolve_run(cfg)
+        self.cfg = cfg = run.cfg
         main = self.dist.is_main  # rank 0 alone checks and writes the run directory
-        self.out = _prepare_output_dir(cfg) if main else Path(cfg.output_dir)
+        self.out = claim_output_dir(cfg.output_dir, "--output-dir", run=True, resume=cfg.resume) if main \
+            else Path(cfg.output_dir)
         self.device = resolve_device(cfg.device)
         ckpt = find_checkpoint(self.out) if cfg.resume else None
         self.state: dict[str, Any] = {"step": 0, "nan_streak": 0, "metrics_lines": 0, "trajectory_lines": 0}
         if cfg.resume:
             if ckpt is None:
                 raise UsageError(f"nothing to resume in '{self.out}' (no checkpoint); drop --resume to start a new run")
+            self.state = json.loads((ckpt / "state.json").read_text())
             if main:
                 self._check_resume_config()
-            self.state = json.loads((ckpt / "state.json").read_text())
-        # streamed: planned (or refused) before any weight loads, loaded on the host; the
-        # scheduler then moves the resident units to the device
-        self.plan = plan_for(cfg, build_optimizer(cfg).num_probes()) if cfg.gpu_mem else None
+        # streamed: planned (or refused) by resolve_run, loaded on the host; the scheduler then
+        # moves the resident units to the device
+        self.plan = run.plan
         lm = _load(cfg, torch.device("cpu") if cfg.gpu_mem else self.device, ckpt)
         if lm.tokenizer is None:
             raise UsageError(f"no tokenizer is available offline for '{lm.name}'; pass --tokenizer PATH")
         self.model, self.tokenizer, self.kind = lm.model, lm.tokenizer, lm.kind
+        _check_max_length(cfg, lm)
         self.task = make_task(cfg.task, self.tokenizer, self.kind, cfg.max_length, **_task_options(cfg))
         self.train, self.dev, self.evals = _mezo_splits(cfg, self.task, *_load_data(cfg, self.task))
         if self.dev is not None and self.dist.world_size > 1:
             raise UsageError("--num-dev (best-dev checkpoint selection) runs on one process for now; drop --nproc")
+        if cfg.batch_size > len(self.train):
+            raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(self.train)} training examples "
+                             "(each step would repeat examples); give --batch-size "
+                             f"{len(self.train)} or less")
         self.opt = build_optimizer(cfg)
         self.dp = DataParallel(self.dist, self.opt) if self.dist.world_size > 1 else None
         if self.dp is not None:
@@ -252,6 +250,7 @@ class Trainer:
             # on the host: the engine brings a buffer to its parameter's device on first use, and
             # those of streamed parameters stay on the host between steps
             self.opt.load_tensor_state(load_file(str(ckpt / "optimizer.safetensors"), device="cpu"))
+        self._moved = (0, 0)  # link bytes (host to device, device to host) already in a record
         self.metrics_path = self.out / "metrics.jsonl"
         self.traj_path = self.out / "trajectory.jsonl"
         self.metrics: list[dict[str, Any]] = []
@@ -268,6 +267,14 @@ class Trainer:
         self.metrics = read_jsonl(self.metrics_path)
 
     def _check_resume_config(self) -> None:
+        """Resume continues the checkpointed trajectory or refuses: the trajectory keys are kept;
+        ``--steps`` may not fall below the checkpoint's step, and may grow only under a constant
+        schedule (a decaying one spreads its decay over ``--steps``: a new total would change the
+        learning rate of the steps already taken)."""
+        done, steps = self.state["step"], self.cfg.steps
+        if steps < done:
+            raise UsageError(f"--resume with --steps {steps}, but the checkpoint in '{self.out}' is at step {done}; "
+                             f"give --steps {done} or more")
         saved_path = self.out / "config.yaml"
         if not saved_path.exists():
             return
@@ -277,6 +284,11 @@ class Trainer:
         if changed:
             raise UsageError(f"--resume with a different {changed[0]} ({saved[changed[0]]!r} -> {now[changed[0]]!r}) "
                              "would not continue the same trajectory; use the original value")
+        schedule = self.cfg.optimizer_options.get("schedule", self.cfg.schedule)
+        if schedule != "constant" and saved.get("steps", steps) != steps:
+            raise UsageError(f"--resume with --steps {steps} under --schedule {schedule}: the learning rate decays over "
+                             f"--steps, so a new total would change it at every step; resume with --steps "
+                             f"{saved['steps']} (only --schedule constant runs can be extended)")
 
     # -- records ----------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -366,6 +378,7 @@ class Trainer:
             losses = dp.evaluate(self.engine, step, batch, self.task)  # every rank's losses, rank-major
         if torch.isfinite(losses).all():
             upd, m = (dp or self.opt).update(step, losses)
+            self._check_update(step, upd)
             self.state["nan_streak"] = 0
             skipped = False
         else:
@@ -382,12 +395,27 @@ class Trainer:
             rec.update(world_size=self.dist.world_size, comm_bytes=dp.comm_bytes())
         if self.engine.offload is not None:
             rec["device_peak_bytes"] = self.engine.device_peak_bytes
+            # bytes over the link since the previous step's record (an eval's or a checkpoint's
+            # flush counts in the step after it)
+            st = self.engine.offload.stats
+            rec["h2d_bytes"], rec["d2h_bytes"] = st.upload_bytes - self._moved[0], st.writeback_bytes - self._moved[1]
+            self._moved = (st.upload_bytes, st.writeback_bytes)
         if self.device.type == "cuda":
             rec["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if skipped:
             rec["skipped"] = True
         self._log(rec)
         return rec
+
+    def _check_update(self, step: int, upd: Update) -> None:
+        """Stop (one line, before anything is applied or recorded) at an update whose coefficient or
+        learning rate the trained weights' dtype cannot hold: the axpy would fail or write inf."""
+        dtype = next(p.dtype for p in self.model.parameters() if p.requires_grad)
+        worst = max([abs(c) for _, c in upd.terms] + [abs(getattr(upd, "lr", 0.0))], default=0.0)
+        if not worst <= torch.finfo(dtype).max:
+            raise ZoftError(f"step {step}: an update coefficient of {worst:.3g} overflows the "
+                            f"{str(dtype).removeprefix('torch.')} weights "
+                            f"(largest {torch.finfo(dtype).max:.3g}); lower --lr (now {self.cfg.lr:g})")
 
     def run(self) -> RunResult:
         from tqdm.auto import tqdm
@@ -427,9 +455,12 @@ class Trainer:
             self._save(step, verify=False)  # peers may be gone: no collective
             raise ZoftError(f"interrupted at step {step}; checkpoint saved in '{self.out}'; continue with --resume") from None
         bar.close()
-        final = self._evaluate(cfg.steps)
+        # a finished run resumed has nothing left to do: its final eval lines stand (not logged twice)
+        finished = start == cfg.steps and any(m.get("step") == cfg.steps and any(k.startswith("eval_") for k in m)
+                                              for m in self.metrics)
+        final = _final_eval(self.metrics, cfg.steps) if finished else self._evaluate(cfg.steps)
         self._save(cfg.steps)  # the last step's weights (resume, replay)
-        if self.dev is not None:
+        if self.dev is not None and not finished:
             final = self._test_at_best()  # the returned model holds the best dev checkpoint's weights
         self.engine.close()
         self.dist.close()
@@ -458,15 +489,21 @@ def _finetune_local_ranks(cfg: TrainConfig) -> RunResult:
         raise (UsageError if code == 2 else ZoftError)(f"the {cfg.nproc} ranks stopped (exit {code}); their "
                                                         "errors are above")
     out = Path(cfg.output_dir)
-    lm = _load(cfg, torch.device("cpu"), find_checkpoint(out))
+    ran = TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))  # as resolved by the ranks
+    lm = _load(ran, torch.device("cpu"), find_checkpoint(out))
     return RunResult(lm.model, lm.tokenizer, out, *read_run(out, cfg.steps))
 
 
 def read_run(run_dir: str | os.PathLike, steps: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """A finished run's metrics records and its final held-out metrics (the eval line at ``steps``)."""
     metrics = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    return metrics, _final_eval(metrics, steps)
+
+
+def _final_eval(metrics: list[dict[str, Any]], steps: int) -> dict[str, float]:
+    """The held-out metrics of the eval line at ``steps`` ({} when there is none)."""
     last = next((m for m in reversed(metrics) if m.get("step") == steps and any(k.startswith("eval_") for k in m)), {})
-    return metrics, {k: v for k, v in last.items() if k.startswith("eval_") and k != "eval_time_s"}
+    return {k: v for k, v in last.items() if k.startswith("eval_") and k != "eval_time_s"}
 
 
 def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, device: str | None = None,
@@ -480,6 +517,7 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file() or not (run / "trajectory.jsonl").is_file():
         raise UsageError(f"'{run}' is not a zoft run directory (config.yaml and trajectory.jsonl expected)")
+    out = claim_output_dir(output, "--output", run=False) if output is not None else None
     cfg = TrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     if merge and cfg.quant != "none":
         raise UsageError(f"--merge of a --quant {cfg.quant} run would re-quantize the merged weights (lossy); "
@@ -491,6 +529,9 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
     lm = _load(cfg, torch.device("cpu") if cfg.gpu_mem else dev, None)
     records = read_jsonl(run / "trajectory.jsonl", state.get("trajectory_lines"))
     opt = build_optimizer(cfg)  # stateful optimizers rebuild each update (and their buffers) from its record
+    # replay runs no forward to hide re-applied updates behind: stream with write-back every update
+    # (the weights are the same for any interval)
+    cfg.writeback_every = 1
     engine = build_engine(cfg, lm.model, opt.num_probes(), dev)
     bind(opt, engine)
     for r in records:
@@ -500,17 +541,20 @@ def replay(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, 
         if cfg.peft != "lora":
             raise UsageError(f"--merge needs a --peft lora run; '{run}' is --peft {cfg.peft}")
         lm.model = lm.model.merge_and_unload()
-    if output is not None:
-        out = Path(output)
+    if out is not None:  # written beside, then renamed onto the empty directory: all or nothing
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            lm.model.save_pretrained(out, safe_serialization=True)
+            lm.model.save_pretrained(tmp, safe_serialization=True)
             if lm.tokenizer is not None:
-                lm.tokenizer.save_pretrained(out)
+                lm.tokenizer.save_pretrained(tmp)
+            os.chmod(tmp, out.stat().st_mode & 0o7777)  # mkdtemp's 0700 -> the claimed directory's mode
+            os.replace(tmp, out)
         except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise ZoftError(f"could not write the replayed model to '{out}': {e.strerror or e}") from None
     return lm.model
 
 
-__all__ = ["RunResult", "Trainer", "batch_indices", "finetune", "replay", "resolve_device"]
+__all__ = ["RunResult", "Trainer", "batch_indices", "build_optimizer", "finetune", "plan_for", "replay",
+           "resolve_device"]
 

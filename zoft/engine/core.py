@@ -30,6 +30,7 @@ from zoft.engine.offload import Meter, Offloader, tensor_bytes
 from zoft.engine.precision import stochastic_round_, update_bytes
 from zoft.engine.probes import Probe, Update, combine_outputs, split_args
 from zoft.models.layout import Layout, Unit, discover_layout
+from zoft.models.quant import keep_canonical_layout
 from zoft.noise import NoiseBackend, key_hash, make_noise, mix
 
 # MeZO skips weight decay for names containing "bias", "layer_norm", "layernorm"; "norm" and
@@ -84,14 +85,23 @@ class ZOEngine:
                  no_decay: Sequence[str] = NO_DECAY, layout: Layout | None = None,
                  offload: Any = None, micro_batch: int | None = None):
         self.model = model
+        keep_canonical_layout(model)  # bitsandbytes 4-bit layers: one layout on every CPU, before any view
         self.layout = layout or discover_layout(model)
         self.noise = noise or make_noise()
         self.meter = Meter()  # bytes on the device that the engine and the scheduler own
         self.offload: Offloader | None = None
         if offload is not None:
             self.offload = Offloader(model, self.layout, offload.device, resident_blocks=offload.resident_blocks,
-                                     prefetch=offload.prefetch, transfer=offload.transfer, meter=self.meter)
-        self._acquired: dict[int, tuple[nn.Module, bool]] = {}  # streamed units between pre and post hook
+                                     prefetch=offload.prefetch, transfer=offload.transfer, meter=self.meter,
+                                     writeback_every=offload.writeback_every)
+        # streamed units between pre and post hook: [module, write] (``Offloader.release``'s ``write``)
+        self._acquired: dict[int, list[Any]] = {}
+        # deferred write-back: the updates set so far are versions 1..V; a streamed unit's master is
+        # at some version s and the updates s+1.. (update, rounding key) are re-applied after upload
+        self._version = 0
+        self._log: dict[int, tuple[Update, int]] = {}
+        self._flushing = False
+        self._partial: set[int] = set()  # units written back holding part of the pending update
         self._paused = False
         self._streamed_keys = {k for s in self.offload.streamed for k, _ in s.params} if self.offload else set()
         # examples per probe that a block runs at once (None: the probe's whole slice); the
@@ -125,6 +135,9 @@ class ZOEngine:
     # -- parameters -----------------------------------------------------------------------
     def refresh_trainable(self) -> None:
         """Re-read which parameters are trainable (``requires_grad``), e.g. after adding adapters."""
+        if getattr(self, "offload", None) is not None and any(
+                s.version > s.master_version for s in self.offload.streamed):
+            self.flush()  # masters current before the set of re-applied keys changes
         self.params: dict[str, nn.Parameter] = {}
         for u in self.layout.units:
             for k, p in u.params:
@@ -155,6 +168,12 @@ class ZOEngine:
         if self._pending is not None:  # stochastic rounding is keyed by the whole update (seeds,
             # coefficients, decay) and the parameter: replay rounds identically, steps differ
             self._sround_seed = key_hash(repr((self._pending.terms, self._pending.decay)))
+            if self.offload is not None:
+                self._version += 1
+                self._log[self._version] = (self._pending, self._sround_seed)
+                oldest = min((s.master_version for s in self.offload.streamed if s.trainable), default=self._version)
+                for v in [v for v in self._log if v <= oldest]:
+                    del self._log[v]
 
     def _apply_pending(self, key: str, p: nn.Parameter) -> None:
         if self._pending is None or key in self._applied:
@@ -165,6 +184,12 @@ class ZOEngine:
         store = getattr(self._pending, "store", None)
         if store:
             self._move_state(store, key, p.device)
+        self._apply_update(self._pending, self._sround_seed, key, p)
+        if store and key in self._streamed_keys:
+            self._move_state(store, key, torch.device("cpu"))
+        self._applied.add(key)
+
+    def _apply_update(self, update: Update, sround_seed: int, key: str, p: nn.Parameter) -> None:
         # transients of the update, for the meter (``update_bytes``; the planner counts the same)
         fused = self.noise.name == "triton" and p.is_cuda and self.noise.distribution != "sphere"
         self.meter.observe(self._live_in + update_bytes(p.numel(), p.element_size(), fused))
@@ -173,17 +198,44 @@ class ZOEngine:
                 # a low-precision weight is updated in fp32 and stochastically rounded back:
                 # round-to-nearest would drop ZO-sized updates (|lr*g*z| << half an ulp of w)
                 w32 = p.data.float()
-                self._pending.apply(key, w32, self.noise, self.decays[key])
-                stochastic_round_(p.data, w32, mix(self._sround_seed, key + "/sround"))
+                update.apply(key, w32, self.noise, self.decays[key])
+                stochastic_round_(p.data, w32, mix(sround_seed, key + "/sround"))
                 del w32
             else:
-                self._pending.apply(key, p.data, self.noise, self.decays[key])
-        if store and key in self._streamed_keys:
-            self._move_state(store, key, torch.device("cpu"))
-        self._applied.add(key)
+                update.apply(key, p.data, self.noise, self.decays[key])
 
-    @staticmethod
-    def _move_state(store: dict[str, dict[str, torch.Tensor]], key: str, device: torch.device) -> None:
+    def _update_unit(self, module: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
+        """Bring a unit's trainable parameters up to date: a streamed unit first re-applies the
+        updates its master has not absorbed (deferred write-back), then every unit takes the
+        pending update. Each re-applied update is the same ``apply`` with the same rounding key
+        as when it was first applied, so the weights equal the resident engine's bit for bit."""
+        held = self._acquired.get(id(module))
+        s = self.offload.unit(module) if held is not None else None
+        if s is None or not params:
+            for k, p in params:
+                self._apply_pending(k, p)
+            return
+        behind = range(s.master_version + 1, s.version + 1)
+        for v in behind:  # an exception here leaves ``write`` False: the half-updated slot is dropped
+            update, sround_seed = self._log[v]
+            for k, p in params:
+                self._apply_update(update, sround_seed, k, p)
+        todo = self._pending is not None and any(k not in self._applied for k, _ in params)
+        if todo or behind:
+            held[1] = True  # a partially applied pending update reaches the master with its keys
+        for k, p in params:
+            self._apply_pending(k, p)
+        # a master holding part of the pending update (an earlier residency raised) cannot be
+        # caught up by re-applying it: the residency that completes it writes back too
+        partial = id(module) in self._partial
+        if todo:
+            s.version = self._version
+            self._partial.discard(id(module))
+        if held[1] and not (self._flushing or partial) and all(
+                type(self._log[v][0]).apply is Update.apply for v in range(s.master_version + 1, s.version + 1)):
+            held[1] = None  # seed-form updates only: the write-back may wait (``writeback_every``)
+
+    def _move_state(self, store: dict[str, dict[str, torch.Tensor]], key: str, device: torch.device) -> None:
         for bufs in store.values():
             t = bufs.get(key)
             if t is not None and t.device != device:
@@ -191,6 +243,11 @@ class ZOEngine:
                 # ``non_blocking`` allocates), host -> device reads it back in stream order; the
                 # host reads these buffers only after ``flush`` (checkpoints)
                 bufs[key] = t.to(device, non_blocking=True)
+                nbytes = t.numel() * t.element_size()
+                if device.type == "cpu":
+                    self.offload.stats.writeback_bytes += nbytes
+                else:
+                    self.offload.stats.upload_bytes += nbytes
 
     def _apply_all_pending(self) -> None:
         self._live_in = 0
@@ -207,12 +264,23 @@ class ZOEngine:
         self._applied = set()
 
     def flush(self) -> None:
-        """Apply whatever is left of the pending update to every parameter and wait for every
+        """Apply whatever is left of the pending update to every parameter, write every streamed
+        unit that is ahead of its master back to it (deferred write-back) and wait for every
         transfer: the model's weights (streamed ones in their CPU masters) are then final
         (before eval, save, first-order steps and exit)."""
-        self._apply_all_pending()
-        if self.offload is not None:
-            self.offload.synchronize()
+        if self.offload is None:
+            self._apply_all_pending()
+            return
+        self._flushing = True
+        try:
+            self._apply_all_pending()
+            for s in self.offload.streamed:
+                if s.version > s.master_version:
+                    self._pre_hook(s.unit.module, (), {})
+                    self._post_hook(s.unit.module, (), {}, None)
+        finally:
+            self._flushing = False
+        self.offload.synchronize()
 
     # -- probes ---------------------------------------------------------------------------
     def _set_weights(self, res: _Residency, probe: Probe) -> None:
@@ -323,13 +391,11 @@ class ZOEngine:
         params = self._unit_params[id(module)]
         probes = self._probes
         if self.offload is not None and self.offload.is_streamed(module):
-            self.offload.acquire(module)  # weights now in a device slot
-            dirty = self._pending is not None and any(k not in self._applied for k, _ in params)
-            self._acquired[id(module)] = (module, dirty)
+            self.offload.acquire(module)  # weights now in a device slot (its master's version)
+            self._acquired[id(module)] = [module, False]  # nothing changed yet: nothing to write
         self._live_in = tensor_bytes(args) + tensor_bytes(kwargs)
         if not probes or not params:
-            for k, p in params:
-                self._apply_pending(k, p)
+            self._update_unit(module, params)
             self.meter.observe(self._live_in)
             return None
         self._trim_pool(params)
@@ -344,8 +410,7 @@ class ZOEngine:
         if first is not None and self._pending is not None:
             drawn = self._worker().submit(self._draw_z, res, first.seed)
         try:
-            for k, p in params:
-                self._apply_pending(k, p)
+            self._update_unit(module, params)
         finally:
             if drawn is not None:
                 drawn.result()
@@ -389,6 +454,9 @@ class ZOEngine:
     def _release(self, module: nn.Module) -> None:
         held = self._acquired.pop(id(module), None)
         if held is not None:
+            if held[1] is True and self._pending is not None and any(
+                    k not in self._applied for k, _ in self._unit_params[id(module)]):
+                self._partial.add(id(module))
             self.offload.release(module, held[1])
 
     # -- public step API ------------------------------------------------------------------

@@ -15,11 +15,22 @@ another; CUDA events are the only dependencies inside a step (no host synchronis
 first ``d`` uploads of the next pass are issued as soon as the last streamed unit of this one is
 acquired (they do not depend on the update, which is applied on the device after upload).
 
+Deferred write-back (``writeback_every = k``): a streamed unit's master holds its weights as of
+version ``master_version`` (the number of seed-form updates it has absorbed); the engine brings
+the uploaded copy to the unit's current ``version`` by re-applying the updates in between (they
+are in its log, kilobytes each) before the pending update, and ``release`` writes the unit back
+only once it is ``k`` updates ahead of its master (or when the engine says now: flush, an update
+that is not seed-form, a partially applied update). ``k = 1`` is write-back every step. A unit
+released without a write-back loses nothing: its slot is a copy of ``master + log``.
+
 Transfer codecs (``transfer``): ``same`` moves the master's bytes; ``bf16``/``fp16`` (fp32 masters)
 and ``int8`` (per-block absmax, ``zoft.kernels.codec8``) encode on the host, move fewer bytes and
 decode on the device. A lossy upload is never written back as weights: the write-back carries the
 *change* made on the device (``slot_after - decode(upload)``) and the host adds it to the master,
-so codec error never accumulates in the master.
+so codec error never accumulates in the master. Deferred write-back composes: the change written
+back after ``k`` updates is ``slot_after - decode(upload of the master at s)``, the sum of the
+updates' changes as applied on the device, and every residency between write-backs decodes the
+same master bytes (one codec rounding, never a compounded one).
 
 CPU twin: on a CPU "device" the same scheduler runs with synchronous copies (the slots are
 separate CPU buffers) and a ``Meter`` accounts the bytes that would sit on the device: resident
@@ -52,12 +63,14 @@ class Streaming:
     resident_blocks: int = 0
     prefetch: int = 2
     transfer: Codec = "same"
-    micro_batch: int | None = None  # examples per probe a block runs at once (None: all)
+    micro_batch: int | None = None  # rows per probe a block runs at once (None: all)
+    writeback_every: int = 1  # k: a trainable streamed unit is written back once per k updates
 
     @classmethod
     def from_plan(cls, plan: Any, device: str | torch.device) -> "Streaming":
-        mb = plan.micro_batch if plan.micro_batch < plan.batch_size else None
-        return cls(str(device), plan.resident_blocks, max(plan.prefetch, 1), plan.transfer, mb)
+        mb = plan.micro_batch if plan.micro_batch < plan.rows else None
+        return cls(str(device), plan.resident_blocks, max(plan.prefetch, 1), plan.transfer, mb,
+                   plan.writeback_every)
 
 
 class Meter:
@@ -120,6 +133,8 @@ class _Streamed:
     # nbytes, dtype, shape) in ``packed_master`` (uint8); moved as they are, never written back
     packed: list[tuple[Any, str, int, int, torch.dtype, torch.Size]] = field(default_factory=list)
     packed_master: torch.Tensor | None = None
+    version: int = 0  # updates the unit's weights hold (set by the engine as it applies them)
+    master_version: int = 0  # updates ``master`` holds; the engine re-applies the rest on upload
     writeback_event: Any = None  # the last write-back into ``master`` (CUDA event)
     pending_delta: Any = None  # (host delta buffer, event): a lossy codec's change to add to ``master``
 
@@ -155,17 +170,22 @@ class Offloader:
     prefetch:  ``d >= 1`` uploads in flight ahead of the computing unit; ``k = d + 1`` slots.
     transfer:  codec over the link (``same``, ``bf16``, ``fp16``, ``int8``).
     meter:     byte accounting (created if not given).
+    writeback_every: ``k >= 1``: write a trainable unit back once it is ``k`` updates ahead of
+               its master (the engine re-applies the missing ones after each upload).
     """
 
     def __init__(self, model: nn.Module, layout: Layout, device: torch.device | str, *,
                  resident_blocks: int, prefetch: int = 2, transfer: Codec = "same",
-                 meter: Meter | None = None):
+                 meter: Meter | None = None, writeback_every: int = 1):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         if transfer not in CODECS:
             raise UsageError(f"unknown transfer codec '{transfer}'; use one of {', '.join(CODECS)}")
         if prefetch < 1:
             raise UsageError("prefetch must be >= 1")
+        if writeback_every < 1:
+            raise UsageError("--writeback-every must be >= 1")
+        self.writeback_every = writeback_every
         blocks = layout.blocks
         if not 0 <= resident_blocks <= len(blocks):
             raise UsageError(f"resident_blocks must be in 0..{len(blocks)}, not {resident_blocks}")
@@ -353,6 +373,10 @@ class Offloader:
     def is_streamed(self, module: nn.Module) -> bool:
         return id(module) in self._by_module
 
+    def unit(self, module: nn.Module) -> _Streamed | None:
+        """The streamed unit of ``module`` (None for a resident one)."""
+        return self._by_module.get(id(module))
+
     def _upload(self, s: _Streamed) -> _Slot:
         """Issue the upload of ``s`` into the next slot in round-robin order: the slot of the unit
         acquired ``k - 1 = d`` uploads ago, whose compute is issued (never the one in use)."""
@@ -422,14 +446,19 @@ class Offloader:
         for owner, attr, start, nb, dt, shape in s.packed:
             setattr(owner, attr, slot.packed[start:start + nb].view(dt).view(shape))
 
-    def release(self, module: nn.Module, dirty: bool) -> None:
-        """The unit's compute is issued: write it back if ``dirty`` and point it at its master."""
+    def release(self, module: nn.Module, write: bool | None) -> None:
+        """The unit's compute is issued: point it at its master, after writing the slot back if
+        ``write`` (``True``: now, and the master is at ``version``; ``False``: never, the slot
+        is dropped; ``None``: once the unit is ``writeback_every`` updates ahead of its master)."""
         s = self._by_module.get(id(module))
         if s is None:
             return
         slot = self._holder.pop(s.index)
         n = s.n_write
-        if dirty and s.trainable:
+        if write is None:
+            write = s.version - s.master_version >= self.writeback_every
+        if write and s.trainable:
+            s.master_version = s.version
             delta = None
             if self.transfer != "same":  # lossy upload: the change made on the device, on the
                 # compute stream (the next unit decodes into the same buffer after it)
@@ -482,7 +511,8 @@ class Offloader:
 
     def abandon(self) -> None:
         """Forget prefetched slots (after an exception or a partial pass): the next pass restarts
-        at the first streamed unit. Slots hold clean copies of masters, so nothing is lost."""
+        at the first streamed unit. A slot is its master plus updates the engine can re-apply,
+        so nothing is lost."""
         for slot in self.slots:
             if slot.unit is not None and slot.in_use:  # an acquired unit whose release never came
                 self._point_home(slot.unit)

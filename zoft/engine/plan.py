@@ -26,6 +26,7 @@ Scratch = Literal["unit", "fused"]
 _DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 INT8_GROUP = 256  # int8 codec: one fp32 scale per 256 consecutive elements of a unit's flat buffer
 MIN_PREFETCH = 2  # uploads run d >= 2 units ahead; k = d + 1 slots (d in flight + 1 computing)
+MAX_WRITEBACK_EVERY = 64  # the planner's largest write-back interval (updates re-applied per upload < 64)
 GB = 10**9
 
 
@@ -70,7 +71,7 @@ class Plan:
     streamed_blocks: int
     slots: int  # k static device slots for streamed blocks (0 when nothing streams)
     prefetch: int  # d: uploads in flight ahead of the computing unit (0 when nothing streams)
-    micro_batch: int  # examples per micro-batch (per probe); every unit runs ceil(B/mb) of them
+    micro_batch: int  # rows per micro-batch (per probe); every unit runs ceil(rows/mb) of them
     n_micro: int
     resident_weights_bytes: int
     slot_bytes: int
@@ -90,6 +91,10 @@ class Plan:
     h2d_gbps: float
     tflops: float
     quant: str = "none"  # bitsandbytes-packed blocks ("4bit", "8bit"): moved as they are
+    rows: int = 0  # rows per probe the model runs for batch_size examples (B; B x candidates, ...)
+    writeback_every: int = 1  # a streamed block is written back once per this many updates
+    t_regen_s: float = 0.0  # re-applying the updates its master lacks after each upload, per step
+    regen_gbps: float = 800.0  # weight bytes per second one re-applied update sweeps on the device
 
     @property
     def activation_bytes(self) -> int:
@@ -99,7 +104,7 @@ class Plan:
 
     @property
     def bound(self) -> str:
-        return "transfer" if self.t_transfer_s > self.t_compute_s else "compute"
+        return "transfer" if self.t_transfer_s > self.t_compute_s + self.t_regen_s else "compute"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -263,8 +268,13 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
               num_probes: int = 2, dtype: Dtype = "fp16", transfer: Transfer = "same",
               h2d_gbps: float = 25.0, tflops: float = 312.0, attention: Attention = "sdpa",
               scratch: Scratch = "unit", write_back: bool = True, quant: str = "none",
-              adapters: bool = False) -> Plan:
+              adapters: bool = False, rows: int | None = None, writeback_every: int | None = None,
+              regen_gbps: float = 800.0) -> Plan:
     """Plan a streamed ZO step under ``gpu_mem_bytes`` (int bytes, or "18GB" / "16GiB").
+
+    ``rows``: the rows per probe the model runs for ``batch_size`` examples (default: one each; a
+    classification task on a causal LM runs one per candidate, ``zoft.tasks.rows_per_probe``). The
+    activations, logits, micro-batch and compute time count rows.
 
     Order of priority: embeddings, final norm and head stay resident; then as many blocks as fit
     (at micro-batch 1); then the largest micro-batch <= ``batch_size`` that fits. ``h2d_gbps`` is
@@ -274,11 +284,20 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     adapter-only base weights are never written back. ``scratch``: "unit" is what
     ``zoft/engine/core.py`` keeps today (z and the perturbed copy, both unit-sized); "fused" draws
     z inside the perturbed-copy pass (no z buffer), as the streaming scheduler may.
+    ``writeback_every``: write a streamed block back once per that many updates (None: the ``k``
+    in 1..64 with the lowest step-time bound, the smallest on ties; see ``_writeback_every``);
+    ``regen_gbps`` is the rate at which the device re-applies one update to a block's weights
+    (GB of weights per second: one fused read-and-write pass, z generated in registers).
 
     Raises ``UsageError`` naming the smallest budget that fits when none does.
     """
-    from zoft.config import parse_size
+    from zoft.config import AT_LEAST_1, POSITIVE, check_numbers, parse_size
 
+    check_numbers({"batch_size": batch_size, "max_length": max_length, "num_probes": num_probes,
+                   "h2d_gbps": h2d_gbps, "tflops": tflops, "writeback_every": writeback_every,
+                   "regen_gbps": regen_gbps},
+                  {"batch_size": AT_LEAST_1, "max_length": AT_LEAST_1, "num_probes": AT_LEAST_1,
+                   "h2d_gbps": POSITIVE, "tflops": POSITIVE, "writeback_every": AT_LEAST_1, "regen_gbps": POSITIVE})
     budget = parse_size(gpu_mem_bytes)
     if dtype not in _DTYPE_BYTES:
         raise UsageError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPE_BYTES)}")
@@ -296,8 +315,8 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         adapters = True
     if adapters:
         write_back = False  # the base is frozen; adapters are written back (their bytes are not counted)
-    if batch_size < 1 or max_length < 1 or num_probes < 1:
-        raise UsageError("batch size, max length and probe count must be positive")
+    rows = batch_size if rows is None else rows
+    check_numbers({"rows": rows}, {"rows": AT_LEAST_1})
     if isinstance(config_or_name, ModelShape):
         s = config_or_name
     elif isinstance(config_or_name, str):
@@ -307,7 +326,7 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     b = _DTYPE_BYTES[dtype]
     if transfer == dtype:
         transfer = "same"  # bf16 over the link for a bf16 model: no codec
-    kw = {"B": batch_size, "T": max_length, "P": num_probes, "b": b, "transfer": transfer,
+    kw = {"B": rows, "T": max_length, "P": num_probes, "b": b, "transfer": transfer,
           "attention": attention, "scratch": scratch, "write_back": write_back, "quant": quant,
           "adapters": adapters}
 
@@ -316,10 +335,10 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     if budget < smallest:
         raise UsageError(
             f"--gpu-mem {_fmt_budget(budget)} cannot fit {s.name}: the smallest plan needs "
-            f"{_gb_up(smallest)} GB (batch {batch_size} x {max_length} tokens); "
+            f"{human_bytes(smallest, up=True)} (batch {_batch(batch_size, max_length, rows)}); "
             "raise --gpu-mem or lower --batch-size/--max-length")
     r = next(r for r in choices if _device_bytes(s, r, 1, **kw)["peak"] <= budget)
-    lo, hi = 1, batch_size  # the peak grows with mb: binary search the largest that fits
+    lo, hi = 1, rows  # the peak grows with mb: binary search the largest that fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if _device_bytes(s, r, mid, **kw)["peak"] <= budget:
@@ -330,22 +349,45 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     acc = _device_bytes(s, r, mb, **kw)
     streamed = s.n_blocks - r
     upload = streamed * (_encoded_bytes(s.block_numel, transfer, b) if quant == "none" else _block_bytes(s, b, quant))
-    writeback = streamed * b * s.block_numel if write_back else 0
-    t_compute = num_probes * 2 * s.n_params * batch_size * max_length / (tflops * 1e12)
+    full_writeback = streamed * b * s.block_numel if write_back else 0
+    t_compute = num_probes * 2 * s.n_params * rows * max_length / (tflops * 1e12)
+    every = writeback_every or _writeback_every(t_compute, upload, full_writeback, h2d_gbps, regen_gbps)
+    if not full_writeback:
+        every = 1  # nothing is written back: nothing to defer
+    writeback = full_writeback // every  # per step, averaged over a write-back interval
+    t_regen = _regen_s(full_writeback, every, regen_gbps)
     t_transfer = (upload + writeback) / (h2d_gbps * 1e9)
     return Plan(
         model=s.name, gpu_mem_bytes=budget, batch_size=batch_size, max_length=max_length,
         num_probes=num_probes, dtype=dtype, transfer=transfer, attention=attention,
         scratch=scratch, write_back=write_back, n_params=s.n_params, n_blocks=s.n_blocks, resident_blocks=r,
         streamed_blocks=streamed, slots=acc["k"], prefetch=MIN_PREFETCH if streamed else 0,
-        micro_batch=mb, n_micro=math.ceil(batch_size / mb), resident_weights_bytes=acc["resident"],
+        micro_batch=mb, n_micro=math.ceil(rows / mb), resident_weights_bytes=acc["resident"],
         slot_bytes=acc["slots"], scratch_bytes=acc["scratch"], boundary_act_bytes=acc["boundary"],
         working_act_bytes=acc["working"], logits_bytes=acc["logits"], update_bytes=acc["update"],
         peak_device_bytes=acc["peak"],
         min_budget_bytes=smallest, cpu_bytes=_cpu_bytes(s, b, transfer, acc["k"], quant),
         upload_bytes_per_step=upload, writeback_bytes_per_step=writeback, t_compute_s=t_compute,
-        t_transfer_s=t_transfer, step_time_lb_s=max(t_compute, t_transfer), h2d_gbps=h2d_gbps,
-        tflops=tflops, quant=quant)
+        t_transfer_s=t_transfer, step_time_lb_s=max(t_compute + t_regen, t_transfer), h2d_gbps=h2d_gbps,
+        tflops=tflops, quant=quant, rows=rows, writeback_every=every, t_regen_s=t_regen, regen_gbps=regen_gbps)
+
+
+def _regen_s(full_writeback: int, every: int, regen_gbps: float) -> float:
+    """Device time per step to re-apply the updates the masters lack: a block ``j`` updates past
+    its write-back re-applies ``j`` of them after upload, ``j`` cycling through 0..k-1, so
+    ``(k - 1) / 2`` per block per step on average, each one pass over the block's weights."""
+    return full_writeback * (every - 1) / 2 / (regen_gbps * 1e9)
+
+
+def _writeback_every(t_compute: float, upload: int, full_writeback: int, h2d_gbps: float,
+                     regen_gbps: float) -> int:
+    """The write-back interval with the lowest step-time bound
+    ``max(t_compute + t_regen(k), (upload + full_writeback / k) / link)``, ``k`` in 1..64."""
+    def bound(k: int) -> float:
+        return max(t_compute + _regen_s(full_writeback, k, regen_gbps),
+                   (upload + full_writeback / k) / (h2d_gbps * 1e9))
+
+    return min(range(1, MAX_WRITEBACK_EVERY + 1), key=lambda k: (bound(k), k)) if full_writeback else 1
 
 
 def _cpu_bytes(s: ModelShape, b: int, transfer: str, k: int, quant: str = "none") -> int:
@@ -355,14 +397,34 @@ def _cpu_bytes(s: ModelShape, b: int, transfer: str, k: int, quant: str = "none"
     return b * s.nonblock_numel + s.n_blocks * _block_bytes(s, b, quant) + staging
 
 
-def _gb_up(n: int) -> str:
-    """``n`` bytes in GB (10^9), 2 decimals, rounded up: that budget always fits ``n``."""
-    return f"{math.ceil(n / GB * 100) / 100:.2f}"
+def _batch(batch_size: int, max_length: int, rows: int) -> str:
+    """"16 x 128 tokens", with the rows per probe when a task runs more than one per example."""
+    return f"{batch_size} x {max_length} tokens" + (f", {rows} rows per probe" if rows != batch_size else "")
+
+
+_SI = ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "k"))
+_COUNT = ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "k"))  # parameter counts: 1.3B, 125M
+
+
+def _human(n: float, unit: str, up: bool = False, prefixes=_SI) -> tuple[str, float]:
+    """``n`` in the largest prefix it reaches, 2 decimals (rounded up with ``up``): the text and
+    the value it stands for."""
+    scale, prefix = next(((s, p) for s, p in prefixes if abs(n) >= s), (1, ""))
+    if scale == 1:
+        return f"{n:.0f} {unit}".strip(), n
+    v = math.ceil(n / scale * 100) / 100 if up else round(n / scale, 2)
+    return f"{v:.2f} {prefix}{unit}".strip(), v * scale
+
+
+def human_bytes(n: float, up: bool = False) -> str:
+    """Bytes in kB / MB / GB / TB (powers of 10^3), 2 decimals; ``up``: rounded up, so that a
+    budget written as the text (``parse_size`` reads it without the space) always fits ``n``."""
+    return _human(n, "B", up)[0]
 
 
 def min_budget_from_message(n: int) -> int:
     """The budget (bytes) that a refusal message names for a smallest plan of ``n`` bytes."""
-    return round(float(_gb_up(n)) * GB)
+    return round(_human(n, "B", up=True)[1])
 
 
 def _fmt_budget(n: int) -> str:
@@ -370,39 +432,51 @@ def _fmt_budget(n: int) -> str:
         return f"{n // GB}GB"
     if n % 2**30 == 0:
         return f"{n // 2**30}GiB"
-    return f"{n / GB:.2f}GB" if n >= 10**7 else f"{n}B"
+    return human_bytes(n).replace(" ", "")
 
 
 # -- output -----------------------------------------------------------------------------------
+def _secs(t: float) -> str:
+    return "0 s" if t == 0 else f"{t:.3f} s" if t >= 1e-3 else f"{t:.2g} s"  # ms and up: 3 decimals
+
+
 def format_plan(p: Plan) -> str:
-    """A short human table (GB = 10^9 bytes)."""
+    """A short human table (kB, MB, GB: powers of 10^3 bytes)."""
     def gb(n: int) -> str:
-        return f"{n / GB:8.2f} GB"
+        return f"{human_bytes(n):>11}"
 
     res = f"blocks 0-{p.resident_blocks - 1}" if p.resident_blocks else "none"
+    wb = f" + write-back {human_bytes(p.writeback_bytes_per_step)}" if p.write_back else ""
+    every = f"every {p.writeback_every} step" + ("s" if p.writeback_every > 1 else "")
+    if not p.write_back:
+        every += " (nothing written back: frozen base)"
+    elif p.writeback_every > 1:
+        every += f" (updates re-applied after upload: {_secs(p.t_regen_s)} at {p.regen_gbps:g} GB/s)"
     rows = [
-        (f"plan: {p.model} ({p.n_params / 1e9:.2f}B params, {p.n_blocks} blocks), --gpu-mem "
-         f"{p.gpu_mem_bytes / GB:.2f} GB, batch {p.batch_size} x {p.max_length} tokens, "
+        (f"plan: {p.model} ({_human(p.n_params, '', prefixes=_COUNT)[0].replace(' ', '')} params, "
+         f"{p.n_blocks} blocks), --gpu-mem "
+         f"{human_bytes(p.gpu_mem_bytes)}, batch {_batch(p.batch_size, p.max_length, p.rows)}, "
          f"{p.num_probes} probes, {p.dtype}" + (f" ({p.quant} base)" if p.quant != "none" else "")
          + f", transfer {p.transfer}, {p.attention} attention"),
         f"  resident         embeddings, final norm, head + {res} ({p.resident_blocks} blocks)",
         f"  streamed         {p.streamed_blocks} blocks through k={p.slots} slots, prefetch d={p.prefetch}",
-        f"  micro-batch      {p.micro_batch} ({p.n_micro} per step, each unit loaded once per step)",
+        (f"  micro-batch      {p.micro_batch}" + (" rows" if p.rows != p.batch_size else "")
+         + f" ({p.n_micro} per step, each unit loaded once per step)"),
         "  device peak (predicted):",
         f"    resident weights   {gb(p.resident_weights_bytes)}",
         f"    stream slots       {gb(p.slot_bytes)}",
         f"    perturb scratch    {gb(p.scratch_bytes)}  ({p.scratch})",
-        (f"    activations        {gb(p.activation_bytes)}  (boundary {p.boundary_act_bytes / GB:.2f}"
-         f" + max(block {p.working_act_bytes / GB:.2f}, logits {p.logits_bytes / GB:.2f},"
-         f" update {p.update_bytes / GB:.2f}))"),
-        (f"    total              {gb(p.peak_device_bytes)}  of {p.gpu_mem_bytes / GB:.2f} GB"
-         f" (smallest plan: {_gb_up(p.min_budget_bytes)} GB)"),
+        (f"    activations        {gb(p.activation_bytes)}  (boundary {human_bytes(p.boundary_act_bytes)}"
+         f" + max(block {human_bytes(p.working_act_bytes)}, logits {human_bytes(p.logits_bytes)},"
+         f" update {human_bytes(p.update_bytes)}))"),
+        (f"    total              {gb(p.peak_device_bytes)}  of {human_bytes(p.gpu_mem_bytes)}"
+         f" (smallest plan: {human_bytes(p.min_budget_bytes, up=True)})"),
         f"  CPU RAM          {gb(p.cpu_bytes)}  (pinned master weights, {p.dtype})",
-        (f"  per step         upload {p.upload_bytes_per_step / GB:.2f} GB"
-         + (f" + write-back {p.writeback_bytes_per_step / GB:.2f} GB" if p.write_back else "")
-         + f" at {p.h2d_gbps:g} GB/s"),
-        (f"  step time >=     {p.step_time_lb_s:.3f} s  ({p.bound}-bound: compute {p.t_compute_s:.3f} s"
-         f" at {p.tflops:g} TFLOP/s, transfer {p.t_transfer_s:.3f} s)"),
+        f"  per step         upload {human_bytes(p.upload_bytes_per_step)}{wb} at {p.h2d_gbps:g} GB/s",
+        f"  write-back       {every}",
+        (f"  step time >=     {_secs(p.step_time_lb_s)}  ({p.bound}-bound: compute {_secs(p.t_compute_s)}"
+         f" at {p.tflops:g} TFLOP/s" + (f" + re-apply {_secs(p.t_regen_s)}" if p.t_regen_s else "")
+         + f", transfer {_secs(p.t_transfer_s)})"),
     ]
     return "\n".join(rows)
 

@@ -84,11 +84,12 @@ def _device(name: str) -> str:
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     """(model, tokenizer) through zoft.models (imported here so the eval API does not need it)."""
     from zoft.models import load_model
+    from zoft.models.loading import kind_phrase
 
     lm = load_model(args.model, random_init=args.random_init, dtype=args.dtype,
                     device=_device(args.device), seed=args.seed)
     if lm.kind != "causal":
-        raise UsageError(f"'{args.model}' is a {lm.kind} model; eval needs a causal LM")
+        raise UsageError(f"'{args.model}' is {kind_phrase(lm.kind)}; eval needs a causal LM")
     if lm.tokenizer is None:
         raise UsageError(f"no tokenizer found for '{args.model}' (offline random-init alias?); "
                          "use a local model directory that includes tokenizer files")
@@ -96,10 +97,9 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    from zoft.config import AT_LEAST_1, FRACTION, check_numbers
+
+    check_numbers(vars(args), {"limit": AT_LEAST_1, "batch_size": AT_LEAST_1, "retrain_auc": FRACTION})
     if not os.path.isdir(args.data):
         raise UsageError(f"data directory '{args.data}' does not exist")
 

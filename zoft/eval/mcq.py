@@ -14,6 +14,7 @@ question-weighted mean over subsets (lm-eval's ``weight_by_size: true`` groups).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 from zoft.errors import UsageError
 from zoft.eval.generate import continuation_logprobs, model_max_length, pad_token_id
 from zoft.eval.metrics import accuracy_stderr
+from zoft.tasks.data import read_utf8
 
 LETTERS = ("A", "B", "C", "D")
 # lm-eval's task descriptions (wmdp_cyber says "cybersecurity", not MMLU's "computer security").
@@ -167,12 +169,12 @@ def _read_records(path: Path) -> list[dict]:
     """Records of a .json (list of objects), .jsonl, .parquet or headerless MMLU .csv file."""
     try:
         if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_utf8(path))
             if not isinstance(data, list):
                 raise UsageError(f"{path}: expected a JSON list of question objects")
             return data
         if path.suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = read_utf8(path).splitlines()
             return [json.loads(line) for line in lines if line.strip()]
         if path.suffix == ".parquet":
             try:
@@ -181,8 +183,7 @@ def _read_records(path: Path) -> list[dict]:
                 raise UsageError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
             return pq.read_table(path).to_pylist()
         if path.suffix == ".csv":  # Hendrycks MMLU: question, A, B, C, D, answer letter; no header
-            with path.open(newline="", encoding="utf-8") as f:
-                rows = list(csv.reader(f))
+            rows = list(csv.reader(io.StringIO(read_utf8(path), newline="")))
             for i, r in enumerate(rows):
                 if len(r) != 6:
                     raise UsageError(f"{path}:{i + 1}: expected 6 CSV columns (question, A-D, answer), got {len(r)}")

@@ -42,6 +42,7 @@ from zoft.eval.metrics import (
     privleak,
     rouge_l_f1,
 )
+from zoft.tasks.data import read_utf8
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def muse_root(data_dir: str | Path, corpus: str | None = None) -> Path:
 
 def _read_json_list(path: Path) -> list:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, list):

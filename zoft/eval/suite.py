@@ -60,9 +60,10 @@ def run_task(args: argparse.Namespace) -> int:
 
     if args.task not in MEZO_TASKS:
         raise UsageError(f"unknown task {args.task!r}; choose one of: {', '.join(MEZO_TASKS)}")
-    for name in ("shots", "num_eval", "batch_size", "max_length"):
-        if getattr(args, name) < (0 if name == "shots" else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'shots' else 1}")
+    from zoft.config import AT_LEAST_1, NON_NEGATIVE, check_numbers
+
+    check_numbers(vars(args), {"shots": NON_NEGATIVE, "num_eval": AT_LEAST_1, "batch_size": AT_LEAST_1,
+                               "max_length": AT_LEAST_1})
     valid = load_examples(args.eval)
     train = load_examples(args.train) if args.train else None
     model, tok = _load_model(args)

@@ -5,6 +5,11 @@
 
 Imported lazily, so ``import zoft.integrations`` needs neither ``trl`` nor ``accelerate``.
 """
+from zoft.models.quant import quiet_import
+
+# transformers' Trainer and trl import peft, which imports bitsandbytes when it is installed: without
+# its CPU backend's kernels-community warning (zoft.models.quant). Runs before either submodule.
+quiet_import()
 
 _API = {
     "ZOTrainer": "zoft.integrations.trainer",

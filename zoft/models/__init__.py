@@ -5,6 +5,7 @@ from zoft.models.loading import (
     LoadedModel,
     aliases,
     build_random,
+    checkpoint_dtype,
     configs_dir,
     load_model,
     model_kind,
@@ -13,6 +14,6 @@ from zoft.models.loading import (
 )
 
 __all__ = [
-    "DTYPES", "Layout", "LoadedModel", "Unit", "aliases", "build_random", "configs_dir",
+    "DTYPES", "Layout", "LoadedModel", "Unit", "aliases", "build_random", "checkpoint_dtype", "configs_dir",
     "discover_layout", "load_model", "model_kind", "parse_dtype", "resolve",
 ]

@@ -98,6 +98,11 @@ def model_kind(config: Any) -> ModelKind:
     return "causal"
 
 
+def kind_phrase(kind: ModelKind) -> str:
+    """``kind`` with its article, for messages: "a causal LM", "a masked LM", "an encoder"."""
+    return {"causal": "a causal LM", "masked": "a masked LM", "encoder": "an encoder"}.get(kind, f"a {kind} model")
+
+
 def _auto_class(kind: ModelKind):
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -115,6 +120,14 @@ class LoadedModel:
     source: str
 
 
+def checkpoint_dtype(config: Any) -> str | None:
+    """The dtype a checkpoint's config names (``dtype``, formerly ``torch_dtype``) as "fp16" /
+    "bf16" / "fp32", or None when it names none (or one zoft does not compute in)."""
+    dt = vars(config).get("dtype") or vars(config).get("torch_dtype")  # getattr warns on the old name
+    dt = getattr(torch, dt, None) if isinstance(dt, str) else dt
+    return next((k for k, v in DTYPES.items() if v == dt), None)
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -127,10 +140,12 @@ def build_random(config: Any, kind: ModelKind, dtype: torch.dtype, seed: int) ->
     """Model with the library's own random init, reproducible from ``seed``.
 
     The global RNG is forked (and restored on exit) so that nothing outside sees the seeding.
+    The init draws in fp32 whatever dtype the config names (the same weights for every dtype,
+    rounded once by the cast).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _auto_class(kind).from_config(config)
+        model = _auto_class(kind).from_config(config, dtype=torch.float32)
     return model.to(dtype)
 
 
@@ -145,11 +160,11 @@ def bnb_config(quant: Quant, options: dict[str, Any] | None = None, dtype: str |
 
     if quant not in ("4bit", "8bit"):
         raise UsageError(f"--quant must be 4bit or 8bit, not '{quant}'")
-    try:
-        import bitsandbytes  # noqa: F401 - transformers needs it for BitsAndBytesConfig loading
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise UsageError(f"--quant {quant} needs bitsandbytes: pip install 'zoft[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    from zoft.models.quant import import_bitsandbytes
+
+    import_bitsandbytes(f"--quant {quant}")  # transformers needs it for BitsAndBytesConfig loading
     options = dict(options or {})
     valid = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
     bad = sorted(k for k in options if k not in valid or k in ("load_in_4bit", "load_in_8bit"))
@@ -199,13 +214,17 @@ def _load_quantized(source: str, config: Any, kind: ModelKind, torch_dtype: torc
     qcfg = bnb_config(quant, quant_options, torch_dtype)
     if quant == "8bit":
         _quiet_int8_cast_warning()
+    from zoft.models.quant import keep_canonical_layout
+
     kw = dict(config=config, dtype=torch_dtype, quantization_config=qcfg, device_map={"": str(device)})
     if built is None:
-        return _auto_class(kind).from_pretrained(source, **kw)
-    # One code path for pretrained and random weights: bitsandbytes quantizes as transformers loads.
-    with tempfile.TemporaryDirectory(prefix="zoft-quant-") as tmp:
-        built.save_pretrained(tmp, safe_serialization=True)
-        return _auto_class(kind).from_pretrained(tmp, **kw)
+        model = _auto_class(kind).from_pretrained(source, **kw)
+    else:  # one code path for pretrained and random weights: bitsandbytes quantizes as transformers loads
+        with tempfile.TemporaryDirectory(prefix="zoft-quant-") as tmp:
+            built.save_pretrained(tmp, safe_serialization=True)
+            model = _auto_class(kind).from_pretrained(tmp, **kw)
+    keep_canonical_layout(model)  # the same bytes and fp32 matmul on every CPU and on CUDA
+    return model
 
 
 def load_model(

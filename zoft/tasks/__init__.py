@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from zoft.errors import UsageError
+from zoft.models.loading import kind_phrase
 from zoft.tasks.base import Batch, Task
 from zoft.tasks.classify import KINDS, ClassifyTask, Kind, sst2_task
 from zoft.tasks.data import Examples, builtin_sentiment, load_examples
@@ -21,7 +22,19 @@ from zoft.tasks.suite import PromptTask
 
 __all__ = ["Batch", "Task", "Kind", "KINDS", "ClassifyTask", "LMTask", "PromptTask", "Examples", "TASKS",
            "MEZO_TASKS", "make_task", "register_task", "infer_kind", "load_examples", "builtin_sentiment",
-           "mezo_sample", "KSHOT_TASKS", "kshot_sample"]
+           "mezo_sample", "KSHOT_TASKS", "kshot_sample", "rows_per_probe"]
+
+
+def _mezo_rows(name: str) -> Callable[..., int]:
+    """Rows per probe of MeZO's ``name`` on a causal LM: one per option when it trains on all of
+    them (classification, or the accuracy objective) and the options are fixed label words; one
+    per example otherwise. Options that are not label words (COPA, ReCoRD, ...) count as one row."""
+    spec = MEZO_TASKS[name]
+
+    def rows(kind: Kind, batch_size: int, *, objective: str = "loss", **_) -> int:
+        every = objective == "accuracy" or (objective != "f1" and spec.train_as == "classification")
+        return batch_size * spec.n_options if every and spec.n_options else batch_size
+    return rows
 
 
 def _mezo(name: str) -> Callable[..., Task]:
@@ -29,6 +42,7 @@ def _mezo(name: str) -> Callable[..., Task]:
                 max_new_tokens: int = 50) -> PromptTask:
         return PromptTask(tokenizer, kind, max_length, name=name, objective=objective, demos=demos,
                           max_new_tokens=max_new_tokens)
+    factory.rows = _mezo_rows(name)
     factory.__doc__ = f"MeZO's {name!r} ({MEZO_TASKS[name].source}) on a causal LM; see zoft.tasks.mezo."
     return factory
 
@@ -38,7 +52,7 @@ def _kshot(name: str) -> Callable[..., Task]:
         spec = KSHOT_TASKS[name]
         if kind != "masked":
             raise UsageError(f"task {name!r} is MeZO's masked-LM k-shot suite (medium_models) and needs a masked LM, "
-                             f"not a {kind} model")
+                             f"not {kind_phrase(kind)}")
         return ClassifyTask(tokenizer, kind, max_length, template="", name=name,
                             verbalizers={label: " " + w for label, w in spec.words.items()},
                             label_field=spec.label_field, text_fields=spec.sentences,
@@ -64,9 +78,16 @@ def _by_kind(name: str) -> Callable[..., Task]:
         if kind == "masked":
             return _kshot(name)(tokenizer, kind, max_length)
         if name != "sst2":
-            raise UsageError(f"task {name!r} needs a causal or masked LM, not a {kind} model")
+            raise UsageError(f"task {name!r} needs a causal or masked LM, not {kind_phrase(kind)}")
         return sst2_task(tokenizer, max_length, text_field=text_field, label_field=label_field,
                          descriptions=descriptions, scale=scale)
+
+    def rows(kind: Kind, batch_size: int, **options) -> int:
+        if kind == "causal":
+            return _mezo_rows(name)(kind, batch_size, **options)
+        return sst2_task.rows(kind, batch_size) if kind == "encoder" else batch_size
+
+    factory.rows = rows
     return factory
 
 
@@ -88,15 +109,12 @@ def register_task(name: str, factory: Callable[..., Task]) -> None:
     TASKS[name] = factory
 
 
-def make_task(name: str, tokenizer, kind: Kind, max_length: int, **options) -> Task:
-    """Build task ``name`` for a model of ``kind``; options are the factory's keyword arguments
-    (e.g. ``template=``, ``verbalizers=`` for "classify"). Bad names/options: ``UsageError``."""
+def _factory(name: str, kind: Kind, options: dict) -> Callable[..., Task]:
+    """Task ``name``'s factory, once its name, ``kind`` and option names are checked."""
     if name not in TASKS:
         raise UsageError(f"unknown task {name!r}; choose one of: {', '.join(sorted(TASKS))}")
     if kind not in KINDS:
         raise UsageError(f"model kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise UsageError(f"max_length must be an integer >= 2, not {max_length!r}")
     factory = TASKS[name]
     params = list(inspect.signature(factory).parameters.values())[3:]  # after tokenizer, kind, max_length
     allowed = {p.name for p in params if p.name != "name"}
@@ -107,7 +125,25 @@ def make_task(name: str, tokenizer, kind: Kind, max_length: int, **options) -> T
     missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in options]
     if missing:
         raise UsageError(f"task {name!r} needs the option {missing[0]!r}")
+    return factory
+
+
+def make_task(name: str, tokenizer, kind: Kind, max_length: int, **options) -> Task:
+    """Build task ``name`` for a model of ``kind``; options are the factory's keyword arguments
+    (e.g. ``template=``, ``verbalizers=`` for "classify"). Bad names/options: ``UsageError``."""
+    factory = _factory(name, kind, options)
+    if not isinstance(max_length, int) or max_length < 2:
+        raise UsageError(f"max_length must be an integer >= 2, not {max_length!r}")
     return factory(tokenizer, kind, max_length, **options)
+
+
+def rows_per_probe(name: str, kind: Kind, batch_size: int, **options) -> int:
+    """Rows the model runs per probe for ``batch_size`` examples of task ``name`` on a ``kind``
+    model, without a tokenizer: the batch the offload planner sizes activations and logits by. A
+    factory whose task runs other than one row per example says how with a ``rows(kind,
+    batch_size, **options)`` attribute (classification on a causal LM: one row per candidate)."""
+    rows = getattr(_factory(name, kind, options), "rows", None)
+    return rows(kind, batch_size, **options) if rows is not None else batch_size
 
 
 def infer_kind(model: torch.nn.Module) -> Kind:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from zoft.errors import UsageError
+from zoft.models.loading import kind_phrase
 from zoft.tasks.base import Batch
 from zoft.tasks.data import check_fields, where
 from zoft.tasks.lm import (IGNORE, call_model, eval_outputs, makes_token_types, option_logprob, pad_labels, pad_rows,
@@ -114,7 +115,8 @@ class ClassifyTask:
         self.label_field = label_field
         self.scale = float(scale)
         if encode is not None and kind != "masked":
-            raise UsageError(f"task {name!r} encodes a masked-LM prompt and needs a masked LM, not a {kind} model")
+            raise UsageError(f"task {name!r} encodes a masked-LM prompt and needs a masked LM, "
+                             f"not {kind_phrase(kind)}")
         self.encode = encode
 
         fields = _template_fields(template)
@@ -125,7 +127,7 @@ class ClassifyTask:
                 template += " {mask}"
         elif "mask" in fields:
             raise UsageError(f"template {template!r} has {{mask}}, which only masked LMs fill; "
-                             f"a {kind} model scores the words after the prompt")
+                             f"{kind_phrase(kind)} scores the words after the prompt")
         self.template = template
         self.fields = [f for f in fields if f != "mask"]
         self.text_fields = list(text_fields) if text_fields is not None else self.fields
@@ -162,6 +164,13 @@ class ClassifyTask:
         self.num_classes = len(self.words)
         self._token_types = kind != "causal" and makes_token_types(tokenizer)
         self._prefix_ids = {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
+
+    @staticmethod
+    def rows(kind: Kind, batch_size: int, *, verbalizers: Sequence[str] | Mapping[Any, str], **_) -> int:
+        """Rows the model runs for ``batch_size`` examples (no tokenizer needed: what the planner
+        sizes by): B*C on a causal LM, B on a masked LM, B+C on an encoder."""
+        C = len(_table(verbalizers, "verbalizers")[1])
+        return {"causal": batch_size * C, "masked": batch_size}.get(kind, batch_size + C)
 
     # ----------------------------------------------------------------------------------------
 
@@ -242,7 +251,7 @@ class ClassifyTask:
         ``candidates`` (the verbalizer words, each scored as one token at the mask), ``tokens``
         (those tokens as the tokenizer spells them) and ``correct`` (the label's index)."""
         if self.kind != "masked":
-            raise UsageError(f"preview of task {self.name!r} is for masked LMs, not a {self.kind} model")
+            raise UsageError(f"preview of task {self.name!r} is for masked LMs, not {kind_phrase(self.kind)}")
         self.validate(examples)
         tokens = self.tokenizer.convert_ids_to_tokens(self.word_ids.tolist())
         b = self.collate(examples)
@@ -298,3 +307,6 @@ def sst2_task(tokenizer, max_length: int, *, text_field: str = "sentence", label
                         label_field=label_field,
                         descriptions=descriptions if descriptions is not None else SST2_DESCRIPTIONS,
                         scale=scale, name="sst2")
+
+
+sst2_task.rows = lambda kind, batch_size, **_: ClassifyTask.rows(kind, batch_size, verbalizers=SST2_VERBALIZERS)

@@ -52,8 +52,8 @@ def check_fields(examples: Sequence[dict], fields: Sequence[str]) -> None:
             if ex.get(f) is None:
                 have = ", ".join(repr(k) for k in ex) or "none"
                 need = ", ".join(repr(k) for k in fields)
-                raise UsageError(f"{where(examples, i)}: missing field {f!r} (fields there: {have}); "
-                                 f"every example needs {need}")
+                what = f"field {f!r} is null" if f in ex else f"missing field {f!r} (fields there: {have})"
+                raise UsageError(f"{where(examples, i)}: {what}; every example needs {need}")
 
 
 def load_examples(spec: str | os.PathLike, required: Sequence[str] = ()) -> Examples:
@@ -98,6 +98,12 @@ def _load_file(path: str) -> Examples:
     if not os.path.isfile(path):
         what = "is a directory" if os.path.isdir(path) else "not found"
         raise UsageError(f"data file {path} {what}; give {SPEC_HELP}")
+    return readers[ext](read_utf8(path), path)
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """The text of a data file (any command's): UTF-8, a leading byte-order mark dropped; an
+    unreadable or non-UTF-8 file is one ``UsageError`` naming the file and line."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -105,11 +111,10 @@ def _load_file(path: str) -> Examples:
         raise UsageError(f"cannot read data file {path}: {e.strerror}") from None
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Excel writes one)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} line {_line_of(raw, e.start)}: not UTF-8 text; "
                          "save the file as UTF-8") from None
-    return readers[ext](text, path)
 
 
 def _line_of(text: str | bytes, offset: int) -> int:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from zoft.errors import UsageError
+from zoft.models.loading import kind_phrase
 from zoft.tasks.base import Batch
 from zoft.tasks.data import check_fields, where
 
@@ -130,7 +131,7 @@ class LMTask:
 
     def __init__(self, tokenizer, kind: str, max_length: int, text_field: str = "text"):
         if kind != "causal":
-            raise UsageError(f"task 'lm' needs a causal language model, not a {kind} model; "
+            raise UsageError(f"task 'lm' needs a causal language model, not {kind_phrase(kind)}; "
                              "use task 'sst2' or 'classify' for masked LMs and encoders")
         self.tokenizer = tokenizer
         self.max_length = max_length

@@ -40,6 +40,8 @@ class Spec:
     train_as: "classification" or "lm" (see the module docstring).
     dev:      MeZO's number of dev examples (CB and COPA have < 1000 training rows: 100).
     check:    optional row -> problem (a message) or None, for values a field check cannot see.
+    n_options: how many options ``options`` gives every row, when fixed (label words): the rows per
+              example the planner counts for tasks trained on all options.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Spec:
     answers: Callable[[dict], list[str]] | None = None
     dev: int = 500
     check: Callable[[dict], str | None] | None = None
+    n_options: int | None = None  # options per row when fixed (label words); None: they vary by row
 
     @property
     def generation(self) -> bool:
@@ -77,7 +80,8 @@ def _verbalized(name: str, source: str, fields: tuple[str, ...], prompt: Callabl
                 words: Sequence[str], dev: int = 500) -> Spec:
     """A task whose candidates are label words appended to the prompt (label i -> words[i])."""
     return Spec(name, source, fields, prompt, lambda r: [prompt(r) + w for w in words],
-                lambda r: _label(r, len(words)), "classification", dev=dev, check=_label_check(len(words)))
+                lambda r: _label(r, len(words)), "classification", dev=dev, check=_label_check(len(words)),
+                n_options=len(words))
 
 
 # --- prompts (MeZO's templates.py, version 0 unless said) -------------------------------------

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from zoft.errors import UsageError
+from zoft.models.loading import kind_phrase
 from zoft.tasks.base import Batch
 from zoft.tasks.classify import Kind, _fit_left
 from zoft.tasks.lm import (IGNORE, call_model, eval_outputs, model_device, option_logprob, pad_labels, pad_rows,
@@ -91,7 +92,7 @@ class PromptTask:
             raise UsageError(f"unknown MeZO task {name!r}; choose one of: {', '.join(MEZO_TASKS)}")
         if kind != "causal":
             raise UsageError(f"task {name!r} is MeZO's causal-LM suite (large_models) and needs a causal LM, "
-                             f"not a {kind} model")
+                             f"not {kind_phrase(kind)}")
         self.spec: Spec = MEZO_TASKS[name]
         if objective not in ("loss", "accuracy", "f1"):
             raise UsageError(f"objective must be loss, accuracy or f1, not {objective!r}")

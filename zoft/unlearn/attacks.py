@@ -4,7 +4,9 @@
   ``transformers`` does at load time (``BitsAndBytesConfig``): ``nf4`` / ``fp4`` (4-bit, blocks of
   64, compute dtype fp32 on CPU) or ``int8`` (LLM.int8(), threshold 6.0). Every ``nn.Linear`` but the
   LM head is replaced (transformers' default ``modules_to_not_convert``); embeddings stay fp32.
-  Runs on CPU with bitsandbytes >= 0.45 (the ``quant`` extra).
+  Runs on CPU with bitsandbytes >= 0.45 (the ``quant`` extra). 4-bit layers keep the canonical layout
+  on every CPU (``zoft.models.quant``): the attack measures the quantized weights under an fp32
+  matmul, not bitsandbytes' bf16 CPU kernel, so it reads the same on every machine.
 * ``relearn(model, tokenizer, rows, ...)``: AdamW fine-tuning on the first ``samples`` forget rows
   (the paper: lr 1e-5, a few dozen to ~150 steps); returns a new model, the input is untouched.
 """
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from zoft.errors import UsageError, ZoftError
+from zoft.models.quant import import_bitsandbytes, keep_canonical_layout
 from zoft.tasks.lm import call_model
 from zoft.unlearn.data import batch_indices, make_batch
 from zoft.unlearn.objectives import row_nll
@@ -29,11 +32,9 @@ QUANT_MODES = ("nf4", "fp4", "int8")
 
 def bnb_config(mode: QuantMode, compute_dtype: torch.dtype = torch.float32):
     """The ``BitsAndBytesConfig`` of ``mode``."""
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise UsageError("the quantization attack needs bitsandbytes: pip install 'zoft[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    import_bitsandbytes("the quantization attack")
     if mode in ("nf4", "fp4"):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode, bnb_4bit_compute_dtype=compute_dtype)
     if mode == "int8":
@@ -50,6 +51,7 @@ def quantize(path: str | os.PathLike, mode: QuantMode = "nf4", device: str = "cp
         model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=cfg, device_map=device)
     except (OSError, RuntimeError, ValueError) as e:
         raise ZoftError(f"bitsandbytes {mode} load of '{path}' failed: {str(e).splitlines()[0]}") from None
+    keep_canonical_layout(model)
     return model.eval()
 
 

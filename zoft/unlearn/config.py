@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from zoft.config import AT_LEAST_1, NON_NEGATIVE, Range, check_numbers
 from zoft.errors import UsageError
 from zoft.optim.schedule import Schedule
 
@@ -70,14 +71,7 @@ class UnlearnConfig:
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                  f"not '{getattr(self, name)}'")
-        if self.steps < 0:
-            raise UsageError("--steps must be >= 0")
-        if self.batch_size < 1:
-            raise UsageError("--batch-size must be >= 1")
-        if self.lr < 0:
-            raise UsageError("--lr must be >= 0")
-        if self.max_length < 2:
-            raise UsageError("--max-length must be >= 2")
+        check_numbers(vars(self), UNLEARN_RANGES)
         for a in self.attacks:
             if a not in ("nf4", "fp4", "int8", "relearn"):
                 raise UsageError(f"unknown attack '{a}'; use nf4, fp4, int8, relearn")
@@ -125,6 +119,9 @@ def _check_types(cfg: UnlearnConfig) -> None:
             raise UsageError(f"config key '{f.name}' must be {' or '.join(a.__name__ for a in allowed if a is not type(None))}, "
                              f"not {v!r}")
 
+
+UNLEARN_RANGES = {**dict.fromkeys(("steps", "save_every", "eval_every", "warmup_steps", "lr"), NON_NEGATIVE),
+                  "batch_size": AT_LEAST_1, "retain_batch_size": AT_LEAST_1, "max_length": Range(2)}
 
 # relearning attack: AdamW, the paper's lr; steps / samples / batch configurable
 RELEARN_DEFAULTS: dict[str, Any] = {"relearn_lr": 1e-5, "relearn_steps": 50, "relearn_samples": None,

@@ -25,6 +25,7 @@ import torch
 
 from zoft.errors import UsageError
 from zoft.tasks.base import Batch
+from zoft.tasks.data import read_utf8
 from zoft.tasks.lm import pad_labels, pad_rows
 
 TxtMode = Literal["chunk", "lines"]
@@ -52,10 +53,10 @@ def load_texts(source: Source, *, text_field: str = "text") -> tuple[list[str], 
     if not p.is_file():
         raise UsageError(f"data file '{p}' does not exist")
     if p.suffix == ".txt":
-        return [p.read_text()], True
+        return [read_utf8(p)], True
     if p.suffix == ".json":
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(read_utf8(p))
         except json.JSONDecodeError as e:
             raise UsageError(f"'{p}' is not valid JSON: {e.msg} (line {e.lineno})") from None
         if isinstance(data, dict):  # {"text": [...]} or a single record
@@ -65,7 +66,7 @@ def load_texts(source: Source, *, text_field: str = "text") -> tuple[list[str], 
         return [_text_of(r, text_field, f"{p} item {i}") for i, r in enumerate(data)], False
     if p.suffix == ".jsonl":
         out = []
-        for n, line in enumerate(p.read_text().splitlines(), 1):
+        for n, line in enumerate(read_utf8(p).splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -162,14 +162,14 @@ class Unlearner:
         else:
             if cfg.model is None:
                 raise UsageError("no model: pass --model NAME")
-            from zoft.models.loading import load_model
+            from zoft.models.loading import kind_phrase, load_model
 
             # streamed (--gpu-mem): loaded on the host; the engine moves the resident units
             lm = load_model(cfg.model, random_init=cfg.random_init, dtype=cfg.dtype,
                             device=torch.device("cpu") if cfg.gpu_mem else self.device,
                             seed=cfg.seed, tokenizer=cfg.tokenizer)
             if lm.kind != "causal":
-                raise UsageError(f"unlearning needs a causal language model; '{cfg.model}' is a {lm.kind} model")
+                raise UsageError(f"unlearning needs a causal language model; '{cfg.model}' is {kind_phrase(lm.kind)}")
             self.model, tokenizer = lm.model, tokenizer or lm.tokenizer
             if tokenizer is None:
                 raise UsageError(f"no tokenizer found for '{cfg.model}'; pass --tokenizer")
