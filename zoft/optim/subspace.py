@@ -92,7 +92,7 @@ class _LowRank(ZOSGD):
 
     def __init__(self, config, seed: int = 0, total_steps: int = 1):
         super().__init__(config, seed, total_steps)
-        self._step_of: dict[int, int] = {}  # seed -> its step, for the last few steps
+        self._step_of: dict[int, int] = {}  # seed -> its step
 
     def seeds(self, step: int) -> list[int]:
         seeds = super().seeds(step)
@@ -100,11 +100,10 @@ class _LowRank(ZOSGD):
         return seeds
 
     def _remember(self, step: int, seeds: list[int]) -> None:
+        # kept for the whole run (a few ints per step): a deferred write-back (``writeback_every``)
+        # re-applies updates many steps old
         for s in seeds:
             self._step_of[s] = step
-        if len(self._step_of) > 8 * len(seeds):  # the pending update is at most one step old
-            for s in [s for s, t in self._step_of.items() if t < step - 2]:
-                del self._step_of[s]
 
     def block_seed(self, step: int) -> int:
         """The seed of the factors shared by ``step``'s block of ``interval`` steps."""
@@ -116,7 +115,7 @@ class _LowRank(ZOSGD):
             return noise.sample(seed, key, like)
         step = self._step_of.get(seed)
         if step is None:
-            raise RuntimeError(f"{self.name}: seed {seed} is not one of the recent steps' seeds")
+            raise RuntimeError(f"{self.name}: seed {seed} is not a seed of this run's steps")
         return self.matrix_direction(noise, seed, self.block_seed(step), key, like)
 
     def matrix_direction(self, noise: Any, seed: int, block: int, key: str, like: torch.Tensor) -> torch.Tensor:
