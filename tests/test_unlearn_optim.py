@@ -63,10 +63,9 @@ def test_sign_adam_4bit_numbers_by_hand():
 
 def test_sign_adam_two_steps_match_formula():
     """1-bit sign-Adam = sign of Adam's bias-corrected direction (the N-bit Q: the test above)."""
-    bits = 1
     b1, b2, eps, lr = 0.9, 0.999, 1e-8, 0.05
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
-    opt = CompressedFO([w], lr=lr, base="adam", bits=bits, betas=(b1, b2), eps=eps)
+    opt = CompressedFO([w], lr=lr, base="adam", bits=1, betas=(b1, b2), eps=eps)
     grads = [torch.tensor([0.3, -0.2, 1e-3]), torch.tensor([-0.1, -0.4, 2.0])]
     ref = w.detach().clone()
     m = torch.zeros(3)
@@ -200,13 +199,13 @@ class _Quadratic:
 
 
 def test_smoothing_averages_s_gradients_at_sigma():
-    """The smoothed gradient and the logged loss at w = 0, d = 4096, sigma 0.1, S = 4, from the
-    first Adam moment (m_1 = (1 - b1) g~) and the step's metrics:
-    g~ = a + sigma mean_s e_s: <g~ - a, a> ~ 0 and ||g~ - a||^2 = sigma^2 ||mean e||^2 ~ sigma^2 d / S
-    = 10.24 (relative s.d. sqrt(2 / d) = 2.2%: 10% tolerance); logged loss = mean_s L(sigma e_s)
-    = 0.5 sigma^2 mean_s ||e_s||^2 + sigma <a, mean e> ~ 0.5 sigma^2 d = 20.48 (s.d. 1.1%: 5%);
-    the mean coordinate of g~ is a's, 0.01.
-    Summing instead of averaging multiplies both by S; a wrong sigma scales them by sigma^2."""
+    """The smoothed gradient g~ (read from Adam's first moment, m_1 = (1 - b1) g~) and the logged
+    loss at w = 0, d = 4096, sigma 0.1, S = 4, against their expected sizes:
+    g~ = a + sigma mean_s e_s, so ||g~ - a||^2 ~ sigma^2 d / S = 10.24 (relative s.d. sqrt(2 / d)
+    = 2.2%: 10% tolerance) and its mean coordinate is a's, 0.01 (s.d. 0.0008); the logged loss
+    mean_s L(sigma e_s) = 0.5 sigma^2 mean_s ||e_s||^2 + sigma <a, mean e> ~ 0.5 sigma^2 d = 20.48
+    (s.d. 1.1%: 5%). Summing instead of averaging multiplies both by S; a wrong sigma moves them
+    by its square."""
     d, sigma, S = 4096, 0.1, 4
     a = torch.full((d,), 0.01)
     model = _Vector(d)
@@ -216,7 +215,7 @@ def test_smoothing_averages_s_gradients_at_sigma():
     g = r.fo.state[model.w]["exp_avg"] / (1 - opts.betas[0])  # (d,) the smoothed gradient
     assert m["loss"] == pytest.approx(0.5 * sigma ** 2 * d, rel=0.05)
     assert (g - a).square().sum().item() == pytest.approx(sigma ** 2 * d / S, rel=0.1)
-    assert g.mean().item() == pytest.approx(0.01, abs=0.004)  # a + sigma (mean of S d normals): s.d. 0.0008
+    assert g.mean().item() == pytest.approx(0.01, abs=0.004)
 
 
 def test_hybrid_zo_phases_stream_with_the_resident_results(tok, batch):
