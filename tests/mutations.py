@@ -8,7 +8,7 @@ working tree is never written, so Ctrl-C or a crash leaves it as it was), runs t
 fail (pytest exit status 1) and *survives* when they pass; any other status (a collection error,
 a timeout) is reported as such and counts as a failure of the check, as does a survivor.
 
-    python tests/mutations.py               # every mutation (about 25 minutes on 2 busy cores)
+    python tests/mutations.py               # every mutation (~40 min on 2 busy cores)
     python tests/mutations.py rouge-recall q-levels     # some, by id
     python tests/mutations.py --list        # the list, nothing run
 
@@ -152,7 +152,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("q-levels", UOPT, "levels = 2 ** (bits - 1) - 1", "levels = 2 ** bits - 1", T_UOPT),
     M("q-round", UOPT, "torch.round(x * (levels / scale)) / levels", "torch.floor(x * (levels / scale)) / levels", T_UOPT),
     M("q-scale-max", UOPT, "scale = x.abs().max()", "scale = x.abs().mean()", T_UOPT),
-    M("sign-adam-m-ema", UOPT, 'st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)', 'st["exp_avg"].mul_(b1).add_(g, alpha=b1)', T_UOPT),
+    M("sign-adam-m-of-g", UOPT, 'st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)', 'st["exp_avg"].mul_(b1).add_(g.sign(), alpha=1 - b1)', T_UOPT),
     M("sign-adam-v-of-g-squared", UOPT, 'addcmul_(g, g, value=1 - b2)', 'add_(g.abs(), alpha=1 - b2)', T_UOPT),
     M("sign-weight-decay", UOPT, 'upd = upd + group["weight_decay"] * p', 'upd = upd - group["weight_decay"] * p', T_UOPT),
     M("smooth-average", UOPT, "loss = self.objective.fo_loss(self.model, batch) / o.smoothing_samples",
@@ -242,8 +242,13 @@ def run(mutations: tuple[Mutation, ...], baseline: bool = True, timeout: float =
 def markdown(results: list[tuple[Mutation, str, float]]) -> str:
     rows = ["| id | file | mutation (old -> new) | tests | result |", "|---|---|---|---|---|"]
     for m, outcome, secs in results:
-        rows.append(f"| `{m.id}` | `{m.file}` | `{m.old.strip()}` -> `{m.new.strip()}` | "
-                    f"{', '.join(t.removeprefix('tests/') for t in m.tests)} | {outcome} ({secs:.0f} s) |")
+        by_file: dict[str, list[str]] = {}
+        for t in m.tests:
+            file, _, name = t.removeprefix("tests/").partition("::")
+            by_file.setdefault(file, []).extend([name] if name else [])
+        tests = "; ".join(f"{f}::{', '.join(n)}" if n else f for f, n in by_file.items())
+        rows.append(f"| `{m.id}` | `{m.file.removeprefix('zoft/')}` | `{m.old.strip()}` -> `{m.new.strip()}` | "
+                    f"{tests} | {outcome} ({secs:.0f} s) |")
     return "\n".join(rows)
 
 

@@ -163,10 +163,11 @@ def test_invariant_to_increasing_transforms_of_the_loss(options):
 # -- reference step -------------------------------------------------------------------------------
 def reference_rank_steps(model, batch, obj, cfg, seed, steps):
     """The paper's update by hand: candidates w + eps z_i; edges from the loss order (top-k);
-    w <- w + lr/|E| sum_i w_i z_i; line search: argmin over w + lr gamma^l d (first on ties)."""
+    w <- w + lr/|E| sum_i w_i z_i (the mean of that over q independent groups of m candidates);
+    line search: argmin over w + lr gamma^l d (first on ties)."""
     noise = make_noise()
     params = dict(model.named_parameters())
-    m, k = cfg["m"], cfg.get("top_k", 0) or cfg["m"]
+    m, k, q = cfg["m"], cfg.get("top_k", 0) or cfg["m"], cfg["n_queries"]
 
     def loss_at(delta):
         mm = copy.deepcopy(model)
@@ -176,17 +177,20 @@ def reference_rank_steps(model, batch, obj, cfg, seed, steps):
         return plain_loss(mm, batch, obj)
 
     for t in range(steps):
-        seeds = [step_seed(seed, t, i) for i in range(m)]
-        z = {s: {key: noise.sample(s, key, p) for key, p in params.items()} for s in seeds}
-        losses = [loss_at({key: cfg["eps"] * v for key, v in z[s].items()}) for s in seeds]
-        order = sorted(range(m), key=lambda i: losses[i])
-        w = [0] * m
-        edges = 0
-        for a, i in enumerate(order[:k]):
-            for j in order[a + 1:]:
-                if losses[i] < losses[j]:
-                    w[i], w[j], edges = w[i] + 1, w[j] - 1, edges + 1
-        direction = {key: sum(w[i] / edges * z[s][key] for i, s in enumerate(seeds)) for key in params}
+        direction = {key: torch.zeros_like(p) for key, p in params.items()}
+        for group in range(q):
+            seeds = [step_seed(seed, t, group * m + i) for i in range(m)]
+            z = {s: {key: noise.sample(s, key, p) for key, p in params.items()} for s in seeds}
+            losses = [loss_at({key: cfg["eps"] * v for key, v in z[s].items()}) for s in seeds]
+            order = sorted(range(m), key=lambda i: losses[i])
+            w = [0] * m
+            edges = 0
+            for a, i in enumerate(order[:k]):
+                for j in order[a + 1:]:
+                    if losses[i] < losses[j]:
+                        w[i], w[j], edges = w[i] + 1, w[j] - 1, edges + 1
+            for key in params:
+                direction[key] += sum(w[i] / edges / q * z[s][key] for i, s in enumerate(seeds))
         scale = 1.0
         if cfg.get("line_search"):
             cand = [loss_at({key: cfg["lr"] * cfg["gamma"] ** l * v for key, v in direction.items()})
@@ -197,7 +201,8 @@ def reference_rank_steps(model, batch, obj, cfg, seed, steps):
                 p.add_(cfg["lr"] * scale * direction[key])
 
 
-@pytest.mark.parametrize("options", [dict(m=4), dict(m=6, top_k=2), dict(m=4, line_search=3, gamma=0.5)])
+@pytest.mark.parametrize("options", [dict(m=4), dict(m=6, top_k=2), dict(m=4, line_search=3, gamma=0.5),
+                                     dict(m=3, n_queries=2)])
 def test_step_matches_hand_written_reference(options):
     cfg = {**RANK, "lr": 0.05, **options}
     model = tiny_model("opt", dtype=torch.float64)
