@@ -1,5 +1,5 @@
 """The mutation check (tests/mutations.py): its list stays valid as the code moves (fast), and every
-mutation is killed by its tests (slow: the whole check, ~25 min on 2 busy cores)."""
+mutation is killed by its tests (slow: the whole check, ~40 min on 2 busy cores)."""
 from pathlib import Path
 
 import pytest
