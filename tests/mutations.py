@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -270,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.id:28s} {m.file}: {m.old.strip()!r} -> {m.new.strip()!r}  [{' '.join(m.tests)}]")
         return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the temporary copy is removed
     t0 = time.monotonic()
     results = run(chosen, baseline=not a.no_baseline, timeout=a.timeout)
     bad = [m.id for m, outcome, _ in results if outcome != "killed"]
