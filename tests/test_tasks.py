@@ -87,8 +87,8 @@ def cat_outputs(outs):
 # --- make_task ------------------------------------------------------------------------------
 
 def test_make_task_rejects_bad_names_kinds_and_options(tiny_tokenizer):
-    with pytest.raises(UsageError, match="unknown task 'sst5'; choose one of: classify, lm, sst2"):
-        make_task("sst5", tiny_tokenizer, "causal", 32)
+    with pytest.raises(UsageError, match="unknown task 'sst9'; choose one of: boolq, cb, classify, "):
+        make_task("sst9", tiny_tokenizer, "causal", 32)
     with pytest.raises(UsageError, match="kind must be one of causal, masked, encoder"):
         make_task("sst2", tiny_tokenizer, "seq2seq", 32)
     with pytest.raises(UsageError, match="has no option 'templat'.*template"):
@@ -165,6 +165,11 @@ CASES = {
                          {"template": "Review: {sentence}\nVerdict:",
                           "verbalizers": {"neg": " boring", "mid": " fine", "pos": " lovely cast"}},
                          [dict(e, label=["neg", "pos"][e["label"]]) for e in SENTENCES]),
+    "copa/causal": ("copa", "causal", {}, [  # MeZO's LM loss on the correct option
+        {"premise": "The movie was great.", "choice1": "I saw it.", "choice2": "It was boring.", "question": "effect",
+         "label": 0},
+        {"premise": "the plot was boring", "choice1": "A fine film.", "choice2": "An awful waste.", "question": "cause",
+         "label": 1}]),
     "sst2/masked": ("sst2", "masked", {}, SENTENCES),
     "sst2/encoder": ("sst2", "encoder", {}, SENTENCES),
 }
@@ -283,7 +288,7 @@ def test_encoder_scores_are_scaled_cosines_with_in_batch_descriptions(minilm_tok
     torch.testing.assert_close(scores, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["sst2/causal", "sst2/encoder"])
+@pytest.mark.parametrize("case", ["classify3/causal", "sst2/encoder"])
 def test_classify_evaluate_matches_argmax(case, request):
     name, kind, options, examples = CASES[case]
     model, tok = model_and_tokenizer(kind, request)
@@ -306,9 +311,9 @@ def test_validate_names_the_first_bad_example(tiny_tokenizer):
     sst2 = make_task("sst2", tiny_tokenizer, "causal", 32)
     csv_like = Examples([{"sentence": "good", "label": "1"}, {"sentence": "bad", "label": " 0"}], "a.csv", [2, 3])
     sst2.validate(csv_like)  # labels from CSV are text
-    assert sst2.collate(csv_like).targets["label"].tolist() == [1, 0]
+    assert sst2.collate(csv_like).targets["gold"] == [[1], [0]]
     bad = Examples([{"sentence": "ok", "label": 1}, {"sentence": "x", "label": 2}], "b.csv", [2, 5])
-    with pytest.raises(UsageError, match=r"b.csv line 5: label 2 is not one of the verbalizer's labels \[0, 1\]"):
+    with pytest.raises(UsageError, match=r"b.csv line 5: label 2 must be an integer in 0..1"):
         sst2.validate(bad)
     with pytest.raises(UsageError, match="example 1: missing field 'sentence'"):
         sst2.validate([{"text": "x", "label": 1}])

@@ -5,6 +5,7 @@
     zoft plan --model M --gpu-mem SIZE [--batch-size 16] [--max-length 256] [--json FILE]
     zoft eval {muse,wmdp,mmlu} ...
     zoft unlearn --model M --forget FILE [--retain FILE] --objective O --optimizer OPT [--config FILE]
+    zoft data preview --task NAME --data FILE [--limit N] [--json OUT]
 
 Errors in user input print one line and exit 2; runtime failures print one line and exit 1.
 """
@@ -26,8 +27,20 @@ _HELP = {
                "not fit stream from CPU RAM (on --device cpu: the CPU twin with byte accounting)",
     "transfer": "codec of streamed blocks: same (master bytes), bf16/fp16 (fp32 masters), int8 (per-block "
                 "absmax; the forward sees the codec's rounding, updates reach the master exactly)",
-    "train": "JSONL/CSV/TSV/JSON file or hf:NAME[:CONFIG]:SPLIT (default: the built-in sentiment set)",
-    "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config)",
+    "train": "JSONL/CSV/TSV/JSON file, datasets save_to_disk folder or hf:NAME[:CONFIG]:SPLIT (default: the "
+             "built-in sentiment set)",
+    "task": "lm (causal-LM loss on {\"text\"}), sst2 (built-in template), classify (template from --config), or "
+            "MeZO's suite: rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop (causal LMs); sst5, snli, "
+            "mnli, trec, sst2, rte (masked LMs, k-shot) (docs/tasks.md)",
+    "num_train": "MeZO sampling: train on N examples drawn from --train with --seed (MeZO: 1000)",
+    "num_dev": "MeZO sampling: N more from --train as dev; validate every 1/5 of training (or --eval-every) and "
+               "report the test score of the best dev checkpoint (MeZO: 500; CB, COPA: 100)",
+    "num_eval": "MeZO sampling: test on N examples drawn from --eval (MeZO: 1000)",
+    "k_shot": "masked-LM k-shot (MeZO medium_models: 16 or 512): K train and K dev rows per label from --train "
+              "with --seed (13, 21, 42, 87, 100); --eval is the test set",
+    "objective": "loss (MeZO's training loss), or a non-differentiable ZO loss: accuracy (candidate tasks), "
+                 "f1 (squad, drop: F1 of greedy generations)",
+    "select_by": "best dev checkpoint by the lowest dev loss (MeZO, Hugging Face's default) or the best dev score",
     "eval_every": "evaluate every N steps (0: only before and after training)",
     "resume": "continue the run in --output-dir from its last checkpoint",
     "tokenizer": "where to load the tokenizer from (default: the model's own)",
@@ -192,9 +205,61 @@ def _run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="inspect a task's data: the exact strings the model sees")
+    dsub = p.add_subparsers(dest="data_command", metavar="{preview}")
+    dsub.required = True
+    v = dsub.add_parser("preview", help="render rows with a MeZO task's template (docs/tasks.md)",
+                        description="Print, per row, the prompt, the full text of every candidate as scored and "
+                                    "the correct index (generation tasks: the teacher-forced target and the "
+                                    "answers). Strings are JSON-quoted so that whitespace shows.")
+    v.add_argument("--task", required=True, help="sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop")
+    v.add_argument("--data", required=True, metavar="FILE", help="JSONL/CSV/TSV/JSON file, save_to_disk folder or "
+                   "hf:NAME[:CONFIG]:SPLIT, in the Hugging Face dataset's fields")
+    v.add_argument("--limit", type=int, default=5, metavar="N", help="first N rows (default 5)")
+    v.add_argument("--json", default=None, metavar="OUT", help="also write the records as a JSON list to OUT")
+    v.set_defaults(func=_run_data_preview)
+
+
+def _run_data_preview(args: argparse.Namespace) -> int:
+    import json
+
+    from zoft.tasks import MEZO_TASKS, load_examples
+    from zoft.tasks.data import Examples
+    from zoft.tasks.mezo import preview, validate_rows
+
+    if args.task not in MEZO_TASKS:
+        raise UsageError(f"unknown task {args.task!r}; choose one of: {', '.join(MEZO_TASKS)}")
+    if args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    ex = load_examples(args.data)
+    rows = Examples(ex[: args.limit], ex.source, ex.lines[: args.limit], ex.unit)
+    spec = MEZO_TASKS[args.task]
+    validate_rows(spec, rows)
+    records = preview(spec, rows)
+    for rec in records:
+        print(f"== {rec['row']}")
+        print(f"prompt:      {json.dumps(rec['prompt'], ensure_ascii=False)}")
+        if spec.generation:
+            print(f"target:      {json.dumps(rec['target'], ensure_ascii=False)}")
+            print(f"answers:     {json.dumps(rec['answers'], ensure_ascii=False)}")
+            continue
+        right = rec["correct"] if isinstance(rec["correct"], list) else [rec["correct"]]
+        for i, c in enumerate(rec["candidates"]):
+            print(f"candidate {i}: {json.dumps(c, ensure_ascii=False)}" + ("  <- correct" if i in right else ""))
+    if args.json:
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(records, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+        except OSError as e:
+            raise UsageError(f"cannot write {args.json}: {e.strerror or e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoft", description="Memory-constrained zeroth-order fine-tuning.")
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,plan,eval,unlearn}")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,replay,plan,eval,unlearn,data}")
     sub.required = True
     _add_finetune(sub)
     _add_replay(sub)
@@ -205,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     from zoft.unlearn.cli import add_parser as add_unlearn
 
     add_unlearn(sub)
+    _add_data(sub)
     return parser
 
 

@@ -47,12 +47,20 @@ class TrainConfig:
     gpu_mem: str | None = None  # "18GB" = 18e9 bytes, "16GiB" = 16 * 2^30 bytes
     transfer: Literal["same", "bf16", "fp16", "int8"] = "same"  # codec of streamed blocks (with gpu_mem)
     # task and data
-    task: Literal["lm", "sst2", "classify"] = "sst2"
+    task: Literal["lm", "sst2", "classify", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "record", "squad",
+                  "drop", "sst5", "snli", "mnli", "trec"] = "sst2"
     task_options: dict[str, Any] = field(default_factory=dict)
     train: str | None = None  # JSONL/CSV/TSV/JSON file or hf:NAME[:CONFIG]:SPLIT; None: built-in set
     eval: str | None = None
     eval_limit: int | None = None
     max_length: int = 128
+    # MeZO's protocol (docs/tasks.md): train and dev drawn from --train, test from --eval, by --seed
+    num_train: int | None = None
+    num_dev: int | None = None  # with a dev set: validation every 1/5 of training, test at the best
+    num_eval: int | None = None
+    k_shot: int | None = None  # masked-LM k-shot (MeZO medium_models): k train + k dev rows per label, by --seed
+    objective: Literal["loss", "accuracy", "f1"] = "loss"  # accuracy / f1: non-differentiable ZO losses
+    select_by: Literal["loss", "score"] = "loss"  # the best dev checkpoint: lowest loss (MeZO) or best score
     # optimizer
     optimizer: str = "mezo-sgd"
     lr: float = 1e-6
@@ -107,6 +115,13 @@ class TrainConfig:
         if self.quant != "none" and self.peft == "none":
             raise UsageError(f"--quant {self.quant} needs --peft lora|prefix: a quantized base is packed integers "
                              "that a ZO step cannot perturb or update in place, so only an adapter on it can train")
+        if self.k_shot is not None and self.num_train is not None:
+            raise UsageError("--k-shot and --num-train are two samplings; give one")
+        for name in ("num_train", "num_dev", "num_eval", "k_shot"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+        if (self.num_dev or self.num_eval) and self.num_train is None:
+            raise UsageError("--num-dev/--num-eval sample MeZO-style and need --num-train too")
         if self.task == "lm" and self.train is None:
             raise UsageError("--task lm needs --train FILE (JSONL lines with a \"text\" field)")
 

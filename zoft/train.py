@@ -42,13 +42,14 @@ from zoft.models import LoadedModel, load_model
 from zoft.models.adapters import apply_peft, load_adapter_weights
 from zoft.noise import make_noise, mix
 from zoft.optim import bind, evaluate_step, make_optimizer, update_record
-from zoft.tasks import builtin_sentiment, load_examples, make_task
+from zoft.tasks import builtin_sentiment, kshot_sample, load_examples, make_task, mezo_sample
 
 # Config keys that change the trajectory: a resumed run must keep them.
 _TRAJECTORY_KEYS = ("model", "random_init", "task", "task_options", "train", "max_length", "optimizer", "lr",
                     "eps", "weight_decay", "n_queries", "one_sided", "schedule", "warmup_steps",
                     "optimizer_options", "noise", "distribution", "batch_size", "seed", "dtype", "trainable", "freeze",
-                    "peft", "peft_options", "quant", "quant_options", "transfer")
+                    "peft", "peft_options", "quant", "quant_options", "transfer",
+                    "num_train", "num_dev", "objective", "k_shot")
 
 
 @dataclass
@@ -118,6 +119,25 @@ def _load_data(cfg: TrainConfig, task) -> tuple[list[dict], list[dict] | None]:
         if cfg.eval_limit:
             evals = evals[: cfg.eval_limit]
     return list(train), (list(evals) if evals is not None else None)
+
+
+def _mezo_splits(cfg: TrainConfig, task, train: list[dict], evals: list[dict] | None):
+    """(train, dev, test): MeZO's seeded draw when ``cfg.num_train`` is set, k rows per label for
+    train and dev with ``cfg.k_shot`` (``--eval`` is then the test set), else as given."""
+    if cfg.k_shot is not None:
+        label = getattr(task, "label_field", None)
+        if label is None:
+            raise UsageError(f"--k-shot needs a classification task with labels, not {cfg.task!r}")
+        return (*kshot_sample(train, label, cfg.k_shot, cfg.seed), evals)
+    if cfg.num_train is None:
+        return train, None, evals
+    return mezo_sample(train, evals, cfg.num_train, cfg.num_dev, cfg.num_eval, cfg.seed)
+
+
+def _task_options(cfg: TrainConfig) -> dict[str, Any]:
+    if cfg.objective == "loss":
+        return dict(cfg.task_options)
+    return {**cfg.task_options, "objective": cfg.objective}
 
 
 def _load(cfg: TrainConfig, device: torch.device, checkpoint: Path | None) -> LoadedModel:
@@ -214,8 +234,10 @@ class Trainer:
         if lm.tokenizer is None:
             raise UsageError(f"no tokenizer is available offline for '{lm.name}'; pass --tokenizer PATH")
         self.model, self.tokenizer, self.kind = lm.model, lm.tokenizer, lm.kind
-        self.task = make_task(cfg.task, self.tokenizer, self.kind, cfg.max_length, **cfg.task_options)
-        self.train, self.evals = _load_data(cfg, self.task)
+        self.task = make_task(cfg.task, self.tokenizer, self.kind, cfg.max_length, **_task_options(cfg))
+        self.train, self.dev, self.evals = _mezo_splits(cfg, self.task, *_load_data(cfg, self.task))
+        if self.dev is not None and self.dist.world_size > 1:
+            raise UsageError("--num-dev (best-dev checkpoint selection) runs on one process for now; drop --nproc")
         self.opt = build_optimizer(cfg)
         self.dp = DataParallel(self.dist, self.opt) if self.dist.world_size > 1 else None
         if self.dp is not None:
@@ -262,6 +284,8 @@ class Trainer:
         self.state["metrics_lines"] += 1
 
     def _evaluate(self, step: int) -> dict[str, float]:
+        if self.dev is not None and step > 0:
+            return self._evaluate_dev(step)
         if not self.evals:
             return {}
         self.engine.flush()
@@ -269,6 +293,45 @@ class Trainer:
         res = self.task.evaluate(self.model, self.evals, self.cfg.eval_batch_size)
         rec = {f"eval_{k}": v for k, v in res.items()}
         self._log({"step": step, **rec, "eval_time_s": time.perf_counter() - t0})
+        return rec
+
+    # -- MeZO's protocol: keep the best dev checkpoint, report the test score there ----------
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _evaluate_dev(self, step: int) -> dict[str, float]:
+        """Dev metrics (``dev_*``); the trainable weights go to ``best.safetensors`` when they beat
+        every earlier dev evaluation (lowest loss, or highest score with ``--select-by score``)."""
+        from safetensors.torch import save_file
+
+        t0 = time.perf_counter()
+        with self.engine.paused():  # flushed; streamed blocks' parameters are their host masters
+            res = self.task.evaluate(self.model, self.dev, self.cfg.eval_batch_size)
+            score = res["loss"] if self.cfg.select_by == "loss" else -next(v for k, v in res.items() if k != "loss")
+            best = self.state.get("best")
+            improved = best is None or score < best["score"]
+            if improved:
+                tmp = self.out / ".best.safetensors.tmp"
+                save_file({n: p.detach().to("cpu").contiguous() for n, p in self._trainable().items()}, str(tmp))
+                os.replace(tmp, self.out / "best.safetensors")
+                self.state["best"] = {"step": step, "score": score}
+        rec = {f"dev_{k}": v for k, v in res.items()}
+        self._log({"step": step, **rec, "best": improved, "eval_time_s": time.perf_counter() - t0})
+        return rec
+
+    def _test_at_best(self) -> dict[str, float]:
+        """Load the best dev checkpoint's weights into the model and evaluate the test set there."""
+        from safetensors.torch import load_file
+
+        best = self.state["best"]
+        saved = load_file(str(self.out / "best.safetensors"))
+        with self.engine.paused(), torch.no_grad():
+            for n, p in self._trainable().items():
+                p.copy_(saved[n])
+            t0 = time.perf_counter()
+            res = self.task.evaluate(self.model, self.evals, self.cfg.eval_batch_size) if self.evals else {}
+        rec = {f"eval_{k}": v for k, v in res.items()}
+        self._log({"step": self.cfg.steps, "best_step": best["step"], **rec, "eval_time_s": time.perf_counter() - t0})
         return rec
 
     def _save(self, step: int, verify: bool = True) -> None:
@@ -334,6 +397,7 @@ class Trainer:
                    file=sys.stderr)
         ema = None
         step = start
+        every = cfg.eval_every or (max(1, cfg.steps // 5) if self.dev is not None else 0)  # MeZO: 1/5
         try:
             for step in range(start, cfg.steps):
                 rec = self.step(step)
@@ -347,7 +411,7 @@ class Trainer:
                                 ex_s=f"{rec['examples'] / rec['step_time_s']:.1f}", refresh=False)
                 bar.update(1)
                 done = step + 1
-                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                if every and done % every == 0 and done < cfg.steps:
                     ev = self._evaluate(done)
                     if ev:
                         bar.write("step %d: %s" % (done, ", ".join(f"{k}={v:.4f}" for k, v in ev.items())))
@@ -360,7 +424,9 @@ class Trainer:
             raise ZoftError(f"interrupted at step {step}; checkpoint saved in '{self.out}'; continue with --resume") from None
         bar.close()
         final = self._evaluate(cfg.steps)
-        self._save(cfg.steps)
+        self._save(cfg.steps)  # the last step's weights (resume, replay)
+        if self.dev is not None:
+            final = self._test_at_best()  # the returned model holds the best dev checkpoint's weights
         self.engine.close()
         self.dist.close()
         return RunResult(self.model, self.tokenizer, self.out, self.metrics, final)

@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "eval", help="MUSE / WMDP / MMLU evaluation (official protocols)",
         description="Evaluate a causal LM with the official MUSE, WMDP and MMLU protocols.",
     )
-    sub = p.add_subparsers(dest="eval_command", metavar="{muse,wmdp,mmlu}")
+    sub = p.add_subparsers(dest="eval_command", metavar="{muse,wmdp,mmlu,task}")
     sub.required = True
 
     m = sub.add_parser("muse", help="VerbMem, KnowMem, PrivLeak (MUSE News/Books)")
@@ -60,6 +60,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     u.add_argument("--split", default="test")
     u.add_argument("--no-bos", action="store_true", help="encode prompts without special tokens")
 
+    from zoft.eval.suite import add_task_parser
+
+    add_task_parser(sub)
     p.set_defaults(func=run)
     return p
 
@@ -140,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``zoft eval muse|wmdp|mmlu``; print the table, write ``--output``; return 0."""
     from zoft.eval import mcq, muse
 
+    if args.eval_command == "task":  # MeZO's suite: zero-shot / in-context baselines
+        from zoft.eval.suite import run_task
+
+        return run_task(args)
     _check(args)
     progress = False if args.no_progress else None
     cmd = args.eval_command

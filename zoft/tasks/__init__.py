@@ -16,15 +16,68 @@ from zoft.tasks.base import Batch, Task
 from zoft.tasks.classify import KINDS, ClassifyTask, Kind, sst2_task
 from zoft.tasks.data import Examples, builtin_sentiment, load_examples
 from zoft.tasks.lm import LMTask
+from zoft.tasks.mezo import KSHOT_TASKS, MEZO_TASKS, kshot_sample, lmbff_encode, mezo_sample
+from zoft.tasks.suite import PromptTask
 
-__all__ = ["Batch", "Task", "Kind", "KINDS", "ClassifyTask", "LMTask", "Examples", "TASKS",
-           "make_task", "register_task", "infer_kind", "load_examples", "builtin_sentiment"]
+__all__ = ["Batch", "Task", "Kind", "KINDS", "ClassifyTask", "LMTask", "PromptTask", "Examples", "TASKS",
+           "MEZO_TASKS", "make_task", "register_task", "infer_kind", "load_examples", "builtin_sentiment",
+           "mezo_sample", "KSHOT_TASKS", "kshot_sample"]
+
+
+def _mezo(name: str) -> Callable[..., Task]:
+    def factory(tokenizer, kind: Kind, max_length: int, *, objective: str = "loss", demos: list = (),
+                max_new_tokens: int = 50) -> PromptTask:
+        return PromptTask(tokenizer, kind, max_length, name=name, objective=objective, demos=demos,
+                          max_new_tokens=max_new_tokens)
+    factory.__doc__ = f"MeZO's {name!r} ({MEZO_TASKS[name].source}) on a causal LM; see zoft.tasks.mezo."
+    return factory
+
+
+def _kshot(name: str) -> Callable[..., Task]:
+    def factory(tokenizer, kind: Kind, max_length: int) -> ClassifyTask:
+        spec = KSHOT_TASKS[name]
+        if kind != "masked":
+            raise UsageError(f"task {name!r} is MeZO's masked-LM k-shot suite (medium_models) and needs a masked LM, "
+                             f"not a {kind} model")
+        return ClassifyTask(tokenizer, kind, max_length, template="", name=name,
+                            verbalizers={label: " " + w for label, w in spec.words.items()},
+                            label_field=spec.label_field, text_fields=spec.sentences,
+                            encode=lambda row: lmbff_encode(spec, row, tokenizer))
+    factory.__doc__ = f"MeZO's k-shot {name!r} ({KSHOT_TASKS[name].source}) on a masked LM; see zoft.tasks.mezo."
+    return factory
+
+
+def _by_kind(name: str) -> Callable[..., Task]:
+    """``name`` on a causal LM: MeZO's large_models template; on a masked LM: its k-shot
+    (LM-BFF) template; SST-2 on an encoder: ``sst2_task``'s embedding similarity."""
+    def factory(tokenizer, kind: Kind, max_length: int, *, objective: str = "loss", demos: list = (),
+                max_new_tokens: int = 50, text_field: str = "sentence", label_field: str = "label",
+                descriptions=None, scale: float = 20.0) -> Task:
+        if kind != "encoder" and (text_field, label_field, descriptions) != ("sentence", "label", None):
+            raise UsageError(f"MeZO's {name} reads the dataset's own fields; text_field, label_field and "
+                             "descriptions are options of sst2 on an encoder (or use task 'classify')")
+        if kind == "causal":
+            return _mezo(name)(tokenizer, kind, max_length, objective=objective, demos=demos,
+                               max_new_tokens=max_new_tokens)
+        if objective != "loss" or demos:
+            raise UsageError(f"objective and demos are options of the causal-LM {name} only")
+        if kind == "masked":
+            return _kshot(name)(tokenizer, kind, max_length)
+        if name != "sst2":
+            raise UsageError(f"task {name!r} needs a causal or masked LM, not a {kind} model")
+        return sst2_task(tokenizer, kind, max_length, text_field=text_field, label_field=label_field,
+                         descriptions=descriptions, scale=scale)
+    return factory
+
 
 # name -> factory(tokenizer, kind, max_length, **options) -> Task
 TASKS: dict[str, Callable[..., Task]] = {
     "lm": LMTask,
-    "sst2": sst2_task,
     "classify": ClassifyTask,
+    **{name: _mezo(name) for name in MEZO_TASKS},
+    **{name: _kshot(name) for name in KSHOT_TASKS},
+    "sst2": _by_kind("sst2"),
+    "rte": _by_kind("rte"),
 }
 
 

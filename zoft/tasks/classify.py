@@ -14,7 +14,7 @@ then cross-entropy over the classes and argmax for the prediction:
 from __future__ import annotations
 
 import string
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from zoft.errors import UsageError
 from zoft.tasks.base import Batch
 from zoft.tasks.data import check_fields, where
-from zoft.tasks.lm import IGNORE, call_model, eval_outputs, makes_token_types, pad_labels, pad_rows, per_probe
+from zoft.tasks.lm import (IGNORE, call_model, eval_outputs, makes_token_types, option_logprob, pad_labels, pad_rows,
+                           per_probe)
 
 Kind = Literal["causal", "masked", "encoder"]
 KINDS = ("causal", "masked", "encoder")
@@ -96,13 +97,16 @@ class ClassifyTask:
     descriptions: encoder only: the text each class is compared with, like ``verbalizers``
                   (default: the verbalizer words).
     scale:        encoder only: logits = scale * cosine.
+    encode:       masked only: example -> token ids holding one mask token, instead of formatting
+                  ``template`` and tokenizing the string (LM-BFF's part-wise templates,
+                  ``zoft.tasks.mezo.lmbff_encode``); ``text_fields`` then name the fields checked.
     """
 
     def __init__(self, tokenizer, kind: Kind, max_length: int, *, template: str,
                  verbalizers: Sequence[str] | Mapping[Any, str], label_field: str = "label",
                  text_fields: Sequence[str] | None = None,
                  descriptions: Sequence[str] | Mapping[Any, str] | None = None,
-                 scale: float = 20.0, name: str = "classify"):
+                 scale: float = 20.0, name: str = "classify", encode: Callable[[dict], list[int]] | None = None):
         if kind not in KINDS:
             raise UsageError(f"model kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self.name, self.kind, self.tokenizer, self.max_length = name, kind, tokenizer, max_length
@@ -110,6 +114,9 @@ class ClassifyTask:
         self.label_index = {_label_key(k): i for i, k in enumerate(self.labels)}
         self.label_field = label_field
         self.scale = float(scale)
+        if encode is not None and kind != "masked":
+            raise UsageError(f"task {name!r} encodes a masked-LM prompt and needs a masked LM, not a {kind} model")
+        self.encode = encode
 
         fields = _template_fields(template)
         if kind == "masked":
@@ -208,7 +215,10 @@ class ClassifyTask:
         elif self.kind == "masked":
             mask_id = self.tokenizer.mask_token_id
             rows, pos = [], []
-            enc = self.tokenizer([self._prompt(ex) for ex in examples], add_special_tokens=True)["input_ids"]
+            if self.encode is not None:
+                enc = [self.encode(ex) for ex in examples]
+            else:
+                enc = self.tokenizer([self._prompt(ex) for ex in examples], add_special_tokens=True)["input_ids"]
             for i, ids in enumerate(enc):
                 ids = _fit_left(ids, self.max_length, self._keep(ids))
                 where_mask = [t for t, tok in enumerate(ids) if tok == mask_id]
@@ -236,13 +246,7 @@ class ClassifyTask:
         if self.kind == "causal":
             logits = outputs.logits  # (P*R, T, V), R = B*C
             labels = per_probe(batch.targets["labels"], logits.shape[0] // P, P)  # (P*R, T)
-            target = labels[:, 1:]  # token t+1 is predicted at position t
-            row, pos = (target != IGNORE).nonzero(as_tuple=True)  # (N,) candidate tokens
-            logp = logits[row, pos].float().log_softmax(-1)  # (N, V), only where needed
-            tok_logp = logp.gather(1, target[row, pos][:, None]).squeeze(1)  # (N,)
-            total = torch.zeros(logits.shape[0], device=logits.device).index_add_(0, row, tok_logp)
-            count = (target != IGNORE).sum(1)  # (P*R,)
-            return (total / count).view(P, B, C)  # mean candidate-token log-prob
+            return option_logprob(logits, labels).view(P, B, C)  # mean candidate-token log-prob
         if self.kind == "masked":
             logits = outputs.logits  # (P*B, T, V)
             pos = per_probe(batch.targets["mask_pos"], B, P)  # (P*B,)

@@ -17,7 +17,8 @@ from typing import Iterable, Literal, Sequence
 
 from zoft.errors import UsageError
 
-SPEC_HELP = "a .jsonl, .json, .csv or .tsv file, or hf:NAME[:CONFIG]:SPLIT"
+SPEC_HELP = ("a .jsonl, .json, .csv or .tsv file, a `datasets` save_to_disk folder (one split), "
+             "or hf:NAME[:CONFIG]:SPLIT")
 
 
 class Examples(list):
@@ -64,6 +65,8 @@ def load_examples(spec: str | os.PathLike, required: Sequence[str] = ()) -> Exam
     spec = os.fspath(spec)
     if spec.startswith("hf:"):
         examples = _load_hf(spec)
+    elif os.path.isdir(spec):
+        examples = _load_disk(spec)
     else:
         examples = _load_file(spec)
     if not examples:
@@ -218,6 +221,35 @@ def _parse_csv(text: str, source: str, delimiter: str = ",") -> Examples:
 # Hugging Face datasets
 
 
+def _import_datasets(what: str):
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(f"{what} needs the Hugging Face `datasets` package: pip install datasets "
+                         "(or pass a local .jsonl/.csv file)") from None
+    return datasets
+
+
+def _load_disk(path: str) -> Examples:
+    """A folder written by ``Dataset.save_to_disk`` (offline). A ``DatasetDict`` folder holds one
+    such folder per split: name the split's folder."""
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        with open(os.path.join(path, "dataset_dict.json")) as f:
+            splits = json.load(f).get("splits", [])
+        raise UsageError(f"{path} holds several splits ({', '.join(splits)}); give one of them, e.g. "
+                         f"{os.path.join(path, splits[0] if splits else 'train')}")
+    if not os.path.isfile(os.path.join(path, "state.json")):
+        raise UsageError(f"{path} is a directory but not a `datasets` save_to_disk folder; give {SPEC_HELP}")
+    datasets = _import_datasets(path)
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # a damaged or foreign folder
+        msg = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"cannot load {path}: {type(e).__name__}: {msg}") from None
+    records = [dict(r) for r in ds]
+    return Examples(records, path, range(1, len(records) + 1), unit="row")
+
+
 def _load_hf(spec: str) -> Examples:
     body, bracket, slicing = spec[3:].partition("[")  # a split may slice: train[:10%]
     parts = body.split(":")
@@ -226,11 +258,7 @@ def _load_hf(spec: str) -> Examples:
         raise UsageError(f"bad dataset spec {spec!r}; write hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT "
                          "(e.g. hf:stanfordnlp/sst2:train)")
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError(f"{spec} needs the Hugging Face `datasets` package: pip install datasets "
-                         "(or pass a local .jsonl/.csv file)") from None
+    datasets = _import_datasets(spec)
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown name/config/split: all surface here

@@ -62,6 +62,33 @@ def per_probe(t: torch.Tensor, rows: int, num_probes: int) -> torch.Tensor:
     return torch.cat([t] * num_probes, dim=0)
 
 
+def option_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean log-probability of each row's labelled tokens (MeZO's candidate score), fp32, (R,).
+
+    logits (R, T, V); labels (R, T) aligned with the inputs: the token ids that are scored,
+    ``IGNORE`` elsewhere (token t+1 is predicted at position t). Every row needs a labelled token.
+    """
+    target = labels[:, 1:]  # (R, T-1)
+    row, pos = (target != IGNORE).nonzero(as_tuple=True)  # (N,) scored tokens
+    logp = logits[row, pos].float().log_softmax(-1)  # (N, V), only where needed
+    tok_logp = logp.gather(1, target[row, pos][:, None]).squeeze(1)  # (N,)
+    total = torch.zeros(logits.shape[0], device=logits.device).index_add_(0, row, tok_logp)
+    return total / (target != IGNORE).sum(1)  # (R,)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor, num_probes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL (P,) and number of predicted tokens (P,) of each probe's rows.
+
+    logits (P*R, T, V); labels (P*R, T) aligned with the inputs, ``IGNORE`` where nothing is
+    predicted (Hugging Face's causal-LM convention)."""
+    P = num_probes
+    # Position t predicts token t+1: shift the labels, not the logits (no copy of (P*R, T, V)).
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (P*R, T)
+    nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
+                          ignore_index=IGNORE, reduction="none")  # (P*R*T,)
+    return nll.view(P, -1).sum(1), (target != IGNORE).view(P, -1).sum(1)  # (P,), (P,)
+
+
 def call_model(model: torch.nn.Module, batch: Batch, causal: bool) -> Any:
     """``model(**batch.inputs)``; causal LMs without the KV cache (a shared cache object would
     leak one probe's keys into the next, and the loss never needs it)."""
@@ -75,16 +102,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def eval_outputs(task: Any, model: torch.nn.Module, examples: list[dict], batch_size: int):
+def eval_outputs(task: Any, model: torch.nn.Module, examples: list[dict], batch_size: int, collate=None):
     """Yield ``(batch, outputs)`` for consecutive slices of ``examples`` (plain forward, no autograd,
-    model in eval mode); the model's train/eval mode is restored when the loop ends."""
+    model in eval mode; batches from ``collate``, default ``task.collate``); the model's
+    train/eval mode is restored when the loop ends."""
     was_training = model.training
     model.eval()
     device = model_device(model)
     try:
         with torch.no_grad():
             for i in range(0, len(examples), batch_size):
-                batch = task.collate(examples[i : i + batch_size]).to(device)
+                batch = (collate or task.collate)(examples[i : i + batch_size]).to(device)
                 yield batch, task.forward(model, batch)
     finally:
         model.train(was_training)
@@ -139,15 +167,8 @@ class LMTask:
     def token_nll(self, outputs: Any, batch: Batch, num_probes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL (P,) and number of predicted tokens (P,) of each probe's rows."""
         logits = outputs.logits  # (P*B, T, V)
-        P = num_probes
-        labels = per_probe(batch.targets["labels"], logits.shape[0] // P, P)  # (P*B, T)
-        # Position t predicts token t+1: shift the labels, not the logits (no copy of (P*B, T, V)).
-        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (P*B, T)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
-                              ignore_index=IGNORE, reduction="none")  # (P*B*T,)
-        nll = nll.view(P, -1).sum(1)  # (P,)
-        count = (target != IGNORE).view(P, -1).sum(1)  # (P,)
-        return nll, count
+        labels = per_probe(batch.targets["labels"], logits.shape[0] // num_probes, num_probes)  # (P*B, T)
+        return token_nll(logits, labels, num_probes)
 
     def loss(self, outputs: Any, batch: Batch, num_probes: int) -> torch.Tensor:
         """Mean token NLL of each probe, shape (P,)."""
