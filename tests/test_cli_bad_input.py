@@ -240,11 +240,13 @@ def test_olmo_lora_message_names_the_real_option(lm_data, tmp_path, capsys):
 
 # -- zoft plan prints what a user can read ----------------------------------------------------
 def test_plan_help_and_human_units(tiny_dir, tmp_path, capsys):
-    """Item 14: `plan --help` promised a default model; item 15: small models printed 0.00B
-    params, 0.00 GB everywhere and "needs 0.01 GB" refusals."""
+    """Item 14: `plan --help` promised a default model it did not have (plan now resolves its
+    flags as finetune does, so the promise holds: no --model plans the embedded MiniLM); item 15:
+    small models printed 0.00B params, 0.00 GB everywhere and "needs 0.01 GB" refusals."""
     with pytest.raises(SystemExit):
         cli(["plan", "--help"])
-    assert "MiniLM" not in capsys.readouterr().out
+    assert "default: the embedded pretrained MiniLM" in " ".join(capsys.readouterr().out.split())
+    assert "cannot fit all-minilm-l6-v2" in error(capsys, ["plan", "--gpu-mem", "1kB"])
     assert cli(["plan", "--model", tiny_dir, "--gpu-mem", "1GB"]) == 0
     text = capsys.readouterr().out
     assert "0.00" not in text, text

@@ -10,6 +10,7 @@ import pytest
 import torch
 from eval_helpers import tiny_eval_opt, tok_fixture  # noqa: F401
 from test_engine import TokenNLL, make_batch
+from test_offload import optimizer_steps
 from tiny_models import tiny_model
 
 from zoft.engine import Probe, Streaming, Update, ZOEngine
@@ -17,7 +18,7 @@ from zoft.engine import offload as offload_mod
 from zoft.engine.precision import SROUND_CHUNK, stochastic_round, update_bytes
 from zoft.errors import UsageError
 from zoft.noise import make_noise
-from zoft.optim import bind, evaluate_step, make_optimizer
+from zoft.optim import bind, make_optimizer
 
 
 # -- item 3: unit-sphere norms come from the z the engine applies ------------------------------
@@ -59,12 +60,7 @@ def test_sphere_norms_are_drawn_where_the_engine_draws_z():
         noise.engine = eng
         opt = make_optimizer("mezo-sgd", {"lr": 1e-2, "eps": 1e-3, "sphere": True}, seed=3, total_steps=3)
         bind(opt, eng)
-        losses = []
-        for t in range(3):
-            loss = evaluate_step(eng, opt, t, batch, obj)
-            upd, _ = opt.update(t, loss)
-            eng.set_update(upd)
-            losses.append(loss)
+        losses, _ = optimizer_steps(eng, opt, batch, obj, 3)
         eng.close()
         results.append((torch.cat(losses), model))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)

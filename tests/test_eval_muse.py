@@ -104,6 +104,29 @@ def test_memorised_model_scores_like_an_unlearning_failure(memorised, tok, tmp_p
     assert res_b["privleak"]["auc_retrain"] == 0.25 and set(res_b) == {"auc", "privleak"}
 
 
+def test_partial_overlap_scores_rouge_l_f1(memorised, tok):
+    """References that the memorised continuations only partly match: the score is ROUGE-L F1
+    (not recall, not precision), worked out by hand on rouge-score's lower-cased word tokens.
+
+    verbmem, output "great and the acting was wonderful" (6 words):
+      gt "great and the plot" (4): LCS "great and the" = 3, P 3/6, R 3/4, F1 = 2 PR / (P + R) = 0.6
+    verbmem, output "with a lovely cast" (4 words):
+      gt "with a lovely cast and a good story" (8): LCS 4, P 1, R 1/2, F1 = 2/3
+      -> value = 100 (0.6 + 2/3) / 2 = 63.33 (recall would give 62.5, precision 75)
+    knowmem, outputs "Yes" / "No" against "Yes it was" / "No": P 1, R 1/3, F1 = 1/2; and 1
+      -> value = 75 (recall 66.67)"""
+    recs = [{"prompt": VERBMEM[0]["prompt"], "gt": " great and the plot"},
+            {"prompt": VERBMEM[1]["prompt"], "gt": " with a lovely cast and a good story"}]
+    summary, det = eval_verbmem(memorised, tok, recs)
+    assert [d["output"] for d in det] == [VERBMEM[0]["gt"], VERBMEM[1]["gt"]]  # what the model memorised
+    assert [d["rougeL"] for d in det] == pytest.approx([0.6, 2 / 3])
+    assert summary["value"] == pytest.approx(100 * (0.6 + 2 / 3) / 2)
+    qa = [{"question": FORGET_QA[0]["question"], "answer": "Yes it was"}, FORGET_QA[1]]
+    summary, det = eval_knowmem(memorised, tok, qa, ICL)
+    assert [d["output"] for d in det] == ["Yes", "No"]
+    assert summary["value"] == pytest.approx(75.0) and summary["n"] == 2
+
+
 def test_same_distribution_auc_near_half(tok):
     model = tiny_opt(tok, seed=1)
     rng = np.random.default_rng(0)

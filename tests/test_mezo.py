@@ -108,3 +108,59 @@ def test_registry_rejects_unknown_names_and_options():
         make_optimizer("mezo-sgd", {"momentum": 0.9}, 0, 1)
     with pytest.raises(UsageError, match="eps"):
         make_optimizer("mezo-sgd", {"eps": 0}, 0, 1)
+
+
+# Which parameters take weight decay, per family (names of a 1-layer tiny model, written down by
+# hand). zoft skips every name containing "bias", "norm" or "ln_" (case-insensitive). MeZO's list
+# ("bias", "layer_norm", "layernorm") gives the same sets on OPT; on Llama it would decay the final
+# ``model.norm.weight`` and on GPT-2 every LayerNorm weight (``ln_1``, ``ln_2``, ``ln_f``): zoft
+# deliberately skips all norm parameters in every family (docs/optimizers.md, "Weight decay").
+_OPT_LAYER = ["self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.q_proj.bias", "self_attn.out_proj.bias",
+              "self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "fc1.bias", "fc2.bias",
+              "final_layer_norm.weight", "final_layer_norm.bias"]
+_GPT2_LAYER = ["ln_1.weight", "ln_1.bias", "attn.c_attn.bias", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+               "mlp.c_fc.bias", "mlp.c_proj.bias"]
+_BERT_NORMS = ["bert.embeddings", "bert.encoder.layer.0.attention.output", "bert.encoder.layer.0.output",
+               "cls.predictions.transform"]
+_BERT_LINEAR = [f"bert.encoder.layer.0.{n}" for n in ("attention.self.query", "attention.self.key",
+                                                       "attention.self.value", "attention.output.dense",
+                                                       "intermediate.dense", "output.dense")] + ["cls.predictions.transform.dense"]
+NOT_DECAYED = {
+    "opt": [f"model.decoder.layers.0.{n}" for n in _OPT_LAYER]
+    + ["model.decoder.final_layer_norm.weight", "model.decoder.final_layer_norm.bias"],
+    "llama": ["model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+              "model.norm.weight"],
+    "gpt2": [f"transformer.h.0.{n}" for n in _GPT2_LAYER] + ["transformer.ln_f.weight", "transformer.ln_f.bias"],
+    # BERT spells its norms "LayerNorm": the match ignores case
+    "bert": [f"{m}.LayerNorm.{w}" for m in _BERT_NORMS for w in ("weight", "bias")]
+    + [f"{m}.bias" for m in _BERT_LINEAR] + ["cls.predictions.bias"],
+}
+DECAYED = {
+    "opt": ["model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"]
+    + [f"model.decoder.layers.0.{n}.weight" for n in ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj",
+                                                      "self_attn.out_proj", "fc1", "fc2")],
+    "llama": ["model.embed_tokens.weight", "lm_head.weight"]
+    + [f"model.layers.0.{n}.weight" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")],
+    "gpt2": ["transformer.wte.weight", "transformer.wpe.weight"]
+    + [f"transformer.h.0.{n}.weight" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")],
+    "bert": [f"bert.embeddings.{n}_embeddings.weight" for n in ("word", "position", "token_type")]
+    + [f"{m}.weight" for m in _BERT_LINEAR],
+}
+
+
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt2", "bert"])
+def test_weight_decay_skips_biases_and_every_norm(family):
+    """A step that only decays (no direction, decay 0.5) halves exactly the parameters of
+    ``DECAYED`` and leaves those of ``NOT_DECAYED`` bit-identical."""
+    from zoft.engine.probes import Update
+
+    model = tiny_model(family, layers=1)
+    w0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    assert sorted(w0) == sorted(DECAYED[family] + NOT_DECAYED[family])
+    with ZOEngine(model) as engine:
+        engine.set_update(Update(terms=[], decay=0.5))
+        engine.flush()
+    for k, p in model.named_parameters():
+        expect = 0.5 * w0[k] if k in DECAYED[family] else w0[k]
+        assert torch.equal(p.detach(), expect), k

@@ -45,6 +45,19 @@ def run_steps(engine, family, steps=3, probes_per_step=None, lr=1e-2, flush=True
     return torch.stack(out)
 
 
+def optimizer_steps(engine, opt, batch, obj, steps):
+    """``steps`` steps of a bound zoft optimizer through ``engine``: the per-step losses and the
+    updates handed to the engine."""
+    losses, updates = [], []
+    for t in range(steps):
+        loss = evaluate_step(engine, opt, t, batch, obj)
+        upd, _ = opt.update(t, loss)
+        engine.set_update(upd)
+        losses.append(loss)
+        updates.append(upd)
+    return losses, updates
+
+
 def close_keeping(engine, model, frozen):
     """Close ``engine`` and check that every tensor of ``frozen`` (name -> copy) kept its bytes."""
     engine.close()
@@ -90,12 +103,7 @@ def test_every_optimizer_streamed_equals_resident(name):
         eng = ZOEngine(model, offload=offload)
         opt = make_optimizer(name, {"lr": 1e-3, "eps": 1e-3}, seed=3, total_steps=4)
         bind(opt, eng)
-        losses = []
-        for t in range(3):
-            loss = evaluate_step(eng, opt, t, batch, obj)
-            upd, _ = opt.update(t, loss)
-            eng.set_update(upd)
-            losses.append(loss)
+        losses, _ = optimizer_steps(eng, opt, batch, obj, 3)
         eng.close()
         results.append((torch.cat(losses), model))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=RTOL, atol=0)
@@ -612,13 +620,8 @@ def test_stateful_optimizers_write_back_every_step(name):
         eng = ZOEngine(model, offload=offload)
         opt = make_optimizer(name, {"lr": 1e-3, "eps": 1e-3}, seed=3, total_steps=5)
         bind(opt, eng)
-        losses, stateful = [], False
-        for t in range(4):
-            loss = evaluate_step(eng, opt, t, batch, obj)
-            upd, _ = opt.update(t, loss)
-            stateful = type(upd).apply is not Update.apply
-            eng.set_update(upd)
-            losses.append(loss)
+        losses, updates = optimizer_steps(eng, opt, batch, obj, 4)
+        stateful = type(updates[-1]).apply is not Update.apply
         if offload is not None:
             S = len(eng.offload.streamed)
             # updates 1..3 were applied during the passes of steps 1..3

@@ -285,8 +285,31 @@ def test_cons_needs_its_second_phase():
             opt.update(0, losses)
         losses = evaluate_step(engine, opt, 0, batch, MSE())
         assert len(losses) == 5
-        _, m = opt.update(0, losses)
-        assert m["cons_choice"] in (-1.0, 0.0, 1.0)
+        upd, m = opt.update(0, losses)
+        l0, l_desc, l_asc = losses[0].item(), losses[3].item(), losses[4].item()
+        assert m["cons_choice"] == (-1.0 if l_desc <= min(l0, l_asc) else 0.0 if l0 <= l_asc else 1.0)
+        assert m["loss_step"] == min(l0, l_desc, l_asc) and (m["cons_choice"] == 0.0) == (upd.terms == [])
+
+
+@pytest.mark.parametrize("losses,choice", [
+    # phase 1: L(w), L(w + eps z), L(w - eps z); phase 2: L(w - lr G), L(w + lr G)
+    ([1.0, 1.3, 1.1, 0.9, 1.2], -1.0),  # the descent step is lowest
+    ([1.0, 1.3, 1.1, 1.05, 1.2], 0.0),  # staying at w is lowest
+    ([1.0, 1.3, 1.1, 1.2, 0.8], 1.0),   # the ascent step is lowest
+    ([1.0, 1.3, 1.1, 1.0, 1.2], -1.0),  # descent ties with w: descent
+    ([1.0, 1.3, 1.1, 1.2, 1.0], 0.0),   # ascent ties with w: w
+    ([1.0, 1.3, 1.1, 0.7, 0.7], -1.0),  # descent ties with ascent: descent
+])
+def test_cons_keeps_the_lowest_of_three(losses, choice):
+    """Each branch wins when its loss is lowest: the update is ``choice * lr * g * z`` with
+    g = (1.3 - 1.1) / (2 eps) = 100 (eps 1e-3, lr 1e-2: coefficient choice * 1.0), no terms when
+    w stays; weight decay (1 - lr wd = 0.999) applies in every case."""
+    opt = make_optimizer("zo-sgd-cons", BASE, seed=0, total_steps=1)
+    upd, m = opt.update(0, torch.tensor(losses, dtype=torch.float64))
+    assert m["cons_choice"] == choice and m["loss"] == 1.0 and m["loss_step"] == min(losses[0], *losses[3:])
+    assert m["projected_grad"] == pytest.approx(100.0)
+    expect = [] if choice == 0.0 else [(opt.seeds(0)[0], pytest.approx(choice * 1.0))]
+    assert upd.terms == expect and upd.decay == pytest.approx(0.999)
 
 
 def test_custom_scalar_callable_objective():

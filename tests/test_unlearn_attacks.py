@@ -67,25 +67,29 @@ def test_relearn_lowers_forget_nll_and_leaves_input(tok):
     assert all(torch.equal(a, b) for a, b in zip(r.parameters(), r2.parameters()))  # deterministic
 
 
-def test_muse_and_wmdp_evaluators_report_the_eval_packages_numbers(tok):
-    """The robustness report's MUSE and WMDP evaluators (on the official-format fixtures) give
-    exactly what ``zoft.eval`` gives for the same model: one number per metric, MUSE's ``value``
-    and WMDP's accuracy in %."""
+def test_muse_and_wmdp_evaluators_report_hand_known_numbers(tok):
+    """The robustness report's MUSE and WMDP evaluators on the official-format fixtures, for a
+    model whose numbers are known by hand: with the (tied) output embedding zeroed every logit is
+    0, so every token has log-prob -log V. Then greedy decoding emits only the pad token (decoded
+    to ""), so VerbMem = KnowMem = 0; every Min-K% score is log V, forget and holdout tie, AUC =
+    0.5 and PrivLeak = (0.5 - 0.4772) / 0.4772 x 100 = 4.778; each answer letter is one token, all
+    four tie and the argmax takes "A", so accuracy = the share of gold answers "A" among the first
+    4 questions: bio [C, A, B, D] 25%, cyber [B, A, D, C] 25%, both 2/8; MMLU abstract algebra
+    [D, A, B, B] and anatomy [B, C, A] 2/7."""
     from pathlib import Path
 
     from zoft.errors import UsageError
-    from zoft.eval import eval_muse, eval_wmdp
     from zoft.unlearn.report import make_evaluator
 
     fix = Path(__file__).parent / "fixtures"
     model = tiny_eval_opt(tok)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.zero_()
     muse = make_evaluator("muse", data=str(fix / "muse"), options={"limit": 2, "batch_size": 2})(model, tok)
-    direct = eval_muse(model, tok, fix / "muse", corpus="news", limit=2, batch_size=2, progress=False)
-    assert set(muse) == {"verbmem_f", "knowmem_f", "knowmem_r", "auc", "privleak"}
-    assert all(muse[k] == direct[k]["value"] for k in muse)
-    wmdp = make_evaluator("wmdp", data=str(fix / "wmdp"), options={"limit": 3, "batch_size": 2,
+    assert muse == pytest.approx({"verbmem_f": 0.0, "knowmem_f": 0.0, "knowmem_r": 0.0, "auc": 0.5,
+                                  "privleak": (0.5 - 0.4772) / 0.4772 * 100}, abs=1e-9)
+    wmdp = make_evaluator("wmdp", data=str(fix / "wmdp"), options={"limit": 4, "batch_size": 2,
                                                                      "mmlu_data": str(fix / "mmlu")})(model, tok)
-    dw = eval_wmdp(model, tok, fix / "wmdp", subsets=("bio", "cyber"), limit=3, batch_size=2, progress=False)
-    assert set(wmdp) == {*dw, "mmlu"} and all(wmdp[k] == 100.0 * dw[k]["acc"] for k in dw)
+    assert wmdp == pytest.approx({"wmdp_bio": 25.0, "wmdp_cyber": 25.0, "wmdp": 25.0, "mmlu": 200 / 7})
     with pytest.raises(UsageError, match="needs --eval-data"):
         make_evaluator("muse")

@@ -43,11 +43,29 @@ def test_sign_sgd_step():
     assert torch.allclose(w.detach(), w0 - 0.1 * (torch.tensor([1.0, -1.0, 0.0, -1.0]) + 0.01 * w0))
 
 
-@pytest.mark.parametrize("bits", [1, 4])
-def test_sign_adam_two_steps_match_formula(bits):
+def test_sign_adam_4bit_numbers_by_hand():
+    """Two 4-bit sign-Adam steps (L = 2^3 - 1 = 7) against numbers worked out by hand from
+    Q(x; N) = round(L x / max|x|) / L applied to Adam's direction d = m^/(sqrt(v^) + eps).
+
+    step 1: d = g / (|g| + eps) = [1, -1, 0.99999]           -> 7 d / max|d| = [7, -7, 6.9999] -> Q = [1, -1, 1]
+    step 2: m^ = (0.09 g1 + 0.1 g2) / 0.19 = [0.0895, -0.3053, 1.0531]
+            v^ = (0.000999 g1^2 + 0.001 g2^2) / 0.001999 = [0.04998, 0.1000, 2.0010]
+            d = [0.4002, -0.9652, 0.7445]                   -> 7 d / max|d| = [2.90, -7, 5.40] -> Q = [3, -7, 5] / 7
+    w = [1, -2, 0.5] - 0.05 ([1, -1, 1] + [3/7, -1, 5/7]) = [1 - 0.5/7, -1.9, 0.5 - 0.6/7]
+    (N = 5 would give [6, -15, 12]/15 in step 2, a floor [2, -7, 5]/7, a mean-scale other levels.)"""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = CompressedFO([w], lr=0.05, base="adam", bits=4, betas=(0.9, 0.999), eps=1e-8)
+    for g in ([0.3, -0.2, 1e-3], [-0.1, -0.4, 2.0]):
+        w.grad = torch.tensor(g)
+        opt.step()
+    assert w.detach().tolist() == pytest.approx([1 - 0.5 / 7, -1.9, 0.5 - 0.6 / 7], abs=1e-6)
+
+
+def test_sign_adam_two_steps_match_formula():
+    """1-bit sign-Adam = sign of Adam's bias-corrected direction (the N-bit Q: the test above)."""
     b1, b2, eps, lr = 0.9, 0.999, 1e-8, 0.05
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
-    opt = CompressedFO([w], lr=lr, base="adam", bits=bits, betas=(b1, b2), eps=eps)
+    opt = CompressedFO([w], lr=lr, base="adam", bits=1, betas=(b1, b2), eps=eps)
     grads = [torch.tensor([0.3, -0.2, 1e-3]), torch.tensor([-0.1, -0.4, 2.0])]
     ref = w.detach().clone()
     m = torch.zeros(3)
@@ -58,12 +76,7 @@ def test_sign_adam_two_steps_match_formula(bits):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         d = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
-        if bits == 1:
-            q = torch.sign(d)
-        else:
-            L = 2 ** (bits - 1) - 1
-            q = torch.round(d * L / d.abs().max()) / L
-        ref = ref - lr * q
+        ref = ref - lr * torch.sign(d)
     assert torch.allclose(w.detach(), ref, atol=1e-7)
 
 
@@ -167,6 +180,42 @@ def test_smoothing_tends_to_plain_gradient(tok, batch):
     assert ((wide - adam).abs() > 1e-5).float().mean() > 0.05
     assert torch.equal(wide, after_one_step("smooth", smoothing_sigma=0.5, smoothing_samples=2))  # seeded
     assert not torch.equal(w0, tiny)
+
+
+class _Vector(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(d))
+
+
+class _Quadratic:
+    """L(w) = 0.5 ||w||^2 + <a, w>: grad L(w + sigma e) = w + sigma e + a."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def fo_loss(self, model, batch):
+        return 0.5 * model.w.square().sum() + (self.a * model.w).sum()
+
+
+def test_smoothing_averages_s_gradients_at_sigma():
+    """The smoothed gradient g~ (read from Adam's first moment, m_1 = (1 - b1) g~) and the logged
+    loss at w = 0, d = 4096, sigma 0.1, S = 4, against their expected sizes:
+    g~ = a + sigma mean_s e_s, so ||g~ - a||^2 ~ sigma^2 d / S = 10.24 (relative s.d. sqrt(2 / d)
+    = 2.2%: 10% tolerance) and its mean coordinate is a's, 0.01 (s.d. 0.0008); the logged loss
+    mean_s L(sigma e_s) = 0.5 sigma^2 mean_s ||e_s||^2 + sigma <a, mean e> ~ 0.5 sigma^2 d = 20.48
+    (s.d. 1.1%: 5%). Summing instead of averaging multiplies both by S; a wrong sigma moves them
+    by its square."""
+    d, sigma, S = 4096, 0.1, 4
+    a = torch.full((d,), 0.01)
+    model = _Vector(d)
+    opts = parse_optimizer_options("smooth", {"smoothing_sigma": sigma, "smoothing_samples": S})
+    r = Runner("smooth", model, _Quadratic(a), lr=1e-3, steps=1, options=opts, seed=3)
+    m = r.step(0, None)
+    g = r.fo.state[model.w]["exp_avg"] / (1 - opts.betas[0])  # (d,) the smoothed gradient
+    assert m["loss"] == pytest.approx(0.5 * sigma ** 2 * d, rel=0.05)
+    assert (g - a).square().sum().item() == pytest.approx(sigma ** 2 * d / S, rel=0.1)
+    assert g.mean().item() == pytest.approx(0.01, abs=0.004)
 
 
 def test_hybrid_zo_phases_stream_with_the_resident_results(tok, batch):
