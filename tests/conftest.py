@@ -6,11 +6,36 @@ and models are built from configs with random weights.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import sys
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+def _import_triton_interpreted() -> None:
+    """Without CUDA, Triton kernels run only under its interpreter, and triton's own ``@jit``
+    library functions (``tl.randint4x``, ...) are interpreted only if ``TRITON_INTERPRET=1`` when
+    triton is first imported; whichever test imported it first (transformers' Trainer does) would
+    decide for the session. Import it that way once, then restore the environment: zoft's own
+    kernels stay compiled-mode functions (``tests/test_kernels.py`` interprets private copies)."""
+    if "triton" in sys.modules or torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_import_triton_interpreted()
 
 _CORPUS = [
     "the movie was great and the acting was wonderful",
