@@ -29,6 +29,9 @@ if importlib.util.find_spec("triton") is None:
                 allow_module_level=True)
 
 
+SESSION_INTERPRETS = os.environ.get("TRITON_INTERPRET") == "1"  # set by whoever started pytest
+
+
 def _package():
     """``zoft.kernels``; in a source checkout without ``pip install -e .`` it is ``kernels/``
     (setuptools ``package-dir`` maps it at install time), so load it from there under its name."""
@@ -266,7 +269,7 @@ def test_philox_noise_backend_on_the_interpreter(dist, monkeypatch):
 def test_the_session_keeps_compiled_kernels():
     """Loading the interpreted copies leaves ``zoft.kernels`` as installed: on a GPU machine the
     rest of the session (``pytest -m gpu``) runs compiled kernels, not the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if SESSION_INTERPRETS:
         pytest.skip("TRITON_INTERPRET=1: this session interprets every kernel by request")
     real = installed_philox
     assert real is not K["philox"] and sys.modules["zoft.kernels.philox"] is real
