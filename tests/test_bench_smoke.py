@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "step_cpu.py"
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step_cpu", BENCH)
+def load_bench(name="step_cpu"):
+    """``bench/{name}.py`` as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

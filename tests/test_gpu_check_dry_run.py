@@ -1,18 +1,13 @@
 """Smoke test of ``bench/gpu_check.py --dry-run``: every section runs on the CPU with tiny shapes
 and passes (the script a lent GPU runs first must not fail on its own bugs)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+from test_bench_smoke import load_bench
 
 
 def test_gpu_check_dry_run_walks_every_section(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("gpu_check")
     out = tmp_path / "check.json"
     with torch.random.fork_rng(devices=[]):
         rc = mod.main(["--dry-run", "--json", str(out)])

@@ -25,6 +25,16 @@ from zoft.optim import (
 from zoft.tasks.base import Batch
 
 
+def assert_matches_reference(model, ref, init, atol=1e-11):
+    """Every parameter of ``model`` within ``atol`` of ``ref``'s, and the steps really moved it."""
+    w0 = dict(init.named_parameters())
+    moved = 0.0
+    for (k, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, r, rtol=0, atol=atol, msg=k)
+        moved = max(moved, (p - w0[k]).abs().max().item())
+    assert moved > 1e-5
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """These models are tiny: on shared, busy cores one thread is several times faster than two."""
@@ -219,11 +229,7 @@ def test_step_matches_hand_written_reference(name, case):
         for t in range(3):
             step(engine, opt, batch, obj, t)
     reference_run(name, cfg, ref, batch, obj, seed=3, steps=3)
-    moved = 0.0
-    for (k, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p, r, rtol=0, atol=1e-11, msg=k)
-        moved = max(moved, (p - dict(init.named_parameters())[k]).abs().max().item())
-    assert moved > 1e-5  # the step really moved the weights
+    assert_matches_reference(model, ref, init)
 
 
 @pytest.mark.parametrize("name", ["zo-sgd-mmt", "zo-adam", "r-adazo"])

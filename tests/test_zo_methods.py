@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from test_engine import make_batch
-from test_optim_family import BASE, TokenNLL64, one_thread, plain_loss  # noqa: F401  (autouse fixture)
+from test_optim_family import BASE, TokenNLL64, assert_matches_reference, one_thread, plain_loss  # noqa: F401  (autouse fixture)
 from test_train_cli import finetune_args, lm_data, tiny_dir  # noqa: F401  (fixtures)
 from tiny_models import tiny_model
 from zoft.engine import ZOEngine
@@ -23,16 +23,6 @@ def loss_at(model, batch, obj, direction):
         for k, p in m.named_parameters():
             p.add_(direction[k])
     return plain_loss(m, batch, obj)
-
-
-def assert_matches_reference(model, ref, init, atol=1e-11):
-    """Every parameter of ``model`` within ``atol`` of ``ref``'s, and the steps really moved it."""
-    w0 = dict(init.named_parameters())
-    moved = 0.0
-    for (k, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p, r, rtol=0, atol=atol, msg=k)
-        moved = max(moved, (p - w0[k]).abs().max().item())
-    assert moved > 1e-5
 
 
 def lowrank_direction(name, cfg, noise, seed, t, s, k, p):

@@ -1,30 +1,20 @@
 """Smoke test of ``bench/zoo.py``: two methods, one seed, a tiny forward-pass budget on the causal-LM
 problem; the table, JSON and plot come out and the McNemar p-value is the exact binomial one."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "zoo.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_zoo", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from test_bench_smoke import load_bench
 
 
 def test_mcnemar_exact_matches_hand_computed_values():
-    zoo = load_bench()
+    zoo = load_bench("zoo")
     assert zoo.mcnemar_exact(0, 0) == 1.0
     assert abs(zoo.mcnemar_exact(12, 5) - 0.1435) < 1e-4  # the README's demo numbers: 2 * P(X <= 5), X ~ B(17, 1/2)
     assert abs(zoo.mcnemar_exact(0, 6) - 2 / 64) < 1e-12
 
 
 def test_zoo_lm_smoke(tmp_path, capsys):
-    zoo = load_bench()
+    zoo = load_bench("zoo")
     threads = torch.get_num_threads()
     try:
         rc = zoo.main(["--problems", "lm", "--methods", "mezo-sgd,zo-sgd-cons,lozo", "--seeds", "0", "--budget", "10",
