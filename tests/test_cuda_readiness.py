@@ -219,3 +219,14 @@ def test_failed_construction_unpins_what_it_pinned(monkeypatch):
     with pytest.raises(UsageError):
         ZOEngine(copy.deepcopy(model), offload=Streaming("cpu", resident_blocks=1, prefetch=2))
     assert fake.registered == [buf.data_ptr()] and fake.unregistered == [buf.data_ptr()]
+
+
+def test_resident_engine_moves_resumed_state_without_a_scheduler():
+    """A resumed run loads optimizer state on the host; a resident engine on a GPU brings it to the
+    parameter's device on first use. With no scheduler there is no link to count the bytes on (the
+    "meta" device stands in for a device other than the host)."""
+    eng = ZOEngine(tiny_model("llama", 0))
+    store = {"exp_avg": {"k": torch.ones(3)}}
+    eng._move_state(store, "k", torch.device("meta"))
+    assert store["exp_avg"]["k"].device.type == "meta"
+    eng.close()

@@ -243,6 +243,8 @@ class ZOEngine:
                 # ``non_blocking`` allocates), host -> device reads it back in stream order; the
                 # host reads these buffers only after ``flush`` (checkpoints)
                 bufs[key] = t.to(device, non_blocking=True)
+                if self.offload is None:  # a resident engine bringing resumed state to its device
+                    continue
                 nbytes = t.numel() * t.element_size()
                 if device.type == "cpu":
                     self.offload.stats.writeback_bytes += nbytes
