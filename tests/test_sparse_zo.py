@@ -169,39 +169,50 @@ def test_masks_and_module_wise_streamed_equal_resident(name, opts):
     assert_streamed_equals_resident(name, opts, steps=6, every=4)
 
 
-@pytest.mark.parametrize("name", ["sparse-mezo", "mezo-sgd+module", "zo-adam+module"])
+@pytest.mark.parametrize("name", ["sparse-mezo", "mezo-sgd+module", "zo-adam+module", "forward-grad",
+                                  "sparse-mezo+lora", "forward-grad+lora"])
 def test_finetune_then_replay_and_resume_equal_trained_weights(name, tiny_dir, lm_data, tmp_path):
     """``zoft finetune --optimizer NAME`` with its defaults (lr raised so 6 steps move fp32 weights;
-    ``+module``: ``module_wise: true`` from a config file), then ``zoft replay``: bit-identical;
-    a run stopped at step 3 and resumed to 6 ends with the same weights (the mask comes back from
-    the checkpoint, not from the step-3 weights)."""
+    ``+module``: ``module_wise: true`` from a config file; ``+lora``: ``--peft lora``), then ``zoft
+    replay``: bit-identical; a run stopped at step 3 and resumed to 6 ends with the same weights
+    (Sparse MeZO's mask comes back from the checkpoint, not from the step-3 weights)."""
     from safetensors.torch import load_file
 
     from zoft.cli import main
 
     extra = []
-    if name.endswith("+module"):
+    if "+module" in name:
         (tmp_path / "mw.yaml").write_text("optimizer_options: {module_wise: true}\n")
         extra = ["--config", str(tmp_path / "mw.yaml")]
+    if name.endswith("+lora"):
+        extra = ["--peft", "lora"]
     opt = name.split("+")[0]
     out = tmp_path / "run"
-    assert main(finetune_args(tiny_dir, lm_data, out, "--optimizer", opt, *extra)) == 0
+    args = finetune_args(tiny_dir, lm_data, out, "--optimizer", opt, *extra)
+    if extra[:1] == ["--peft"]:
+        args[args.index("--lr") + 1] = "1e-1"
+    assert main(args) == 0
     assert main(["replay", str(out), "--output", str(tmp_path / "replayed")]) == 0
-    a = load_file(str(out / "checkpoint" / "model.safetensors"))
-    b = load_file(str(tmp_path / "replayed" / "model.safetensors"))
-    init = load_file(str(tiny_dir / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], init[k]) for k in a)
-    if name == "sparse-mezo":  # large weights never move
-        moved = [k for k in a if not torch.equal(a[k], init[k])]
-        assert all(torch.equal(a[k][init[k].abs() > init[k].abs().median()], init[k][init[k].abs() > init[k].abs().median()])
-                   for k in moved)
+    file = "adapter_model.safetensors" if name.endswith("+lora") else "model.safetensors"
+    a = load_file(str(out / "checkpoint" / file))
+    b = load_file(str(tmp_path / "replayed" / file))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if not name.endswith("+lora"):
+        init = load_file(str(tiny_dir / "model.safetensors"))
+        assert any(not torch.equal(a[k], init[k]) for k in a)
+        if opt == "sparse-mezo":  # the 75% largest |w| of every tensor never move
+            for k in a:
+                big = init[k].abs() > init[k].abs().flatten().kthvalue(math.ceil(init[k].numel() / 4)).values
+                assert torch.equal(a[k][big], init[k][big]), k
+    else:
+        assert any("lora_B" in k and torch.count_nonzero(v) > 0 for k, v in a.items())
     half = tmp_path / "half"
-    args = finetune_args(tiny_dir, lm_data, half, "--optimizer", opt, *extra)
+    args = [half if x == str(out) else x for x in args]
+    args = [str(x) for x in args]
     steps_at = args.index("--steps") + 1
     assert main([*args[:steps_at], "3", *args[steps_at + 1:]]) == 0
     assert main([*args, "--resume"]) == 0
-    c = load_file(str(half / "checkpoint" / "model.safetensors"))
+    c = load_file(str(half / "checkpoint" / file))
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
@@ -209,3 +220,71 @@ def test_module_wise_refused_where_it_does_not_apply():
     for name in ("fzoo", "zo-ranksgd"):
         with pytest.raises(UsageError, match="module_wise"):
             make_optimizer(name, {"module_wise": True}, 0, 1)
+
+
+# -- Forward-Grad ------------------------------------------------------------------------------
+def test_forward_grad_matches_hand_written_reference():
+    """Forward-Grad (ZO-Bench's forward_grad_step): d_i = grad L . z_i, here from a plain
+    *backward* pass (autograd's reverse mode, an independent computation), then w <- w - lr ((1/q)
+    sum_i d_i z_i + wd w) with decay on non-bias/norm weights. Three steps, two directions, tiny OPT
+    in fp64; the two modes differ by summation order only (~1e-16 relative): atol 1e-11."""
+    cfg = {**BASE, "lr": 1e-2, "n_queries": 2}
+    model = tiny_model("opt", dtype=torch.float64)
+    init, ref = copy.deepcopy(model), copy.deepcopy(model)
+    batch, obj = make_batch("opt"), TokenNLL64(True)
+    opt = make_optimizer("forward-grad", cfg, seed=3, total_steps=10)
+    losses = []
+    with ZOEngine(model) as engine:
+        for t in range(3):
+            losses.append(step(engine, opt, batch, obj, t).losses)
+    noise, params = make_noise(), dict(ref.named_parameters())
+    ref.eval()
+    for t in range(3):
+        seeds = [step_seed(3, t, i) for i in range(2)]
+        loss = obj.loss(obj.forward(ref, batch), batch, 1)[0]
+        grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+        z = {s: {k: noise.sample(s, k, p) for k, p in params.items()} for s in seeds}
+        d = {s: sum((grads[k] * z[s][k]).sum() for k in params) for s in seeds}
+        torch.testing.assert_close(losses[t], torch.stack([loss.detach(), *d.values()]), rtol=0, atol=1e-11)
+        with torch.no_grad():
+            for k, p in params.items():
+                decays = not any(x in k.lower() for x in ("bias", "norm", "ln_"))
+                p.sub_(cfg["lr"] * (sum(d[s] * z[s][k] for s in seeds) / 2 + (cfg["weight_decay"] * p if decays else 0)))
+    assert_matches_reference(model, ref, init)
+
+
+def test_forward_grad_with_a_mask_moves_only_masked_coordinates():
+    """Forward-Grad's directions go through the same shaping as the ZO-SGD family: with a mask,
+    the tangent is m * z and the coordinates outside it keep their bytes."""
+    model = tiny_model("opt")
+    masks = random_masks(model)
+    opt = make_optimizer("forward-grad", {"lr": 1e-2}, seed=0, total_steps=3)
+    opt.set_mask(masks)
+    m = copy.deepcopy(model)
+    with ZOEngine(m) as engine:
+        for t in range(3):
+            step(engine, opt, make_batch("opt"), TokenNLL(True), t)
+    w0 = dict(model.named_parameters())
+    for k, p in m.named_parameters():
+        if k in masks:
+            assert torch.equal(p[~masks[k]], w0[k][~masks[k]]) and not torch.equal(p, w0[k]), k
+
+
+def test_forward_grad_refuses_streaming_data_parallel_and_callables():
+    from zoft.config import TrainConfig
+    from zoft.distributed import check_supported
+    from zoft.engine import Streaming
+
+    from test_offload import deep_model
+
+    opt = make_optimizer("forward-grad", {}, 0, 1)
+    with ZOEngine(deep_model("llama"), offload=Streaming("cpu", resident_blocks=1)) as engine:
+        with pytest.raises(UsageError, match="cannot stream; drop --gpu-mem"):
+            bind(opt, engine)
+    with pytest.raises(UsageError, match="forward-grad.*--nproc 1"):
+        check_supported(TrainConfig(optimizer="forward-grad"), 2)
+    with ZOEngine(tiny_model("opt")) as engine, pytest.raises(UsageError, match="differentiates a loss"):
+        step(engine, opt, make_batch("opt"), lambda out, b: 0.0, 0)
+    for bad in ({"sphere": True}, {"one_sided": True}):
+        with pytest.raises(UsageError):
+            make_optimizer("forward-grad", bad, 0, 1)

@@ -11,6 +11,7 @@ from typing import Any
 from zoft.errors import UsageError
 from zoft.optim.api import StepResult, evaluate_step, split_candidates, step
 from zoft.optim.directions import CompositeNoise, bind
+from zoft.optim.forward_grad import ForwardGrad, ForwardGradConfig
 from zoft.optim.fzoo import FZOO, FZOOConfig
 from zoft.optim.mezo import MeZOConfig, MeZOSGD
 from zoft.optim.rank import (
@@ -53,6 +54,7 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
     "subzero": (SubZeroConfig, SubZero),
     "fzoo": (FZOOConfig, FZOO),
     "sparse-mezo": (SparseMeZOConfig, SparseMeZO),
+    "forward-grad": (ForwardGradConfig, ForwardGrad),
 }
 
 
@@ -91,6 +93,8 @@ __all__ = [
     "Comparison",
     "CompositeNoise",
     "FZOO",
+    "ForwardGrad",
+    "ForwardGradConfig",
     "FZOOConfig",
     "LOZO",
     "LOZOConfig",

@@ -15,8 +15,10 @@
 
 Optimizers follow one protocol: ``probes(step)``; optionally ``more_probes(step, losses,
 comparisons)`` giving a further phase on the same batch (``zo-sgd-cons``, the RankSGD line search);
-``update(step, losses[, comparisons])``. ``evaluate_step`` runs all phases and returns the losses
-(what ``Trainer.step`` needs).
+``update(step, losses[, comparisons])``. An optimizer whose step is not a set of probe losses
+(``forward-grad``) has ``evaluate(engine, step, batch, objective)`` instead, returning what its
+``update`` reads. ``evaluate_step`` runs all phases and returns the losses (what ``Trainer.step``
+needs).
 """
 from __future__ import annotations
 
@@ -78,6 +80,9 @@ def _kind(objective: Any) -> str:
 
 
 def _evaluate(engine, optimizer, step: int, batch, objective, forward: Callable | None):
+    own = getattr(optimizer, "evaluate", None)  # a step that is not probe losses (forward-grad's jvps)
+    if own is not None:
+        return own(engine, step, batch, objective), None
     kind = _kind(objective)
     ranked = getattr(optimizer, "ranked", False)
     if kind == "oracle" and not ranked:

@@ -152,11 +152,10 @@ class ZOSGD:
     @classmethod
     def state_kind(cls) -> str:
         """How the optimizer keeps its state (``zoft optimizers``)."""
-        mask = (f"; a bool perturbation mask per parameter ({cls.mask_bytes} B/param), from the initial weights"
+        mask = (f"; a bool perturbation mask per parameter ({cls.mask_bytes} B/param, from the initial weights)"
                 if cls.mask_bytes else "")
         if cls.memory_copies == 0:
-            return ("seed form: nothing else stored per parameter" if mask else
-                    "seed form: nothing stored per parameter") + mask
+            return ("seed form" if mask else "seed form: nothing stored per parameter") + mask
         return f"{cls.memory_copies} fp32 buffer(s) per parameter key, streamed with its unit" + mask
 
     # -- perturbation masks ----------------------------------------------------------------
