@@ -20,7 +20,7 @@ from zoft.optim import bind, make_optimizer, step
 
 
 def masked_mezo_reference(model, batch, obj, cfg, seed, steps, mask_of, unit_of=None, n_units=1):
-    """MeZO-SGD written out on dense tensors with u_i = m * z_i (``mask_of(k)``: a 0/1 tensor or None),
+    """MeZO-SGD written out on dense tensors with u_i = m * z_i (``mask_of(k, s)``: a 0/1 tensor or None),
     and with ``unit_of`` (module-wise) u_i zero outside unit (t + i) mod B, each unit's coefficient
     averaged over the queries that perturbed it; decay on non-bias/norm weights."""
     noise, params = make_noise(), dict(model.named_parameters())
@@ -35,7 +35,7 @@ def masked_mezo_reference(model, batch, obj, cfg, seed, steps, mask_of, unit_of=
             u[s] = {}
             for k, p in params.items():
                 z = noise.sample(s, k, p)
-                m = mask_of(k)
+                m = mask_of(k, s)
                 if m is not None:
                     z = z * m
                 if unit_of is not None and unit_of[k] != units[i]:
@@ -70,7 +70,7 @@ def test_masked_step_matches_hand_written_masked_mezo():
     with ZOEngine(model) as engine:
         for t in range(3):
             step(engine, opt, batch, obj, t)
-    masked_mezo_reference(ref, batch, obj, cfg, 3, 3, lambda k: masks.get(k))
+    masked_mezo_reference(ref, batch, obj, cfg, 3, 3, lambda k, s: masks.get(k))
     assert_matches_reference(model, ref, init)
 
 
@@ -133,7 +133,31 @@ def test_sparse_mezo_matches_hand_written_reference():
     w = next(p for k, p in init.named_parameters() if k.endswith("fc1.weight"))
     assert abs(masks[next(k for k, _ in init.named_parameters() if k.endswith("fc1.weight"))].mean().item()
                - 0.4) < 0.01 and w.numel() > 100
-    masked_mezo_reference(ref, batch, obj, cfg, 3, 3, lambda k: masks[k])
+    masked_mezo_reference(ref, batch, obj, cfg, 3, 3, lambda k, s: masks[k])
+    assert_matches_reference(model, ref, init)
+
+
+def test_global_gradient_sparsity_matches_hand_written_reference():
+    """ZO-Bench's ``sparse_gradient_group: global``: h = the 0.6 quantile of |w| over all the model's
+    weights, each parameter's threshold = the fraction of its |w| <= h, z zeroed where its keyed
+    N(0, 1) mask draw is below that threshold (fresh per direction); then MeZO. Three steps, fp64,
+    atol 1e-11; the thresholds are kept in the optimizer's state (resume)."""
+    cfg = {**BASE, "lr": 1e-2, "n_queries": 2, "gradient_sparsity": 0.6, "sparse_gradient_group": "global"}
+    model = tiny_model("opt", dtype=torch.float64)
+    init, ref = copy.deepcopy(model), copy.deepcopy(model)
+    allw = torch.cat([p.detach().abs().flatten() for p in model.parameters()])
+    h = torch.quantile(allw.float(), 0.6).item()
+    frac = {k: (p.detach().abs() <= h).double().mean().item() for k, p in model.named_parameters()}
+    batch, obj, noise = make_batch("opt"), TokenNLL64(True), make_noise()
+    opt = make_optimizer("mezo-sgd", cfg, seed=3, total_steps=10)
+    with ZOEngine(model) as engine:
+        for t in range(3):
+            step(engine, opt, batch, obj, t)
+    assert opt.state_dict()["grad_sparsity"] == pytest.approx(frac, abs=1e-12)
+    assert len({round(v, 3) for v in frac.values()}) > 2  # the thresholds differ per parameter
+    params = dict(ref.named_parameters())
+    masked_mezo_reference(ref, batch, obj, cfg, 3, 3,
+                          lambda k, s: (noise.sample(s, k + "/grad-mask", params[k]) >= frac[k]).double())
     assert_matches_reference(model, ref, init)
 
 
@@ -157,33 +181,36 @@ def test_module_wise_matches_hand_written_reference(q):
         for t in range(4):
             step(engine, opt, batch, obj, t)
     assert seen >= 4
-    masked_mezo_reference(ref, batch, obj, cfg, 3, 4, lambda k: None, unit_of, seen)
+    masked_mezo_reference(ref, batch, obj, cfg, 3, 4, lambda k, s: None, unit_of, seen)
     assert_matches_reference(model, ref, init)
 
 
 @pytest.mark.parametrize("name,opts", [("sparse-mezo", {}), ("mezo-sgd", {"module_wise": True, "n_queries": 2}),
-                                       ("zo-adam", {"module_wise": True})])
+                                       ("zo-adam", {"module_wise": True}),
+                                       ("mezo-sgd", {"gradient_sparsity": 0.6, "sparse_gradient_group": "global"})])
 def test_masks_and_module_wise_streamed_equal_resident(name, opts):
     """Block streaming with a deferred write-back (4): the same losses and weights as resident
     (rtol 1e-5, the Equivalence invariant of tests/test_offload.py)."""
     assert_streamed_equals_resident(name, opts, steps=6, every=4)
 
 
-@pytest.mark.parametrize("name", ["sparse-mezo", "mezo-sgd+module", "zo-adam+module", "forward-grad",
-                                  "sparse-mezo+lora", "forward-grad+lora"])
+@pytest.mark.parametrize("name", ["sparse-mezo", "mezo-sgd+module", "zo-adam+module", "mezo-sgd+global",
+                                  "forward-grad", "sparse-mezo+lora", "forward-grad+lora"])
 def test_finetune_then_replay_and_resume_equal_trained_weights(name, tiny_dir, lm_data, tmp_path):
     """``zoft finetune --optimizer NAME`` with its defaults (lr raised so 6 steps move fp32 weights;
-    ``+module``: ``module_wise: true`` from a config file; ``+lora``: ``--peft lora``), then ``zoft
-    replay``: bit-identical; a run stopped at step 3 and resumed to 6 ends with the same weights
-    (Sparse MeZO's mask comes back from the checkpoint, not from the step-3 weights)."""
+    ``+module``: ``module_wise: true`` from a config file, ``+global``: ZO-Bench's global gradient
+    sparsity; ``+lora``: ``--peft lora``), then ``zoft replay``: bit-identical; a run stopped at step 3
+    and resumed to 6 ends with the same weights (Sparse MeZO's mask and the global thresholds come
+    back from the checkpoint, not from the step-3 weights)."""
     from safetensors.torch import load_file
 
     from zoft.cli import main
 
     extra = []
-    if "+module" in name:
-        (tmp_path / "mw.yaml").write_text("optimizer_options: {module_wise: true}\n")
-        extra = ["--config", str(tmp_path / "mw.yaml")]
+    yaml = {"module": "{module_wise: true}", "global": "{gradient_sparsity: 0.6, sparse_gradient_group: global}"}
+    if name.split("+")[-1] in yaml:
+        (tmp_path / "opts.yaml").write_text(f"optimizer_options: {yaml[name.split('+')[-1]]}\n")
+        extra = ["--config", str(tmp_path / "opts.yaml")]
     if name.endswith("+lora"):
         extra = ["--peft", "lora"]
     opt = name.split("+")[0]

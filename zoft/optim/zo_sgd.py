@@ -41,7 +41,7 @@ import torch
 
 from zoft.engine.probes import Probe, Update
 from zoft.errors import UsageError
-from zoft.noise import step_seed
+from zoft.noise import mix, step_seed
 from zoft.optim.directions import z_norm
 from zoft.optim.schedule import Schedule, lr_at
 
@@ -58,6 +58,10 @@ class ZOConfig:
     gradient_sparsity: ZO-Bench's sparse perturbation: each direction's entries where a second
                  keyed N(0, 1) draw is below this value are zeroed (a fraction Phi(value): 0.75
                  zeroes 77%), a fresh mask per direction; None: dense.
+    sparse_gradient_group: ZO-Bench's ``layer`` (one threshold ``gradient_sparsity`` everywhere) or
+                 ``global``: ``gradient_sparsity`` is a quantile level; the magnitude at that quantile of
+                 all the model's weights at the first bind gives each parameter its own threshold,
+                 the fraction of its |w| below that magnitude.
     module_wise: ZO-Bench's module-wise perturbation: query i of step t perturbs only layout unit
                  ``(t + i) mod B`` (B units hold trainable parameters); a unit's update averages
                  the queries that perturbed it.
@@ -73,6 +77,7 @@ class ZOConfig:
     sphere: bool = False
     sphere_norm: SphereNorm = "exact"
     gradient_sparsity: float | None = None
+    sparse_gradient_group: Literal["layer", "global"] = "layer"
     module_wise: bool = False
 
     def __post_init__(self):
@@ -84,6 +89,10 @@ class ZOConfig:
             raise ValueError(f"sphere_norm must be 'exact' or 'sqrt_d', not {self.sphere_norm!r}")
         if self.gradient_sparsity is not None and not isinstance(self.gradient_sparsity, (int, float)):
             raise ValueError(f"gradient_sparsity must be a number or null, not {self.gradient_sparsity!r}")
+        if self.sparse_gradient_group not in ("layer", "global"):
+            raise ValueError(f"sparse_gradient_group must be 'layer' or 'global', not {self.sparse_gradient_group!r}")
+        if self.sparse_gradient_group == "global" and not 0.0 <= (self.gradient_sparsity or -1.0) <= 1.0:
+            raise ValueError("sparse_gradient_group 'global' reads gradient_sparsity as a quantile level in [0, 1]")
 
 
 @dataclass
@@ -147,6 +156,7 @@ class ZOSGD:
         self._fixed_keys: set[str] = set()
         self.masks: dict[str, torch.Tensor] | None = None  # key -> bool (parameter's shape); absent: dense
         self._groups: dict[str, int] | None = None  # module_wise: key -> its unit's index
+        self._sparsity: dict[str, float] | None = None  # sparse_gradient_group global: key -> threshold
         self._n_groups = 0
 
     @classmethod
@@ -264,6 +274,7 @@ class ZOSGD:
         u = self.base_direction(noise, seed, key, like)
         s = self.config.gradient_sparsity
         if s is not None:
+            s = self._sparsity[key] if self._sparsity is not None else s
             u = u.masked_fill(noise.sample(seed, key + "/grad-mask", like) < s, 0.0)
         m = self.masks.get(key) if self.masks else None
         if m is not None:
@@ -279,6 +290,30 @@ class ZOSGD:
         the perturbation masks (from the weights the engine holds then)."""
         self._build_groups(engine)
         self._build_masks(engine)
+        self._build_sparsity(engine)
+
+    def _build_sparsity(self, engine: Any) -> None:
+        """ZO-Bench's ``global`` group (``estimate_pretrained_model_magnitude_pruning_threshold``,
+        ``compute_named_parameters_to_sparsity``): h = the ``gradient_sparsity`` quantile of |w| over
+        every floating-point weight of the model (exact up to 1e7 of them, else a keyed sample of
+        1e7), and per trained key the fraction of its |w| <= h (kept: ``state_dict``)."""
+        c = self.config
+        if c.gradient_sparsity is None or c.sparse_gradient_group != "global" or self._sparsity is not None:
+            return
+        engine.flush()
+        ws = [(n, p.detach()) for n, p in engine.model.named_parameters() if p.dtype.is_floating_point]
+        total = sum(p.numel() for _, p in ws)
+        cap = 10_000_000
+        parts = []
+        for n, p in ws:
+            a = p.reshape(-1).abs().float().cpu()
+            if total > cap:
+                g = torch.Generator().manual_seed(mix(self.seed, n + "/grad-threshold"))
+                a = a[torch.randint(0, a.numel(), (max(1, round(cap * a.numel() / total)),), generator=g)]
+            parts.append(a)
+        h = torch.quantile(torch.cat(parts), float(c.gradient_sparsity)).item()
+        with torch.no_grad():
+            self._sparsity = {k: p.detach().abs().le(h).double().mean().item() for k, p in engine.params.items()}
 
     def _need_binding(self, why: str) -> None:
         if self._params is None:
@@ -345,11 +380,12 @@ class ZOSGD:
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """JSON-able scalars (tensor buffers: ``tensor_state``)."""
-        return {}
+        """JSON-able scalars (tensor buffers: ``tensor_state``): the ``global`` sparsity thresholds."""
+        return {"grad_sparsity": self._sparsity} if self._sparsity is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if state.get("grad_sparsity") is not None:
+            self._sparsity = {k: float(v) for k, v in state["grad_sparsity"].items()}
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
         """Per-key tensors for the checkpoint: the perturbation masks (``mask/<key>``)."""
@@ -527,9 +563,10 @@ class _Stateful(ZOSGD):
         return {n: self.store[n][key] for n in self.store if key in self.store[n]}
 
     def state_dict(self):
-        return {"t": self.t}
+        return {**super().state_dict(), "t": self.t}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.t = int(state.get("t", 0))
 
     def tensor_state(self):
