@@ -175,7 +175,9 @@ def labelled_nll(out: HiddenOutputs, labels: torch.Tensor) -> tuple[torch.Tensor
 def logits_at(logits: torch.Tensor | HiddenOutputs, pos: torch.Tensor) -> torch.Tensor:
     """Each row's logits (N, V) at one position ``pos`` (N,): through the head for that position
     alone under ``HiddenOutputs`` (a (N, 1, H) call), else read from the full logits."""
-    rows = torch.arange(pos.shape[0], device=pos.device)
+    hidden = logits.hidden if isinstance(logits, HiddenOutputs) else logits
+    pos = pos.to(hidden.device)
+    rows = torch.arange(pos.shape[0], device=hidden.device)
     if isinstance(logits, HiddenOutputs):
-        return logits.head(logits.hidden[rows, pos][:, None])[:, 0]
+        return logits.head(hidden[rows, pos][:, None])[:, 0]  # (N, 1, H) -> (N, 1, V): all N rows
     return logits[rows, pos]
