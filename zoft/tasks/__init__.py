@@ -148,11 +148,12 @@ def make_task(name: str, tokenizer, kind: Kind, max_length: int, *, head_chunk: 
     return task
 
 
-def rows_per_probe(name: str, kind: Kind, batch_size: int, **options) -> int:
+def rows_per_probe(name: str, kind: Kind, batch_size: int, *, head_chunk: int | None = None, **options) -> int:
     """Rows the model runs per probe for ``batch_size`` examples of task ``name`` on a ``kind``
     model, without a tokenizer: the batch the offload planner sizes activations and logits by. A
     factory whose task runs other than one row per example says how with a ``rows(kind,
-    batch_size, **options)`` attribute (classification on a causal LM: one row per candidate)."""
+    batch_size, **options)`` attribute (classification on a causal LM: one row per candidate).
+    ``head_chunk`` (``make_task``'s) changes no row count."""
     rows = getattr(_factory(name, kind, options), "rows", None)
     return rows(kind, batch_size, **options) if rows is not None else batch_size
 
