@@ -12,6 +12,7 @@ from zoft.errors import UsageError
 from zoft.optim.api import StepResult, evaluate_step, split_candidates, step
 from zoft.optim.directions import CompositeNoise, bind
 from zoft.optim.fzoo import FZOO, FZOOConfig
+from zoft.optim.hizoo import HiZOO, HiZOOConfig
 from zoft.optim.mezo import MeZOConfig, MeZOSGD
 from zoft.optim.rank import (
     CallableOracle,
@@ -26,6 +27,7 @@ from zoft.optim.rank import (
 from zoft.optim.schedule import lr_at
 from zoft.optim.sparse import SparseMeZO, SparseMeZOConfig, magnitude_mask
 from zoft.optim.subspace import LOZO, LOZOConfig, SubZero, SubZeroConfig
+from zoft.optim.svrg import MeZOSVRG, SVRGConfig
 from zoft.optim.zo_sgd import (
     ZOSGD,
     AdamConfig,
@@ -53,6 +55,8 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
     "subzero": (SubZeroConfig, SubZero),
     "fzoo": (FZOOConfig, FZOO),
     "sparse-mezo": (SparseMeZOConfig, SparseMeZO),
+    "hizoo": (HiZOOConfig, HiZOO),
+    "mezo-svrg": (SVRGConfig, MeZOSVRG),
 }
 
 
@@ -92,11 +96,14 @@ __all__ = [
     "CompositeNoise",
     "FZOO",
     "FZOOConfig",
+    "HiZOO",
+    "HiZOOConfig",
     "LOZO",
     "LOZOConfig",
     "LossOracle",
     "MeZOConfig",
     "MeZOSGD",
+    "MeZOSVRG",
     "MomentumConfig",
     "RAdaZO",
     "RAdaZOConfig",
@@ -108,6 +115,7 @@ __all__ = [
     "StepResult",
     "SubZero",
     "SubZeroConfig",
+    "SVRGConfig",
     "ZOAdam",
     "ZOConfig",
     "ZORankSGD",
