@@ -13,6 +13,7 @@ from zoft.optim.api import StepResult, evaluate_step, split_candidates, step
 from zoft.optim.directions import CompositeNoise, bind
 from zoft.optim.forward_grad import ForwardGrad, ForwardGradConfig
 from zoft.optim.fzoo import FZOO, FZOOConfig
+from zoft.optim.hizoo import HiZOO, HiZOOConfig
 from zoft.optim.mezo import MeZOConfig, MeZOSGD
 from zoft.optim.rank import (
     CallableOracle,
@@ -27,6 +28,7 @@ from zoft.optim.rank import (
 from zoft.optim.schedule import lr_at
 from zoft.optim.sparse import SparseMeZO, SparseMeZOConfig, magnitude_mask
 from zoft.optim.subspace import LOZO, LOZOConfig, SubZero, SubZeroConfig
+from zoft.optim.svrg import MeZOSVRG, SVRGConfig
 from zoft.optim.zo_sgd import (
     ZOSGD,
     AdamConfig,
@@ -55,6 +57,8 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
     "fzoo": (FZOOConfig, FZOO),
     "sparse-mezo": (SparseMeZOConfig, SparseMeZO),
     "forward-grad": (ForwardGradConfig, ForwardGrad),
+    "hizoo": (HiZOOConfig, HiZOO),
+    "mezo-svrg": (SVRGConfig, MeZOSVRG),
 }
 
 
@@ -96,11 +100,14 @@ __all__ = [
     "ForwardGrad",
     "ForwardGradConfig",
     "FZOOConfig",
+    "HiZOO",
+    "HiZOOConfig",
     "LOZO",
     "LOZOConfig",
     "LossOracle",
     "MeZOConfig",
     "MeZOSGD",
+    "MeZOSVRG",
     "MomentumConfig",
     "RAdaZO",
     "RAdaZOConfig",
@@ -112,6 +119,7 @@ __all__ = [
     "StepResult",
     "SubZero",
     "SubZeroConfig",
+    "SVRGConfig",
     "ZOAdam",
     "ZOConfig",
     "ZORankSGD",
