@@ -19,13 +19,18 @@ from zoft.noise import make_noise, step_seed
 from zoft.optim import bind, make_optimizer, step
 
 
-def masked_mezo_reference(model, batch, obj, cfg, seed, steps, mask_of, unit_of=None, n_units=1):
+def masked_mezo_reference(model, batch, obj, cfg, seed, steps, mask_of, unit_of=None, n_units=1, thresholds=None):
     """MeZO-SGD written out on dense tensors with u_i = m * z_i (``mask_of(k, s)``: a 0/1 tensor or None),
     and with ``unit_of`` (module-wise) u_i zero outside unit (t + i) mod B, each unit's coefficient
-    averaged over the queries that perturbed it; decay on non-bias/norm weights."""
+    averaged over the queries that perturbed it; decay on non-bias/norm weights. With ``thresholds``
+    (Sparse MeZO) the mask of step t is ``|w_t| <= h`` of the step's own weights, and the last
+    step's masks are returned."""
     noise, params = make_noise(), dict(model.named_parameters())
     q, eps, lr = cfg["n_queries"], cfg["eps"], cfg["lr"]
     for t in range(steps):
+        if thresholds is not None:
+            current = {k: (p.detach().abs() <= thresholds[k]).to(p.dtype) for k, p in params.items()}
+            mask_of = lambda k, s, current=current: current[k]  # noqa: E731
         units = [(t + i) % n_units for i in range(q)]
         seeds = [step_seed(seed, t, i) for i in range(q)]
         if unit_of is not None:  # the seed is moved so that seed mod B names its unit
@@ -48,6 +53,7 @@ def masked_mezo_reference(model, batch, obj, cfg, seed, steps, mask_of, unit_of=
             for k, p in params.items():
                 decays = not any(x in k.lower() for x in ("bias", "norm", "ln_"))
                 p.sub_(lr * (sum(g[s] / n[s] * u[s][k] for s in seeds) + (cfg["weight_decay"] * p if decays else 0)))
+    return {k: mask_of(k, None) for k in params} if thresholds is not None else None
 
 
 def random_masks(model, density=0.3, seed=0):
@@ -111,30 +117,38 @@ def test_bad_masks_are_refused_in_one_line():
             bind(opt, engine)
 
 
-def magnitude_mask_by_hand(p, sparsity):
-    """1 on the ceil((1 - s) n) smallest |w| of the tensor (ties at the threshold included)."""
+def threshold_by_hand(p, sparsity):
+    """h such that 1[|w| <= h] keeps the ceil((1 - s) n) smallest |w| of the tensor (and ties)."""
     a = sorted(p.detach().abs().flatten().tolist())
-    h = a[max(1, math.ceil((1 - sparsity) * len(a))) - 1]
-    return (p.detach().abs() <= h).to(p.dtype)
+    return a[max(1, math.ceil((1 - sparsity) * len(a))) - 1]
 
 
-def test_sparse_mezo_matches_hand_written_reference():
-    """Sparse MeZO (sparsity 0.6): the magnitude mask of the initial weights, computed by sorting
-    each tensor, then MeZO on m * z; three steps, two queries, weight decay, fp64, atol 1e-11."""
-    cfg = {**BASE, "lr": 1e-2, "n_queries": 2, "sparsity": 0.6}
+@pytest.mark.parametrize("remask", [True, False])
+def test_sparse_mezo_matches_hand_written_reference(remask):
+    """Sparse MeZO (sparsity 0.6): thresholds from the initial weights by sorting each tensor, the
+    mask of every step from that step's weights (``remask``; else the initial mask throughout), MeZO
+    on m * z; four steps, two queries, weight decay, fp64, atol 1e-11. lr 0.3 so that the mask
+    really changes between steps (asserted)."""
+    cfg = {**BASE, "lr": 0.3, "n_queries": 2, "sparsity": 0.6, "remask": remask}
     model = tiny_model("opt", dtype=torch.float64)
     init, ref = copy.deepcopy(model), copy.deepcopy(model)
-    masks = {k: magnitude_mask_by_hand(p, 0.6) for k, p in model.named_parameters()}
+    h = {k: threshold_by_hand(p, 0.6) for k, p in model.named_parameters()}
+    first = {k: (p.detach().abs() <= h[k]).double() for k, p in model.named_parameters()}
+    fc1 = next(k for k in h if k.endswith("fc1.weight"))
+    assert abs(first[fc1].mean().item() - 0.4) < 0.01
     batch, obj = make_batch("opt"), TokenNLL64(True)
     opt = make_optimizer("sparse-mezo", cfg, seed=3, total_steps=10)
     with ZOEngine(model) as engine:
-        for t in range(3):
+        for t in range(4):
             step(engine, opt, batch, obj, t)
-    w = next(p for k, p in init.named_parameters() if k.endswith("fc1.weight"))
-    assert abs(masks[next(k for k, _ in init.named_parameters() if k.endswith("fc1.weight"))].mean().item()
-               - 0.4) < 0.01 and w.numel() > 100
-    masked_mezo_reference(ref, batch, obj, cfg, 3, 3, lambda k, s: masks[k])
+    last = masked_mezo_reference(ref, batch, obj, cfg, 3, 4, lambda k, s: first[k],
+                                 thresholds=h if remask else None)
     assert_matches_reference(model, ref, init)
+    assert opt.thresholds == h
+    final = {k: (p.detach().abs() <= h[k]).double() for k, p in ref.named_parameters()}
+    assert sum(int((final[k] != first[k]).sum()) for k in h) > 0  # the weights cross the thresholds
+    if remask:  # the reference's last step used a mask other than the first
+        assert sum(int((last[k] != first[k]).sum()) for k in h) > 0
 
 
 def test_global_gradient_sparsity_matches_hand_written_reference():
@@ -244,7 +258,7 @@ def test_finetune_then_replay_and_resume_equal_trained_weights(name, tiny_dir, l
 
 
 def test_module_wise_refused_where_it_does_not_apply():
-    for name in ("fzoo", "zo-ranksgd"):
+    for name in ("fzoo", "zo-ranksgd", "hizoo", "mezo-svrg"):
         with pytest.raises(UsageError, match="module_wise"):
             make_optimizer(name, {"module_wise": True}, 0, 1)
 

@@ -26,7 +26,7 @@ from zoft.optim.rank import (
     greedy_generate,
 )
 from zoft.optim.schedule import lr_at
-from zoft.optim.sparse import SparseMeZO, SparseMeZOConfig, magnitude_mask
+from zoft.optim.sparse import SparseMeZO, SparseMeZOConfig, magnitude_threshold
 from zoft.optim.subspace import LOZO, LOZOConfig, SubZero, SubZeroConfig
 from zoft.optim.svrg import MeZOSVRG, SVRGConfig
 from zoft.optim.zo_sgd import (
@@ -131,7 +131,7 @@ __all__ = [
     "greedy_generate",
     "lr_at",
     "describe",
-    "magnitude_mask",
+    "magnitude_threshold",
     "make_optimizer",
     "split_candidates",
     "step",

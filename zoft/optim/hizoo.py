@@ -21,7 +21,7 @@ for the key's update to land (``zoft.optim.landing``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -35,6 +35,7 @@ class HiZOOConfig(ZOConfig):
     """alpha: the smoothing rate of the diagonal Hessian (0 keeps H = 1: MeZO with an extra L(w))."""
 
     alpha: float = 1e-8
+    module_wise_applies: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()

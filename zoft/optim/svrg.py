@@ -28,7 +28,7 @@ directions read delta, so their draw waits for the key's pending update (``zoft.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,6 +50,7 @@ class SVRGConfig(ZOConfig):
     anchor_lr: float = 1e-3
     interval: int = 2
     anchor_batch: int | None = None
+    module_wise_applies: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -21,7 +21,7 @@ applies only to parameters that take decay):
 Two options restrict the directions for every member (``shaped_direction``): a **perturbation
 mask** ``u = m * z`` (``set_mask``: a fixed key -> 0/1 tensor dict, or a rule ``fn(key, w)`` evaluated
 once on the weights at the first ``bind``; stored as one bool per trained parameter, 1 B/param;
-Sparse MeZO's magnitude mask is such a rule) and ZO-Bench's **module-wise perturbation**
+Sparse MeZO's magnitude mask builds on it, re-derived every step) and ZO-Bench's **module-wise perturbation**
 (``module_wise``: query i of step t perturbs only the parameters of layout unit ``(t + i) mod B``,
 B = the units holding trainable parameters; each unit's coefficients are averaged over the queries
 that perturbed it, so ``n_queries = B`` is ZO-Bench's all-modules-per-step estimate).
@@ -35,7 +35,7 @@ the unit (``buffers(key)``), and the result does not depend on the order units a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
@@ -79,6 +79,7 @@ class ZOConfig:
     gradient_sparsity: float | None = None
     sparse_gradient_group: Literal["layer", "global"] = "layer"
     module_wise: bool = False
+    module_wise_applies: ClassVar[bool] = True  # False: a member with its own directions / averaging
 
     def __post_init__(self):
         if self.eps <= 0:
@@ -89,9 +90,13 @@ class ZOConfig:
             raise ValueError(f"sphere_norm must be 'exact' or 'sqrt_d', not {self.sphere_norm!r}")
         if self.gradient_sparsity is not None and not isinstance(self.gradient_sparsity, (int, float)):
             raise ValueError(f"gradient_sparsity must be a number or null, not {self.gradient_sparsity!r}")
+        if self.module_wise and not self.module_wise_applies:
+            raise ValueError("module_wise is for the ZO-SGD family (mezo-sgd, zo-sgd-*, zo-adam, r-adazo, lozo, "
+                             "subzero, sparse-mezo, forward-grad), not this optimizer")
         if self.sparse_gradient_group not in ("layer", "global"):
             raise ValueError(f"sparse_gradient_group must be 'layer' or 'global', not {self.sparse_gradient_group!r}")
-        if self.sparse_gradient_group == "global" and not 0.0 <= (self.gradient_sparsity or -1.0) <= 1.0:
+        if self.sparse_gradient_group == "global" and (self.gradient_sparsity is None
+                                                       or not 0.0 <= self.gradient_sparsity <= 1.0):
             raise ValueError("sparse_gradient_group 'global' reads gradient_sparsity as a quantile level in [0, 1]")
 
 
@@ -162,7 +167,7 @@ class ZOSGD:
     @classmethod
     def state_kind(cls) -> str:
         """How the optimizer keeps its state (``zoft optimizers``)."""
-        mask = (f"; a bool perturbation mask per parameter ({cls.mask_bytes} B/param, from the initial weights)"
+        mask = (f"; a bool perturbation mask per parameter ({cls.mask_bytes} B/param), streamed with its unit"
                 if cls.mask_bytes else "")
         if cls.memory_copies == 0:
             return ("seed form" if mask else "seed form: nothing stored per parameter") + mask
