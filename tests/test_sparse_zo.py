@@ -326,6 +326,12 @@ def test_forward_grad_refuses_streaming_data_parallel_and_callables():
         check_supported(TrainConfig(optimizer="forward-grad"), 2)
     with ZOEngine(tiny_model("opt")) as engine, pytest.raises(UsageError, match="differentiates a loss"):
         step(engine, opt, make_batch("opt"), lambda out, b: 0.0, 0)
+    class Detached(TokenNLL):  # a loss the jvp cannot see through: refused, not a silent zero step
+        def loss(self, outputs, batch, num_probes):
+            return super().loss(outputs, batch, num_probes).detach()
+
+    with ZOEngine(tiny_model("opt")) as engine, pytest.raises(UsageError, match="exactly 0"):
+        step(engine, opt, make_batch("opt"), Detached(True), 0)
     for bad in ({"sphere": True}, {"one_sided": True}):
         with pytest.raises(UsageError):
             make_optimizer("forward-grad", bad, 0, 1)

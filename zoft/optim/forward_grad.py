@@ -117,7 +117,12 @@ class ForwardGrad(ZOSGD):
                         out.append(d.detach())
             finally:
                 model.train(was_training)
-        return torch.stack(out).to("cpu", torch.float64)
+        res = torch.stack(out).to("cpu", torch.float64)
+        if bool((res[1:] == 0).all()) and bool(torch.isfinite(res).all()):
+            raise UsageError("forward-grad: every directional derivative is exactly 0: the objective's loss does not "
+                             "depend differentiably on the trained weights (detached, or computed through .item() / "
+                             "integer ops), or the mask leaves nothing to perturb")
+        return res
 
     def update(self, step: int, losses: torch.Tensor) -> tuple[Update, dict[str, float]]:
         if len(losses) != self.config.n_queries + 1:
