@@ -261,6 +261,8 @@ def test_refusals_are_one_line():
             make_optimizer(name, {"one_sided": True}, 0, 1)
         with pytest.raises(UsageError, match="sphere is not supported"):
             make_optimizer(name, {"sphere": True}, 0, 1)
+        with pytest.raises(UsageError, match="module_wise is not supported"):
+            make_optimizer(name, {"module_wise": True}, 0, 1)
     with pytest.raises(UsageError, match="alpha must be in"):
         make_optimizer("hizoo", {"alpha": 2.0}, 0, 1)
     with pytest.raises(UsageError, match="anchor_batch"):

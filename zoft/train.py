@@ -228,7 +228,10 @@ class Trainer:
             raise UsageError(f"no tokenizer is available offline for '{lm.name}'; pass --tokenizer PATH")
         self.model, self.tokenizer, self.kind = lm.model, lm.tokenizer, lm.kind
         _check_max_length(cfg, lm)
-        self.task = make_task(cfg.task, self.tokenizer, self.kind, cfg.max_length, **_task_options(cfg))
+        options = _task_options(cfg)
+        if getattr(self.plan, "head_chunk", None) is not None:  # the plan runs the LM head in chunks
+            options["head_chunk"] = self.plan.head_chunk
+        self.task = make_task(cfg.task, self.tokenizer, self.kind, cfg.max_length, **options)
         self.train, self.dev, self.evals = _mezo_splits(cfg, self.task, *_load_data(cfg, self.task))
         if self.dev is not None and self.dist.world_size > 1:
             raise UsageError("--num-dev (best-dev checkpoint selection) runs on one process for now; drop --nproc")

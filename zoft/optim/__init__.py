@@ -25,6 +25,7 @@ from zoft.optim.rank import (
     greedy_generate,
 )
 from zoft.optim.schedule import lr_at
+from zoft.optim.sparse import SparseMeZO, SparseMeZOConfig, magnitude_mask
 from zoft.optim.subspace import LOZO, LOZOConfig, SubZero, SubZeroConfig
 from zoft.optim.svrg import MeZOSVRG, SVRGConfig
 from zoft.optim.zo_sgd import (
@@ -55,6 +56,7 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
     "fzoo": (FZOOConfig, FZOO),
     "hizoo": (HiZOOConfig, HiZOO),
     "mezo-svrg": (SVRGConfig, MeZOSVRG),
+    "sparse-mezo": (SparseMeZOConfig, SparseMeZO),
 }
 
 
@@ -65,7 +67,7 @@ def describe(name: str) -> dict[str, Any]:
     options = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                for f in dataclasses.fields(cfg_cls)}
     return {"name": name, "paper": impl.paper, "options": options,
-            "state_bytes_per_param": 4 * impl.memory_copies, "state": impl.state_kind(),
+            "state_bytes_per_param": 4 * impl.memory_copies + getattr(impl, "mask_bytes", 0), "state": impl.state_kind(),
             "streams": impl.streams, "replays": impl.replays, "data_parallel": impl.data_parallel}
 
 
@@ -107,6 +109,8 @@ __all__ = [
     "RAdaZOConfig",
     "RankOracle",
     "RankSGDConfig",
+    "SparseMeZO",
+    "SparseMeZOConfig",
     "RewardOracle",
     "StepResult",
     "SubZero",
@@ -123,6 +127,7 @@ __all__ = [
     "greedy_generate",
     "lr_at",
     "describe",
+    "magnitude_mask",
     "make_optimizer",
     "split_candidates",
     "step",

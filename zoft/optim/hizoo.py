@@ -44,6 +44,8 @@ class HiZOOConfig(ZOConfig):
             raise ValueError("hizoo estimates curvature from L(w) and both L(w +- eps u); one_sided is not supported")
         if self.sphere:
             raise ValueError("hizoo scales its directions by the diagonal Hessian; sphere is not supported")
+        if self.module_wise:
+            raise ValueError("hizoo averages its q queries' curvature over every parameter; module_wise is not supported")
 
 
 class HiZOOUpdate(Update):

@@ -64,6 +64,9 @@ class SVRGConfig(ZOConfig):
             raise ValueError("mezo-svrg uses two-sided estimates (as published); one_sided is not supported")
         if self.sphere:
             raise ValueError("mezo-svrg probes the anchor through a stored offset; sphere is not supported")
+        if self.module_wise:
+            raise ValueError("mezo-svrg averages each estimate's directions over every parameter; module_wise is not "
+                             "supported")
 
 
 class SVRGUpdate(Update):
