@@ -303,3 +303,4 @@ def test_a_draw_waits_for_its_key_and_a_failed_update_releases_it_with_an_error(
         th.join(5)
         assert not th.is_alive()
     assert got["a"] == "drawn" and "update of 'b' failed" in got["b"]
+
