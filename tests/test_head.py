@@ -66,11 +66,13 @@ def close(a, b):
 @pytest.mark.parametrize("family", CAUSAL)
 def test_lm_loss_in_chunks_equals_full_logits_for_every_causal_family(family, placement):
     """LM loss (P = 3 probes, the head perturbed per probe) with chunks of 1 and of 3 positions
-    (3 divides no row's count of predicted tokens here: 3, 9, 6 -> uneven last chunks)."""
+    (T = 23; the rows predict 4, 22 and 20 tokens: 3 divides none, the last chunk is short)."""
     tok = make_tiny_tokenizer()
     model = tiny_model(family)
     full = make_task("lm", tok, "causal", 32)
     b = full.collate(TEXTS)
+    assert b.inputs["input_ids"].shape[1] == 23
+    assert (b.targets["labels"][:, 1:] != -100).sum(1).tolist() == [4, 22, 20]
     for chunk in (1, 3):
         ref, got = both(model, placement, full, make_task("lm", tok, "causal", 32, head_chunk=chunk), b)
         assert ref.unique().numel() == 3  # the probes differ: each call perturbed the head per probe
