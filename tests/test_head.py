@@ -225,6 +225,10 @@ def test_bad_head_chunks_and_unknown_families_are_refused_in_one_line():
     task = make_task("lm", tok, "causal", 32, head_chunk=4)
     with pytest.raises(UsageError, match=r"head_chunk: LlamaForCausalLM \(gemma2\) is not among the families"):
         task.forward(model, task.collate(TEXTS))
+    from zoft.models.adapters import apply_peft
+
+    with pytest.raises(UsageError, match="head_chunk: prompt/prefix tuning adds its virtual tokens in peft's own"):
+        split_head(apply_peft(tiny_model("llama"), "prefix", {}, seed=0))
 
 
 # --- the transient: measured live storages <= head_chunk_bytes << all logits -------------------
