@@ -100,10 +100,10 @@ DESCENT = {
     "lozo": (dict(lr=2e-3, n_queries=2, rank=2, interval=5), 150, 0.3),        # 0.049-0.077
     "subzero": (dict(lr=2e-3, n_queries=2, rank=2, interval=5), 150, 0.4),     # 0.163-0.240
     "fzoo": (dict(lr=5e-2, n=4), 60, 0.3),                                      # 0.058-0.120 (5 forwards/step)
-    "hizoo": (dict(lr=1e-2, n_queries=2, alpha=1e-3), 150, 0.3),               # 0.155-0.211
-    "mezo-svrg": (dict(lr=2e-3, anchor_lr=2e-3, n_queries=2), 150, 0.4),       # 0.135-0.254
     "sparse-mezo": (dict(lr=4e-3, n_queries=2, sparsity=0.25), 150, 0.5),  # 0.098-0.345 (a fixed 25% never moves)
     "mezo-sgd+module": (dict(lr=2e-3, n_queries=2, module_wise=True), 150, 0.3),  # 0.103-0.142
+    "hizoo": (dict(lr=1e-2, n_queries=2, alpha=1e-3), 150, 0.3),               # 0.155-0.211
+    "mezo-svrg": (dict(lr=2e-3, anchor_lr=2e-3, n_queries=2), 150, 0.4),       # 0.135-0.254
 }
 
 
@@ -339,7 +339,8 @@ def test_custom_scalar_callable_objective():
 
 def test_registry_options_and_memory_costs():
     expected = {"mezo-sgd": 0, "zo-sgd-sign": 0, "zo-sgd-cons": 0, "zo-sgd-mmt": 1, "zo-adam": 2, "r-adazo": 2,
-                "zo-ranksgd": 0, "lozo": 0, "subzero": 0, "fzoo": 0, "sparse-mezo": 0, "hizoo": 1, "mezo-svrg": 1}
+                "zo-ranksgd": 0, "lozo": 0, "subzero": 0, "fzoo": 0, "sparse-mezo": 0,
+                "hizoo": 1, "mezo-svrg": 1}
     assert {n: impl.memory_copies for n, (_, impl) in OPTIMIZERS.items()} == expected
     for name in OPTIMIZERS:  # every name accepts what zoft.train.build_optimizer passes
         opt = make_optimizer(name, {**BASE, "weight_decay": 0.0}, seed=0, total_steps=1)

@@ -54,9 +54,9 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
     "lozo": (LOZOConfig, LOZO),
     "subzero": (SubZeroConfig, SubZero),
     "fzoo": (FZOOConfig, FZOO),
+    "sparse-mezo": (SparseMeZOConfig, SparseMeZO),
     "hizoo": (HiZOOConfig, HiZOO),
     "mezo-svrg": (SVRGConfig, MeZOSVRG),
-    "sparse-mezo": (SparseMeZOConfig, SparseMeZO),
 }
 
 
