@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from zoft.engine.probes import Probe, Update
-from zoft.optim.landing import KeyClock
+from zoft.optim.landing import KeyClock, LandingUpdate
 from zoft.optim.zo_sgd import ZOSGD, ZOConfig
 
 
@@ -52,18 +52,16 @@ class SparseMeZOConfig(ZOConfig):
             raise ValueError("sparsity must be in [0, 1) (the fraction of each tensor left untouched)")
 
 
-class RemaskUpdate(Update):
-    """MeZO's seed-form step (along the masks it was estimated with), then the key's next mask."""
+class RemaskUpdate(LandingUpdate):
+    """MeZO's seed-form step (along the masks it was estimated with), then the key's next mask;
+    the key is marked landed (or failed) on ``opt.clock``."""
 
     def __init__(self, terms, decay: float, opt: "SparseMeZO"):
         super().__init__(terms=terms, decay=decay)
         self.opt = opt
         self.store = {"mask": opt.masks}  # the engine brings a streamed key's mask to its unit and back
 
-    def is_noop(self) -> bool:
-        return False  # the mask (and the clock) advance even when the step is 0
-
-    def apply(self, key, w, noise, decays):
+    def _apply(self, key, w, noise, decays):
         # CompositeNoise.axpy's arithmetic, along the masks of this update's own step (no wait: this
         # is the update the next step's draws wait for)
         inner = getattr(noise, "inner", noise)
@@ -75,7 +73,6 @@ class RemaskUpdate(Update):
         h = self.opt.thresholds.get(key)
         if h is not None:
             self.opt.masks[key] = w.abs() <= h
-        self.opt.clock.land(key)
 
     def record(self) -> dict:
         return {"terms": [[s, c] for s, c in self.terms], "decay": self.decay, "remask": True}
