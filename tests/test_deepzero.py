@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from eval_helpers import one_torch_thread  # noqa: F401  (tiny convolutions: one intra-op thread)
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,22 +29,18 @@ from zoft.tasks.tensor import TensorClassify, tensor_batch
 OBJ = TensorClassify()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: one intra-op thread is many times faster on shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def seeded(build, seed: int):
+    """``build()`` with torch's default initialisation drawn from ``seed`` (global RNG left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().double()
 
 
 def cnn(seed: int = 0) -> nn.Sequential:
-    """(R, 1, 6, 6) -> (R, 3): conv 1->2, relu, maxpool, conv 2->2, relu, flatten, linear."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
+    """(R, 1, 6, 6) -> (R, 3): conv 1->2, relu, maxpool, conv 2->2, tanh, flatten, linear."""
+    return seeded(lambda: nn.Sequential(
         nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3),
-    ).double()
+        nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)), seed)
 
 
 def data(rows: int = 4, seed: int = 1):
@@ -192,8 +189,7 @@ def test_cge_feature_reuse_counts_fewer_flops_per_step():
 
 # -- ZO-GraSP ------------------------------------------------------------------------------------
 def test_zo_grasp_scores_match_a_hand_computation():
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    model = seeded(lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), 3)
     g = torch.Generator().manual_seed(4)
     batch = tensor_batch(torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (6,), generator=g))
     q, mu, seed = 3, 1e-2, 7
@@ -227,8 +223,8 @@ def test_zo_grasp_scores_match_a_hand_computation():
 
 
 def test_global_mask_is_torch_global_l1_pruning_and_ratios_follow():
-    torch.manual_seed(5)
-    scores = {"a": torch.randn(4, 5), "b": torch.randn(7)}
+    g = torch.Generator().manual_seed(5)
+    scores = {"a": torch.randn(4, 5, generator=g), "b": torch.randn(7, generator=g)}
     mask = global_mask(scores, 0.6)
     # torch's own global pruning of the same scores (what DeepZero's global_prune calls)
     mods = {k: nn.Module() for k in scores}
