@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zoft: error: unknown method(s) {unknown}; choose from {METHODS}", file=sys.stderr)
         return 2
     if args.quick:
-        args.budget, args.points, args.grasp_queries, args.fo_steps = 2500, 3, 4, 50
+        args.budget, args.points, args.grasp_queries, args.fo_steps = 600, 3, 4, 20
     train, test = load(args.seed)
     results = {}
     for m in methods:

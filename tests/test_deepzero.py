@@ -290,3 +290,27 @@ def test_cge_run_replays_bitwise_from_its_stored_updates():
         eng.flush()
     for n, p in fresh.named_parameters():
         assert torch.equal(p.detach(), trained[n]), n
+
+
+# -- the demo ------------------------------------------------------------------------------------
+def test_digits_demo_quick_run(tmp_path):
+    from test_bench_smoke import load_bench
+    threads = torch.get_num_threads()
+    try:
+        rc = load_bench("deepzero_digits").main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    res = json.loads((tmp_path / "deepzero_digits.json").read_text())
+    assert set(res["results"]) == {"fo-sgd", "mezo-sgd", "zo-sgd-mmt", "cge", "sparse-cge", "sparse-cge-fixed"}
+    for name, r in res["results"].items():
+        passes = [q for q, _ in r["curve"]]
+        assert passes == sorted(passes) and all(0.0 <= a <= 1.0 for _, a in r["curve"])
+        assert passes[-1] >= (20 if name == "fo-sgd" else 600)  # --quick: 600 passes, FO stops at 20 steps
+    sparse = res["results"]["sparse-cge"]
+    assert set(sparse["layer_ratios"]) == {"0.weight", "3.weight", "7.weight"}
+    sizes = {"0.weight": 72, "3.weight": 1152, "7.weight": 640}  # round(0.9 * 1864) pruned in all
+    assert round(sum(sizes[k] * r for k, r in sparse["layer_ratios"].items())) == round(0.9 * 1864)
+    assert sparse["queries_per_step"] == 1 + (1864 - round(0.9 * 1864)) + 8 + 16 + 10  # base, kept weights, biases
+    assert res["flops"]["cge_reuse"] < res["flops"]["cge_full"] == res["flops"]["forward"]
+    assert (tmp_path / "deepzero_digits.png").stat().st_size > 0
