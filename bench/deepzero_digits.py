@@ -24,7 +24,9 @@ Methods (each through ``zoft.optim.step`` on a ``ZOEngine``, except first-order 
   training images per class, q 192, mu 5e-3) give the layer-wise sparsity ratios; each step
   estimates and updates a random mask with those ratios per layer (biases dense), re-drawn every 5
   epochs; ZO-GraSP's 2 x 193 forward passes of 250 images count as 1508 passes of 64;
-- ``sparse-cge-fixed``: the ZO-GraSP global mask itself, fixed.
+- ``sparse-cge-fixed``: the ZO-GraSP global mask itself, fixed;
+- ``mezo-sgd-grasp``: MeZO-SGD's random directions restricted to that fixed ZO-GraSP mask through
+  the ZO-SGD family's perturbation mask (``set_mask``: the mask an LLM optimizer would take).
 
 A forward pass is one batch of 64 through the model (CGE with feature reuse runs the layers
 before the perturbed one once per phase: its FLOPs per pass are lower, reported separately).
@@ -48,7 +50,7 @@ from zoft.optim.cge import CGE, CGEConfig
 from zoft.optim.zo_grasp import LayerwiseRandomMask, global_mask, layer_ratios, prunable_keys, zo_grasp_scores
 from zoft.tasks.tensor import TensorClassify, tensor_batch
 
-METHODS = ["fo-sgd", "mezo-sgd", "zo-sgd-mmt", "cge", "sparse-cge", "sparse-cge-fixed"]
+METHODS = ["fo-sgd", "mezo-sgd", "zo-sgd-mmt", "cge", "sparse-cge", "sparse-cge-fixed", "mezo-sgd-grasp"]
 OBJ = TensorClassify()
 BATCH = 64
 
@@ -116,24 +118,26 @@ def run(method: str, args, train, test) -> dict:
             curve.append((used, OBJ.accuracy(model, test_batch)))
         return {"curve": curve, "steps": t, "seconds": time.time() - t0, "queries_per_step": 1}
     eng = ZOEngine(model)
-    if method in ("mezo-sgd", "zo-sgd-mmt"):
-        opts = {"lr": args.lr.get(method, 1e-3), "eps": 1e-3}
-        if method == "zo-sgd-mmt":
-            opts["momentum"] = 0.9
-        opt = make_optimizer(method, opts, seed=args.seed, total_steps=1)
+    gmask = None
+    if "sparse" in method or "grasp" in method:
+        ref = per_class(train, 25)
+        scores = zo_grasp_scores(eng, ref, OBJ, queries=args.grasp_queries, eps=5e-3, seed=args.seed)
+        gmask = global_mask(scores, args.sparsity)
+        used = math.ceil(2 * (args.grasp_queries + 1) * len(ref.targets["y"]) / BATCH)
+        info = {"layer_ratios": layer_ratios(gmask), "grasp_passes": used}
+    if method.startswith(("mezo-sgd", "zo-sgd-mmt")):
+        name = "zo-sgd-mmt" if method == "zo-sgd-mmt" else "mezo-sgd"
+        opts = {"lr": args.lr.get(method, 1e-3), "eps": 1e-3, **({"momentum": 0.9} if name == "zo-sgd-mmt" else {})}
+        opt = make_optimizer(name, opts, seed=args.seed, total_steps=1)
+        if gmask is not None:
+            opt.set_mask(gmask)
     else:
-        mask = None
-        if method.startswith("sparse"):
-            ref = per_class(train, 25)
-            scores = zo_grasp_scores(eng, ref, OBJ, queries=args.grasp_queries, eps=5e-3, seed=args.seed)
-            gmask = global_mask(scores, args.sparsity)
-            ratios = layer_ratios(gmask)
-            used = math.ceil(2 * (args.grasp_queries + 1) * len(ref.targets["y"]) / BATCH)
-            info = {"layer_ratios": ratios, "grasp_passes": used}
+        mask = gmask
+        if method == "sparse-cge":
             shapes = {k: eng.params[k].shape for k in prunable_keys(model)}
-            mask = gmask if method.endswith("fixed") else LayerwiseRandomMask(
-                ratios, shapes, seed=args.seed, interval=5 * steps_per_epoch(train))
-        opt = CGE(CGEConfig(lr=args.lr.get(method, 0.1)), layout=eng.layout, mask=mask)
+            mask = LayerwiseRandomMask(info["layer_ratios"], shapes, seed=args.seed,
+                                       interval=5 * steps_per_epoch(train))
+        opt = CGE(CGEConfig(lr=args.lr.get(method, 0.1)), mask=mask)
     t = 0
     while used < args.budget:
         batch = next(stream)
@@ -165,7 +169,7 @@ def flops_per_pass(train, seed: int) -> dict:
     out["forward"] = fc.get_total_flops()
     for reuse in (False, True):
         with ZOEngine(make_model(seed)) as eng:
-            opt = CGE(CGEConfig(feature_reuse=reuse), layout=eng.layout)
+            opt = CGE(CGEConfig(feature_reuse=reuse))
             with FlopCounterMode(display=False) as fc:
                 res = step(eng, opt, batch, OBJ, 0)
             out["cge_reuse" if reuse else "cge_full"] = fc.get_total_flops() / len(res.losses)
@@ -209,7 +213,7 @@ def table(results: dict, flops: dict, budget: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--budget", type=int, default=60000, help="forward passes per method")
+    p.add_argument("--budget", type=int, default=20000, help="forward passes per method")
     p.add_argument("--points", type=int, default=25)
     p.add_argument("--fo-steps", type=int, default=3000, help="first-order SGD stops here (converged)")
     p.add_argument("--sparsity", type=float, default=0.9)

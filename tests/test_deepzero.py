@@ -119,7 +119,7 @@ def test_cge_equals_finite_differences_by_hand(one_sided, reuse, block):
             g[lo:lo + block] = (plus - other) / (mu if one_sided else 2 * mu)
         expected[n] = g
     with ZOEngine(model) as eng:
-        opt = CGE(CGEConfig(eps=mu, one_sided=one_sided, block=block, feature_reuse=reuse), layout=eng.layout)
+        opt = CGE(CGEConfig(eps=mu, one_sided=one_sided, block=block, feature_reuse=reuse))
         res = step(eng, opt, batch, OBJ, 0)
         got = opt.gradient(res.losses)
     d = sum(p.numel() for p in model.parameters())
@@ -179,7 +179,7 @@ def test_cge_feature_reuse_counts_fewer_flops_per_step():
     flops = {}
     for reuse in (False, True):
         with ZOEngine(copy.deepcopy(model)) as eng:
-            opt = CGE(CGEConfig(feature_reuse=reuse), layout=eng.layout)
+            opt = CGE(CGEConfig(feature_reuse=reuse))
             with FlopCounterMode(display=False) as fc:
                 res = step(eng, opt, batch, OBJ, 0)
             flops[reuse] = (fc.get_total_flops(), res.losses)
@@ -258,7 +258,7 @@ def test_sparse_cge_never_changes_unmasked_coordinates():
     masks = LayerwiseRandomMask({"0.weight": 0.5, "3.weight": 0.8, "6.weight": 0.9}, shapes, seed=2, interval=2)
     ever = {k: torch.zeros(s, dtype=torch.bool) for k, s in shapes.items()}
     with ZOEngine(model) as eng:
-        opt = CGE(CGEConfig(lr=0.5, weight_decay=0.1, momentum=0.9), layout=eng.layout, mask=masks)
+        opt = CGE(CGEConfig(lr=0.5, weight_decay=0.1, momentum=0.9), mask=masks)
         for t in range(4):
             res = step(eng, opt, batch, OBJ, t)
             assert len(res.losses) == 1 + sum(int(m.sum()) for m in masks(t).values()) + 2 + 2 + 3  # biases dense
@@ -276,7 +276,7 @@ def test_cge_run_replays_bitwise_from_its_stored_updates():
     model = cnn()
     lines = []
     with ZOEngine(model) as eng:
-        opt = CGE(CGEConfig(lr=0.3, momentum=0.9, weight_decay=0.01, one_sided=False), layout=eng.layout)
+        opt = CGE(CGEConfig(lr=0.3, momentum=0.9, weight_decay=0.01, one_sided=False))
         for t in range(3):
             res = step(eng, opt, batch, OBJ, t)
             lines.append(json.dumps(update_record(res.update)))  # what trajectory.jsonl stores
@@ -284,7 +284,7 @@ def test_cge_run_replays_bitwise_from_its_stored_updates():
     assert all(json.loads(line)["coords"] for line in lines)  # explicit values, no seeds
     fresh = cnn()
     with ZOEngine(fresh) as eng:
-        reader = CGE(CGEConfig(), layout=eng.layout)
+        reader = CGE(CGEConfig())
         for line in lines:
             eng.set_update(reader.update_from_record(json.loads(line)))
         eng.flush()
@@ -302,7 +302,8 @@ def test_digits_demo_quick_run(tmp_path):
         torch.set_num_threads(threads)
     assert rc == 0
     res = json.loads((tmp_path / "deepzero_digits.json").read_text())
-    assert set(res["results"]) == {"fo-sgd", "mezo-sgd", "zo-sgd-mmt", "cge", "sparse-cge", "sparse-cge-fixed"}
+    assert set(res["results"]) == {"fo-sgd", "mezo-sgd", "zo-sgd-mmt", "cge", "sparse-cge", "sparse-cge-fixed",
+                                   "mezo-sgd-grasp"}
     for name, r in res["results"].items():
         passes = [q for q, _ in r["curve"]]
         assert passes == sorted(passes) and all(0.0 <= a <= 1.0 for _, a in r["curve"])
@@ -314,3 +315,24 @@ def test_digits_demo_quick_run(tmp_path):
     assert sparse["queries_per_step"] == 1 + (1864 - round(0.9 * 1864)) + 8 + 16 + 10  # base, kept weights, biases
     assert res["flops"]["cge_reuse"] < res["flops"]["cge_full"] == res["flops"]["forward"]
     assert (tmp_path / "deepzero_digits.png").stat().st_size > 0
+
+
+def test_zo_grasp_mask_goes_through_the_zo_sgd_family_mask():
+    """The ZO-GraSP mask restricts MeZO's random directions through ``set_mask`` (the family's
+    perturbation mask): coordinates outside it keep their bytes, the kept ones move."""
+    from zoft.optim import make_optimizer
+    model, batch = cnn(), data()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ZOEngine(model) as eng:
+        mask = global_mask(zo_grasp_scores(eng, batch, OBJ, queries=4, seed=1), 0.7)
+        opt = make_optimizer("mezo-sgd", {"lr": 1e-2, "eps": 1e-3}, seed=0, total_steps=3)
+        opt.set_mask(mask)
+        for t in range(3):
+            step(eng, opt, batch, OBJ, t)
+        eng.flush()
+    for n, p in model.named_parameters():
+        p = p.detach()
+        if n in mask:
+            assert torch.equal(p[~mask[n]], w0[n][~mask[n]]) and bool((p[mask[n]] != w0[n][mask[n]]).all())
+        else:  # biases: not scored, dense
+            assert bool((p != w0[n]).all())

@@ -24,8 +24,8 @@ and only coordinates in S move, so a sparse run never changes the others.)
 step's plan, to ``e_B`` for its parameter and to zeros for every other one, so the engine's
 ordinary probe batching evaluates CGE (P probes of one step in one forward of P*R rows).
 
-**Feature reuse.** A perturbation of unit k changes only what runs from k on. With ``layout``
-given, a step's blocks are grouped by unit and each unit's blocks form one phase
+**Feature reuse.** A perturbation of unit k changes only what runs from k on. A step's blocks
+are grouped by the engine's units (``bind_engine``) and each unit's blocks form one phase
 (``more_probes``); the phase's ``fan_out_at`` is that unit, so the engine runs the units before it
 once on the R rows and fans the result out to the phase's probes (``ZOEngine.evaluate``). The
 base query rides in the first phase. Each phase recomputes its prefix once (R rows), against
@@ -121,22 +121,20 @@ class CoordinateUpdate(Update):
 class CGE:
     """Coordinate-wise gradient estimation (DeepZero) over ``mask`` (None: every trainable
     coordinate; a dict key -> bool tensor, keys absent from it dense; or a callable
-    ``step -> dict``, e.g. ``zoft.optim.zo_grasp.LayerwiseRandomMask``).
-
-    layout: the engine's ``Layout`` (``engine.layout``): groups the blocks by unit for feature
-            reuse. Without it every probe of a step goes through one full forward.
+    ``step -> dict``, e.g. ``zoft.optim.zo_grasp.LayerwiseRandomMask``). The engine's layout
+    (``bind_engine``, called by ``zoft.optim.bind``) groups the blocks by unit for feature reuse.
     """
 
     name = "cge"
     paper = "Chen et al., DeepZero: Scaling up Zeroth-Order Optimization for Deep Model Training (ICLR 2024)"
     memory_copies = 1  # the momentum buffer (0 with momentum 0)
 
-    def __init__(self, config: CGEConfig, seed: int = 0, total_steps: int = 1, layout: Any = None,
+    def __init__(self, config: CGEConfig, seed: int = 0, total_steps: int = 1,
                  mask: Mask | Callable[[int], Mask] | None = None):
         self.config = config
         self.seed = seed
         self.total_steps = total_steps
-        self.layout = layout
+        self.layout: Any = None
         self.mask = mask
         self._params: dict[str, torch.Tensor] | None = None
         self._zeros: dict[tuple, torch.Tensor] = {}  # read-only zero directions by (shape, dtype, device)
@@ -147,6 +145,9 @@ class CGE:
     # -- binding and directions ------------------------------------------------------------
     def bind(self, params: dict[str, torch.Tensor], noise: Any) -> None:
         self._params = params
+
+    def bind_engine(self, engine: Any) -> None:
+        self.layout = engine.layout
 
     def direction_shaper(self):
         return self.direction
