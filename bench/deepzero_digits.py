@@ -9,24 +9,28 @@ Data: ``sklearn.datasets.load_digits`` (1797 8x8 images, pixel values / 16), a f
 conv 8->16 (3x3), relu, maxpool 2, linear 64->10 (1898 parameters), fp32, PyTorch's default init
 drawn from ``--seed``. Every method trains the same initial model on the same sequence of batches
 of 64 (one seeded permutation per epoch) and is stopped when it has spent ``--budget`` forward
-passes; held-out accuracy is measured at 25 points along the way.
+passes; held-out accuracy is measured at 25 log-spaced points along the way.
 
 Methods (each through ``zoft.optim.step`` on a ``ZOEngine``, except first-order SGD):
 
 - ``fo-sgd``: torch SGD, lr 0.1, momentum 0.9 (one forward and one backward per step; the
   backward is not counted as forward passes: ~2 forwards of compute);
 - ``mezo-sgd``: random Gaussian directions, two-sided, one direction per step (MeZO-SGD, no
-  momentum, as published), lr from a sweep (see ``docs/deepzero.md``), eps 1e-3;
-- ``zo-sgd-mmt``: the same random directions with momentum 0.9 (separates estimator from momentum);
-- ``cge``: DeepZero's CGE over all 1898 coordinates (one-sided, mu 5e-3, lr 0.1, momentum 0.9,
-  weight decay 5e-4, feature reuse): 1899 forward passes per step;
+  momentum, as published), eps 1e-3, lr 1e-3 (every ZO lr is the best of a small sweep at this
+  budget, ``docs/deepzero.md``);
+- ``zo-sgd-mmt``: the same random directions with momentum 0.9, lr 1e-4 (separates the estimator
+  from CGE's momentum);
+- ``cge``: DeepZero's CGE over all 1898 coordinates (one-sided, mu 5e-3, momentum 0.9, weight
+  decay 5e-4, feature reuse: DeepZero's defaults; lr 0.3, DeepZero's 0.1 gave less): 1899 forward
+  passes per step;
 - ``sparse-cge``: DeepZero's protocol at sparsity 0.9: ZO-GraSP scores at initialisation (25
   training images per class, q 192, mu 5e-3) give the layer-wise sparsity ratios; each step
   estimates and updates a random mask with those ratios per layer (biases dense), re-drawn every 5
-  epochs; ZO-GraSP's 2 x 193 forward passes of 250 images count as 1508 passes of 64;
-- ``sparse-cge-fixed``: the ZO-GraSP global mask itself, fixed;
+  epochs, lr 0.3; ZO-GraSP's 2 x 193 forward passes of 250 images count as 1508 passes of 64;
+- ``sparse-cge-fixed``: the ZO-GraSP global mask itself, fixed, lr 0.3;
 - ``mezo-sgd-grasp``: MeZO-SGD's random directions restricted to that fixed ZO-GraSP mask through
-  the ZO-SGD family's perturbation mask (``set_mask``: the mask an LLM optimizer would take).
+  the ZO-SGD family's perturbation mask (``set_mask``: the mask an LLM optimizer would take),
+  lr 1e-2.
 
 A forward pass is one batch of 64 through the model (CGE with feature reuse runs the layers
 before the perturbed one once per phase: its FLOPs per pass are lower, reported separately).
@@ -98,7 +102,8 @@ def steps_per_epoch(train) -> int:
 def run(method: str, args, train, test) -> dict:
     model = make_model(args.seed)
     test_batch = tensor_batch(*test)
-    marks = [round(args.budget * (i + 1) / args.points) for i in range(args.points)]
+    # log-spaced from 10 passes to the budget: first-order SGD's early steps show on the same axis
+    marks = sorted({round(10 * (args.budget / 10) ** (i / (args.points - 1))) for i in range(args.points)})
     curve: list[tuple[int, float]] = [(0, OBJ.accuracy(model, test_batch))]
     stream = batches(train, args.seed)
     used, t0, info = 0, time.time(), {}
@@ -196,13 +201,16 @@ def plot(results: dict, path: Path, budget: int) -> None:
 
 
 def table(results: dict, flops: dict, budget: int) -> str:
-    lines = ["| method | steps | passes / step | final acc (%) | best acc (%) | acc at 10% of budget (%) | wall (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | steps | passes / step | final acc (%) | best acc (%) | acc at 10% of budget (%) "
+             "| passes to 50% | wall (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         accs = [a for _, a in r["curve"]]
         early = [a for q, a in r["curve"] if q <= budget / 10]
+        half = next((q for q, a in r["curve"] if a >= 0.5), None)
         lines.append(f"| {name} | {r['steps']} | {r['queries_per_step']:.0f} | {100 * accs[-1]:.1f} | "
-                     f"{100 * max(accs):.1f} | {100 * early[-1]:.1f} | {r['seconds']:.0f} |")
+                     f"{100 * max(accs):.1f} | {100 * early[-1]:.1f} | {'-' if half is None else half} | "
+                     f"{r['seconds']:.0f} |")
     lines.append("")
     lines.append(f"FLOPs per forward pass (torch.utils.flop_counter): plain forward {flops['forward']:,}; "
                  f"one CGE step without feature reuse {flops['cge_full']:,.0f}, with feature reuse "
@@ -213,12 +221,13 @@ def table(results: dict, flops: dict, budget: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--budget", type=int, default=20000, help="forward passes per method")
+    p.add_argument("--budget", type=int, default=30000, help="forward passes per method")
     p.add_argument("--points", type=int, default=25)
     p.add_argument("--fo-steps", type=int, default=3000, help="first-order SGD stops here (converged)")
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--grasp-queries", type=int, default=192)
-    p.add_argument("--lr", default="mezo-sgd=1e-3,zo-sgd-mmt=1e-4", help="per method: name=lr,...")
+    p.add_argument("--lr", default="mezo-sgd=1e-3,zo-sgd-mmt=1e-4,mezo-sgd-grasp=1e-2,cge=0.3,sparse-cge=0.3,"
+                   "sparse-cge-fixed=0.3", help="per method: name=lr,... (fo-sgd: 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")

@@ -336,3 +336,11 @@ def test_zo_grasp_mask_goes_through_the_zo_sgd_family_mask():
             assert torch.equal(p[~mask[n]], w0[n][~mask[n]]) and bool((p[mask[n]] != w0[n][mask[n]]).all())
         else:  # biases: not scored, dense
             assert bool((p != w0[n]).all())
+
+
+def test_cge_mask_naming_no_parameter_is_one_clear_error():
+    from zoft.errors import UsageError
+    with ZOEngine(cnn()) as eng:
+        opt = CGE(CGEConfig(), mask={"0.weigth": torch.ones(2, 1, 3, 3, dtype=torch.bool)})
+        with pytest.raises(UsageError, match="0.weigth"):
+            step(eng, opt, data(), OBJ, 0)

@@ -48,6 +48,7 @@ from typing import Any, Callable
 import torch
 
 from zoft.engine.probes import Probe, Update
+from zoft.errors import UsageError
 from zoft.optim.schedule import Schedule, lr_at
 
 Mask = dict[str, torch.Tensor]  # key -> bool tensor of the parameter's shape (True: in the set)
@@ -175,6 +176,10 @@ class CGE:
         if self._params is None:
             raise RuntimeError("cge: call zoft.optim.bind(optimizer, engine) first (zoft.optim.step does it)")
         mask = self.mask(step) if callable(self.mask) else self.mask
+        for k, m in (mask or {}).items():
+            if k not in self._params or tuple(m.shape) != tuple(self._params[k].shape):
+                raise UsageError(f"cge: the mask of {k!r} matches no trainable parameter of that shape "
+                                 "(keys are engine.params' names)")
         out = {}
         for k, p in self._params.items():
             m = None if mask is None else mask.get(k)
