@@ -20,7 +20,7 @@ from zoft.engine.core import ZOEngine
 from zoft.engine.probes import Probe
 from zoft.models.layout import discover_layout
 from zoft.noise import make_noise, step_seed
-from zoft.optim import bind, step
+from zoft.optim import bind, make_optimizer, step
 from zoft.optim.cge import CGE, CGEConfig
 from zoft.optim.zo_grasp import LayerwiseRandomMask, global_mask, layer_ratios, prunable_keys, zo_grasp_scores
 from zoft.optim.zo_sgd import update_record
@@ -320,7 +320,6 @@ def test_digits_demo_quick_run(tmp_path):
 def test_zo_grasp_mask_goes_through_the_zo_sgd_family_mask():
     """The ZO-GraSP mask restricts MeZO's random directions through ``set_mask`` (the family's
     perturbation mask): coordinates outside it keep their bytes, the kept ones move."""
-    from zoft.optim import make_optimizer
     model, batch = cnn(), data()
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     with ZOEngine(model) as eng:
@@ -344,3 +343,24 @@ def test_cge_mask_naming_no_parameter_is_one_clear_error():
         opt = CGE(CGEConfig(), mask={"0.weigth": torch.ones(2, 1, 3, 3, dtype=torch.bool)})
         with pytest.raises(UsageError, match="0.weigth"):
             step(eng, opt, data(), OBJ, 0)
+
+
+def test_zo_grasp_mask_on_a_language_model_through_set_mask():
+    """ZO-GraSP on a (tiny) Hugging Face LM: every Linear weight scored, the mask handed to MeZO-SGD."""
+    from test_engine import TokenNLL, make_batch
+    from tiny_models import tiny_model
+    model, batch, obj = tiny_model("opt"), make_batch("opt"), TokenNLL(causal=True)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ZOEngine(model) as eng:
+        mask = global_mask(zo_grasp_scores(eng, batch, obj, queries=2, seed=0), 0.9)
+        assert len(mask) == 1 + 6 * len(eng.layout.blocks)  # q, k, v, out, fc1, fc2 per block; lm_head (tied)
+        opt = make_optimizer("mezo-sgd", {"lr": 1e-3, "eps": 1e-3}, seed=0, total_steps=2)
+        opt.set_mask(mask)
+        for t in range(2):
+            step(eng, opt, batch, obj, t)
+        eng.flush()
+    for n, p in model.named_parameters():
+        if n in mask:
+            assert torch.equal(p.detach()[~mask[n]], w0[n][~mask[n]]), n
+    kept = sum(int(m.sum()) for m in mask.values())
+    assert kept == sum(m.numel() for m in mask.values()) - round(0.9 * sum(m.numel() for m in mask.values()))

@@ -34,8 +34,8 @@ forward of the prefix per unit and step.
 
 **Updates are not seed form.** G is a value per coordinate, not a function of a few seeds, so
 the update (``CoordinateUpdate``) carries its coordinates and their applied change explicitly:
-``record()`` writes them into the trajectory line (4-8 bytes of JSON text per coordinate and
-step, not kilobytes per step) and ``update_from_record`` rebuilds the same update, so replay
+``record()`` writes them into the trajectory line (~25 bytes of JSON text per coordinate and
+step, where a seed-form line is a few bytes per query) and ``update_from_record`` rebuilds the same update, so replay
 re-applies exactly the stored values (bitwise, tested). Not registered in ``OPTIMIZERS``: a CLI
 run of an LLM would query every coordinate of billions per step; use it from Python on models
 whose coordinate set is small (``docs/deepzero.md``).
