@@ -317,18 +317,24 @@ def test_digits_demo_quick_run(tmp_path):
     assert (tmp_path / "deepzero_digits.png").stat().st_size > 0
 
 
+def grasp_masked_mezo(model, batch, obj, sparsity: float, queries: int, steps: int, lr: float):
+    """ZO-GraSP's global mask of ``model``, then ``steps`` MeZO-SGD steps restricted to it through
+    the ZO-SGD family's ``set_mask``; returns (initial weights, mask)."""
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ZOEngine(model) as eng:
+        mask = global_mask(zo_grasp_scores(eng, batch, obj, queries=queries, seed=1), sparsity)
+        opt = make_optimizer("mezo-sgd", {"lr": lr, "eps": 1e-3}, seed=0, total_steps=steps)
+        opt.set_mask(mask)
+        for t in range(steps):
+            step(eng, opt, batch, obj, t)
+    return w0, mask
+
+
 def test_zo_grasp_mask_goes_through_the_zo_sgd_family_mask():
     """The ZO-GraSP mask restricts MeZO's random directions through ``set_mask`` (the family's
     perturbation mask): coordinates outside it keep their bytes, the kept ones move."""
-    model, batch = cnn(), data()
-    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with ZOEngine(model) as eng:
-        mask = global_mask(zo_grasp_scores(eng, batch, OBJ, queries=4, seed=1), 0.7)
-        opt = make_optimizer("mezo-sgd", {"lr": 1e-2, "eps": 1e-3}, seed=0, total_steps=3)
-        opt.set_mask(mask)
-        for t in range(3):
-            step(eng, opt, batch, OBJ, t)
-        eng.flush()
+    model = cnn()
+    w0, mask = grasp_masked_mezo(model, data(), OBJ, sparsity=0.7, queries=4, steps=3, lr=1e-2)
     for n, p in model.named_parameters():
         p = p.detach()
         if n in mask:
@@ -349,16 +355,11 @@ def test_zo_grasp_mask_on_a_language_model_through_set_mask():
     """ZO-GraSP on a (tiny) Hugging Face LM: every Linear weight scored, the mask handed to MeZO-SGD."""
     from test_engine import TokenNLL, make_batch
     from tiny_models import tiny_model
-    model, batch, obj = tiny_model("opt"), make_batch("opt"), TokenNLL(causal=True)
-    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with ZOEngine(model) as eng:
-        mask = global_mask(zo_grasp_scores(eng, batch, obj, queries=2, seed=0), 0.9)
-        assert len(mask) == 1 + 6 * len(eng.layout.blocks)  # q, k, v, out, fc1, fc2 per block; lm_head (tied)
-        opt = make_optimizer("mezo-sgd", {"lr": 1e-3, "eps": 1e-3}, seed=0, total_steps=2)
-        opt.set_mask(mask)
-        for t in range(2):
-            step(eng, opt, batch, obj, t)
-        eng.flush()
+    model = tiny_model("opt")
+    w0, mask = grasp_masked_mezo(model, make_batch("opt"), TokenNLL(causal=True), sparsity=0.9, queries=2, steps=2,
+                                 lr=1e-3)
+    n_blocks = len(discover_layout(model).blocks)
+    assert len(mask) == 1 + 6 * n_blocks  # q, k, v, out, fc1, fc2 per block; lm_head (tied to the embedding)
     for n, p in model.named_parameters():
         if n in mask:
             assert torch.equal(p.detach()[~mask[n]], w0[n][~mask[n]]), n
