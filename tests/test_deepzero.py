@@ -240,6 +240,11 @@ def test_zo_grasp_scores_match_a_hand_computation():
     for k in keys:
         torch.testing.assert_close(scores[k], expected[k], rtol=1e-8, atol=1e-9)
     assert all(torch.equal(w[n], p) for n, p in model.named_parameters())  # no weight was written
+    # the mask at sparsity 0.5 keeps the 10 of 20 weights with the largest |S| by hand (no ties here)
+    flat = torch.cat([expected[k].abs().reshape(-1) for k in keys])
+    cut = flat.sort(descending=True).values[flat.numel() - round(0.5 * flat.numel()) - 1]
+    mask = global_mask(scores, 0.5)
+    assert all(torch.equal(mask[k], expected[k].abs() >= cut) for k in keys)
 
 
 def test_global_mask_is_torch_global_l1_pruning_and_ratios_follow():
