@@ -174,6 +174,26 @@ def test_fan_out_unit_must_exist_and_run():
         assert all(torch.equal(w0[n], p) for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("reuse", [False, True])
+def test_cge_probes_are_batched_one_forward_per_phase(reuse):
+    """A CGE step is batched through the engine: one model forward per phase (one phase per unit with
+    feature reuse, one in all without) that returns the phase's P_k probes as P_k * R rows; with
+    feature reuse the model takes the batch's R rows once and fans out inside."""
+    model, batch = cnn(), data()
+    R = 4
+    calls: list[list[int]] = []
+    model.register_forward_pre_hook(lambda m, a: calls.append([a[0].shape[0]]))  # rows in, rows out
+    model.register_forward_hook(lambda m, a, out: calls[-1].append(out.shape[0]))
+    with ZOEngine(model) as eng:
+        res = step(eng, CGE(CGEConfig(feature_reuse=reuse)), batch, OBJ, 0)
+    # coordinates per unit: conv 1->2 (18 + 2), conv 2->2 (36 + 2), linear 18->3 (54 + 3); the base rides in phase 0
+    if reuse:
+        assert calls == [[R, 21 * R], [R, 38 * R], [R, 57 * R]]
+    else:
+        assert calls == [[116 * R, 116 * R]]
+    assert len(res.losses) == 116
+
+
 def test_cge_feature_reuse_counts_fewer_flops_per_step():
     model, batch = cnn(), data()
     flops = {}
@@ -220,6 +240,11 @@ def test_zo_grasp_scores_match_a_hand_computation():
     for k in keys:
         torch.testing.assert_close(scores[k], expected[k], rtol=1e-8, atol=1e-9)
     assert all(torch.equal(w[n], p) for n, p in model.named_parameters())  # no weight was written
+    # the mask at sparsity 0.5 keeps the 10 of 20 weights with the largest |S| by hand (no ties here)
+    flat = torch.cat([expected[k].abs().reshape(-1) for k in keys])
+    cut = flat.sort(descending=True).values[flat.numel() - round(0.5 * flat.numel()) - 1]
+    mask = global_mask(scores, 0.5)
+    assert all(torch.equal(mask[k], expected[k].abs() >= cut) for k in keys)
 
 
 def test_global_mask_is_torch_global_l1_pruning_and_ratios_follow():
@@ -235,8 +260,9 @@ def test_global_mask_is_torch_global_l1_pruning_and_ratios_follow():
     for k in scores:
         assert torch.equal(mask[k], mods[k].weight_mask.bool())
     assert sum(int(m.sum()) for m in mask.values()) == 27 - round(0.6 * 27)
+    # DeepZero's layer_sparsity: the fraction of exact zeros in each pruned weight (weights of ones here)
     ratios = layer_ratios(mask)
-    assert ratios == {k: 1 - mask[k].double().mean().item() for k in scores}
+    assert ratios == {k: float(torch.sum(mods[k].weight == 0)) / mods[k].weight.numel() for k in scores}
 
 
 def test_layerwise_random_masks_keep_ratios_and_redraw_per_interval():
@@ -248,6 +274,11 @@ def test_layerwise_random_masks_keep_ratios_and_redraw_per_interval():
     assert not torch.equal(m0["a"], m3["a"]) and int(m3["a"].sum()) == 10
     again = LayerwiseRandomMask({"a": 0.9, "b": 0.5}, shapes, seed=1, interval=3)(4)
     assert all(torch.equal(again[k], m3[k]) for k in shapes)  # a pure function of (seed, period, key)
+    for k, r in {"a": 0.9, "b": 0.5}.items():  # as many kept as DeepZero's prune.random_unstructured keeps
+        m = nn.Module()
+        m.register_parameter("weight", nn.Parameter(torch.ones(shapes[k])))
+        prune.random_unstructured(m, "weight", r)
+        assert int(m.weight_mask.sum()) == int(m0[k].sum())
 
 
 # -- sparse training and replay -------------------------------------------------------------------
@@ -307,7 +338,7 @@ def test_digits_demo_quick_run(tmp_path):
     for name, r in res["results"].items():
         passes = [q for q, _ in r["curve"]]
         assert passes == sorted(passes) and all(0.0 <= a <= 1.0 for _, a in r["curve"])
-        assert passes[-1] >= (20 if name == "fo-sgd" else 600)  # --quick: 600 passes, FO stops at 20 steps
+        assert passes[-1] >= (20 if name == "fo-sgd" else 200)  # --quick: 200 passes, FO stops at 20 steps
     sparse = res["results"]["sparse-cge"]
     assert set(sparse["layer_ratios"]) == {"0.weight", "3.weight", "7.weight"}
     sizes = {"0.weight": 72, "3.weight": 1152, "7.weight": 640}  # round(0.9 * 1864) pruned in all
@@ -365,3 +396,14 @@ def test_zo_grasp_mask_on_a_language_model_through_set_mask():
             assert torch.equal(p.detach()[~mask[n]], w0[n][~mask[n]]), n
     kept = sum(int(m.sum()) for m in mask.values())
     assert kept == sum(m.numel() for m in mask.values()) - round(0.9 * sum(m.numel() for m in mask.values()))
+
+
+def test_cli_optimizers_lists_cge_as_python_api_only(capsys):
+    """``zoft optimizers`` names CGE with its paper and CGEConfig's defaults; it is not an --optimizer."""
+    from zoft.cli import main
+    from zoft.optim import OPTIMIZERS
+    assert "cge" not in OPTIMIZERS
+    assert main(["optimizers"]) == 0
+    tail = capsys.readouterr().out.split("Python API only (not an --optimizer):\n", 1)[1]
+    assert tail.startswith("cge: Chen et al., DeepZero")
+    assert "options: lr=0.1, eps=0.005, momentum=0.9, weight_decay=0.0005, one_sided=True, block=1" in tail

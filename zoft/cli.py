@@ -266,6 +266,9 @@ def _run_optimizers(args: argparse.Namespace) -> int:
         print(f"  state: {r['state_bytes_per_param']} B per trained parameter; {r['state']}")
         print(f"  streams: {yes[r['streams']]}; replays: {yes[r['replays']]}; data-parallel: {r['data_parallel']}")
         print("  options: " + ", ".join(f"{k}={v}" for k, v in r["options"].items()))
+    from zoft.optim.cge import CGE, CGEConfig
+    print(f"\nPython API only (not an --optimizer):\n{CGE.name}: {CGE.paper}\n  {CGE.summary}")
+    print("  options: " + ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(CGEConfig)))
     return 0
 
 

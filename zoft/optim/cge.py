@@ -129,6 +129,10 @@ class CGE:
     name = "cge"
     paper = "Chen et al., DeepZero: Scaling up Zeroth-Order Optimization for Deep Model Training (ICLR 2024)"
     memory_copies = 1  # the momentum buffer (0 with momentum 0)
+    summary = ("zoft.optim.cge.CGE(CGEConfig(...), mask=...): coordinate-wise finite differences, one query per "
+               "coordinate of the set (+1 base; central: two), feature reuse per unit; state: a dense momentum "
+               "buffer per parameter key on the CPU (fp32, fp64 for fp64 weights); trajectory lines store every "
+               "coordinate's change (docs/deepzero.md)")
 
     def __init__(self, config: CGEConfig, seed: int = 0, total_steps: int = 1,
                  mask: Mask | Callable[[int], Mask] | None = None):
