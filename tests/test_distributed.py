@@ -56,6 +56,10 @@ SCENARIOS = {
     "subzero": {"optimizer": "subzero", "lr": 1e-3, "optimizer_options": {"rank": 2, "interval": 2}},
     "sparse-mezo": {"optimizer": "sparse-mezo", "n_queries": 2, "lr": 1e-2},
     "module-wise": {"optimizer": "mezo-sgd", "n_queries": 2, "optimizer_options": {"module_wise": True}},
+    # the rest of `zoft optimizers`' "data-parallel: yes" (tests/test_registry.py checks the list)
+    "sign": {"optimizer": "zo-sgd-sign", "lr": 1e-3},
+    "momentum": {"optimizer": "zo-sgd-mmt", "n_queries": 2, "lr": 1e-3},
+    "r-adazo": {"optimizer": "r-adazo", "lr": 1e-3},
 }
 
 

@@ -78,8 +78,12 @@ def _resumed_dtype(cfg: TrainConfig) -> str | None:
 
 
 def build_optimizer(cfg: TrainConfig):
+    """The optimizer of ``cfg``: the shared flags over the optimizer's own defaults (a flag left
+    unset, None, keeps the optimizer's value: lozo's lr 1e-7, cge's one_sided true), then
+    ``optimizer_options``."""
     opts = dict(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, n_queries=cfg.n_queries,
                 one_sided=cfg.one_sided, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps)
+    opts = {k: v for k, v in opts.items() if v is not None}
     opts.update(cfg.optimizer_options)
     return make_optimizer(cfg.optimizer, opts, seed=cfg.seed, total_steps=cfg.steps)
 
