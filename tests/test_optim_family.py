@@ -105,6 +105,8 @@ DESCENT = {
     "forward-grad": (dict(lr=2e-3, n_queries=2), 150, 0.3),  # 0.088-0.099 (2 jvp passes/step)
     "hizoo": (dict(lr=1e-2, n_queries=2, alpha=1e-3), 150, 0.3),               # 0.155-0.211
     "mezo-svrg": (dict(lr=2e-3, anchor_lr=2e-3, n_queries=2), 150, 0.4),       # 0.135-0.254
+    # 145 queries a step (central, one per coordinate); feature reuse off: the layers share x, no chain
+    "cge": (dict(lr=2e-3, feature_reuse=False), 30, 0.3),                      # 0.039-0.048 (momentum 0.9)
 }
 
 

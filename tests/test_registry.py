@@ -95,3 +95,17 @@ def test_printed_streaming_and_data_parallel_claims_hold(name):
     else:
         check_supported(cfg, 2)
         assert name in {s["optimizer"] for s in SCENARIOS.values()}
+
+
+@pytest.mark.parametrize("name", ["lozo", "subzero", "fzoo"])
+def test_lora_run_with_its_defaults_replays(name, tiny_dir, lm_data, tmp_path):
+    """``--peft lora`` (the methods whose LoRA runs are not tested with the method: hizoo, mezo-svrg,
+    sparse-mezo, forward-grad are): LoRA's A and B are 2-D, so LOZO's and SubZero's low-rank
+    directions apply to them; the adapter moves (B starts at 0) and replay rebuilds it bit for bit."""
+    out = tmp_path / "run"
+    assert main(run_args(tiny_dir, lm_data, out, name, 3, "--peft", "lora")) == 0
+    assert main(["replay", str(out), "--output", str(tmp_path / "replayed")]) == 0
+    a = load_file(str(out / "checkpoint" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "replayed" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any("lora_B" in k and torch.count_nonzero(v) > 0 for k, v in a.items())
