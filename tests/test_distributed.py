@@ -60,6 +60,7 @@ SCENARIOS = {
     "sign": {"optimizer": "zo-sgd-sign", "lr": 1e-3},
     "momentum": {"optimizer": "zo-sgd-mmt", "n_queries": 2, "lr": 1e-3},
     "r-adazo": {"optimizer": "r-adazo", "lr": 1e-3},
+    "grad-sparsity": {"optimizer": "mezo-sgd", "n_queries": 2, "optimizer_options": {"gradient_sparsity": 0.75}},
 }
 
 
