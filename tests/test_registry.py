@@ -20,6 +20,7 @@ from zoft.distributed import check_supported
 from zoft.engine import Streaming, ZOEngine
 from zoft.errors import UsageError
 from zoft.optim import OPTIMIZERS, bind, describe, make_optimizer
+from zoft.resolve import resolve_run
 
 # cge queries every trained coordinate: the default (all ~63k of the tiny model's) is refused
 # (test below), so its run trains one LayerNorm (64 coordinates, 65 queries per step)
@@ -87,6 +88,8 @@ def test_printed_streaming_and_data_parallel_claims_hold(name):
             with pytest.raises(UsageError, match="--gpu-mem") as e:
                 bind(opt, engine)
         assert "\n" not in str(e.value)
+        with pytest.raises(UsageError, match="does not stream blocks.*drop --gpu-mem"):  # before loading anything
+            resolve_run(TrainConfig(optimizer=name, model="opt-125m", gpu_mem="1GB", device="cpu"))
     cfg = TrainConfig(optimizer=name)
     if row["data_parallel"].startswith("no"):
         with pytest.raises(UsageError, match="--nproc 1") as e:

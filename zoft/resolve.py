@@ -121,6 +121,9 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
         why = "auto: fp32 on CPU" + (f"; on CUDA: the checkpoint's {cuda}" if cuda != dtype else "")
     resolved = dataclasses.replace(cfg, device=device, dtype=dtype)
     opt = build_optimizer(resolved)
+    if cfg.gpu_mem is not None and not getattr(opt, "streams", True):  # zoft optimizers: "streams: no"
+        raise UsageError(f"--optimizer {cfg.optimizer} does not stream blocks (zoft optimizers: streams: no); "
+                         "drop --gpu-mem")
     probes = num_probes if num_probes is not None else opt.num_probes()
     # a stateful optimizer's update (momentum, Adam moments) is not seed-form: the engine writes
     # a streamed block back in the residency that applied it, so its plan has k_wb = 1
