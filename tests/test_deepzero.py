@@ -131,6 +131,36 @@ def test_cge_equals_finite_differences_by_hand(one_sided, reuse, block):
         torch.testing.assert_close(vals, g, rtol=1e-10, atol=1e-10)
 
 
+def test_cge_steps_match_deepzero_sgd_with_momentum_by_hand():
+    """Three CGE steps with DeepZero's update (``param.grad = g`` handed to torch SGD with momentum:
+    b <- m b + g, b starting at g) and zoft's decoupled decay on weights (not biases): w <- (1 - lr
+    wd) w - lr b, every coordinate by hand (fp64, rtol/atol 1e-10 as above)."""
+    model, batch = cnn(), data()
+    ref = copy.deepcopy(model)
+    lr, mu, mom, wd = 0.05, 1e-3, 0.9, 0.1
+    opt = make_optimizer("cge", {"lr": lr, "eps": mu, "momentum": mom, "weight_decay": wd}, seed=0, total_steps=3)
+    with ZOEngine(model) as eng:
+        for t in range(3):
+            step(eng, opt, batch, OBJ, t)
+    buf = {}
+    for t in range(3):
+        base = loss_at(ref, batch)
+        grads = {}
+        for n, p in ref.named_parameters():
+            g = torch.zeros(p.numel(), dtype=torch.float64)
+            for i in range(p.numel()):
+                g[i] = (loss_at(ref, batch, {n: mu * unit_vec(p, [i])}) - base) / mu  # one-sided, DeepZero's
+            grads[n] = g.view(p.shape)
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                buf[n] = grads[n].clone() if t == 0 else mom * buf[n] + grads[n]
+                p.mul_(1.0 if "bias" in n else 1 - lr * wd).sub_(lr * buf[n])
+    moved = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), cnn().parameters()))
+    assert moved > 1e-3
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-10, msg=n)
+
+
 # -- feature reuse -------------------------------------------------------------------------------
 def test_feature_reuse_equals_full_forwards_and_counts_fewer_flops():
     model, batch = cnn(), data(rows=5)
@@ -398,12 +428,15 @@ def test_zo_grasp_mask_on_a_language_model_through_set_mask():
     assert kept == sum(m.numel() for m in mask.values()) - round(0.9 * sum(m.numel() for m in mask.values()))
 
 
-def test_cli_optimizers_lists_cge_as_python_api_only(capsys):
-    """``zoft optimizers`` names CGE with its paper and CGEConfig's defaults; it is not an --optimizer."""
+def test_cli_optimizers_lists_cge(capsys):
+    """``zoft optimizers`` names CGE with its paper and CGEConfig's defaults (an --optimizer whose
+    step is refused above ``max_queries`` coordinates: tests/test_registry.py)."""
     from zoft.cli import main
     from zoft.optim import OPTIMIZERS
-    assert "cge" not in OPTIMIZERS
+    assert "cge" in OPTIMIZERS
     assert main(["optimizers"]) == 0
-    tail = capsys.readouterr().out.split("Python API only (not an --optimizer):\n", 1)[1]
-    assert tail.startswith("cge: Chen et al., DeepZero")
-    assert "options: lr=0.1, eps=0.005, momentum=0.9, weight_decay=0.0005, one_sided=True, block=1" in tail
+    tail = capsys.readouterr().out.split("\ncge: ", 1)[1]
+    assert tail.startswith("Chen et al., DeepZero")
+    options = tail.split("options: ", 1)[1].split("\n", 1)[0]
+    for kv in ("lr=0.1", "eps=0.005", "momentum=0.9", "weight_decay=0.0005", "one_sided=True", "block=1"):
+        assert kv in options.split(", "), (kv, options)

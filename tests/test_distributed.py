@@ -56,6 +56,11 @@ SCENARIOS = {
     "subzero": {"optimizer": "subzero", "lr": 1e-3, "optimizer_options": {"rank": 2, "interval": 2}},
     "sparse-mezo": {"optimizer": "sparse-mezo", "n_queries": 2, "lr": 1e-2},
     "module-wise": {"optimizer": "mezo-sgd", "n_queries": 2, "optimizer_options": {"module_wise": True}},
+    # the rest of `zoft optimizers`' "data-parallel: yes" (tests/test_registry.py checks the list)
+    "sign": {"optimizer": "zo-sgd-sign", "lr": 1e-3},
+    "momentum": {"optimizer": "zo-sgd-mmt", "n_queries": 2, "lr": 1e-3},
+    "r-adazo": {"optimizer": "r-adazo", "lr": 1e-3},
+    "grad-sparsity": {"optimizer": "mezo-sgd", "n_queries": 2, "optimizer_options": {"gradient_sparsity": 0.75}},
 }
 
 
@@ -232,7 +237,7 @@ def test_bytes_sent_per_step_are_o_ranks_scalars(spawned, name):
     """Measured at the all-gather wrapper: one collective per step, each rank sending its P fp64
     losses to the R-1 peers; the model (30k parameters, 120 kB) never travels."""
     P = {"mezo": 4, "adam-onesided": 2, "ranksgd": 2, "lozo": 4, "subzero": 2, "sparse-mezo": 4,
-         "module-wise": 4}[name]  # this rank's probes per step
+         "module-wise": 4, "sign": 2, "momentum": 4, "r-adazo": 2, "grad-sparsity": 4}[name]  # this rank's probes per step
     metrics = [json.loads(x) for x in (spawned / name / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "comm_bytes" in m]
     assert len(steps) == STEPS and all(m["comm_bytes"] == (R - 1) * P * 8 for m in steps)

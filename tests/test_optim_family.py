@@ -105,6 +105,8 @@ DESCENT = {
     "forward-grad": (dict(lr=2e-3, n_queries=2), 150, 0.3),  # 0.088-0.099 (2 jvp passes/step)
     "hizoo": (dict(lr=1e-2, n_queries=2, alpha=1e-3), 150, 0.3),               # 0.155-0.211
     "mezo-svrg": (dict(lr=2e-3, anchor_lr=2e-3, n_queries=2), 150, 0.4),       # 0.135-0.254
+    # 145 queries a step (central, one per coordinate); feature reuse off: the layers share x, no chain
+    "cge": (dict(lr=2e-3, feature_reuse=False), 30, 0.3),                      # 0.039-0.048 (momentum 0.9)
 }
 
 
@@ -341,7 +343,7 @@ def test_custom_scalar_callable_objective():
 def test_registry_options_and_memory_costs():
     expected = {"mezo-sgd": 0, "zo-sgd-sign": 0, "zo-sgd-cons": 0, "zo-sgd-mmt": 1, "zo-adam": 2, "r-adazo": 2,
                 "zo-ranksgd": 0, "lozo": 0, "subzero": 0, "fzoo": 0, "sparse-mezo": 0,
-                "forward-grad": 0, "hizoo": 1, "mezo-svrg": 1}
+                "forward-grad": 0, "hizoo": 1, "mezo-svrg": 1, "cge": 1}
     assert {n: impl.memory_copies for n, (_, impl) in OPTIMIZERS.items()} == expected
     for name in OPTIMIZERS:  # every name accepts what zoft.train.build_optimizer passes
         opt = make_optimizer(name, {**BASE, "weight_decay": 0.0}, seed=0, total_steps=1)
@@ -397,7 +399,8 @@ def test_cli_optimizers_lists_every_name_with_defaults(capsys):
     assert rows["zo-sgd-cons"]["data_parallel"].startswith("no:")
     assert rows["sparse-mezo"]["state_bytes_per_param"] == 1 and rows["sparse-mezo"]["options"]["sparsity"] == 0.75
     assert all(r["paper"] and r["replays"] for r in rows.values())
-    assert [n for n, r in rows.items() if not r["streams"]] == ["forward-grad"]
+    assert [n for n, r in rows.items() if not r["streams"]] == ["forward-grad", "cge"]
+    assert rows["cge"]["options"]["one_sided"] is True and rows["cge"]["state_bytes_per_param"] == 4
     assert main(["optimizers"]) == 0
     text = capsys.readouterr().out
     assert all(f"{n}: " in text for n in OPTIMIZERS) and "adam_eps=1e-08" in text

@@ -51,11 +51,10 @@ _HELP = {
     "eval": "held-out file, same formats as --train",
     "eval_limit": "evaluate on the first N held-out examples",
     "max_length": "truncate inputs to N tokens",
-    "optimizer": "mezo-sgd, zo-sgd-sign, zo-sgd-mmt, zo-sgd-cons, zo-adam, r-adazo, zo-ranksgd, lozo, subzero, fzoo "
-                 "(zoft optimizers lists them with their options)",
-    "lr": "learning rate (MeZO OPT-13B full: 1e-6 / 1e-7)",
-    "eps": "perturbation scale (MeZO: 1e-3)",
-    "weight_decay": "decoupled weight decay (not on bias / norm parameters)",
+    "optimizer": "mezo-sgd (default) or another name of zoft optimizers, which lists them with their options",
+    "lr": "learning rate (default: the optimizer's, zoft optimizers; MeZO OPT-13B full: 1e-6 / 1e-7)",
+    "eps": "perturbation scale (default: the optimizer's; MeZO: 1e-3)",
+    "weight_decay": "decoupled weight decay, not on bias / norm parameters (default: the optimizer's, 0 but cge)",
     "n_queries": "directions per step, averaged",
     "one_sided": "(L(w+eps z) - L(w)) / eps instead of the two-sided difference",
     "schedule": "learning-rate schedule after warm-up",
@@ -101,7 +100,7 @@ def _add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None =
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": _HELP.get(f.name)}
         if f.name == "model":
             kw["help"] += "; default: the embedded pretrained MiniLM demo"
-        if tp is bool:
+        if tp is bool or set(args) == {bool, type(None)}:  # bool | None: unset keeps the optimizer's default
             kw["action"] = "store_true"
         elif typing.get_origin(tp) is list:
             kw["type"] = lambda s: [x.strip() for x in s.split(",") if x.strip()]
@@ -266,9 +265,6 @@ def _run_optimizers(args: argparse.Namespace) -> int:
         print(f"  state: {r['state_bytes_per_param']} B per trained parameter; {r['state']}")
         print(f"  streams: {yes[r['streams']]}; replays: {yes[r['replays']]}; data-parallel: {r['data_parallel']}")
         print("  options: " + ", ".join(f"{k}={v}" for k, v in r["options"].items()))
-    from zoft.optim.cge import CGE, CGEConfig
-    print(f"\nPython API only (not an --optimizer):\n{CGE.name}: {CGE.paper}\n  {CGE.summary}")
-    print("  options: " + ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(CGEConfig)))
     return 0
 
 

@@ -97,11 +97,12 @@ class TrainConfig:
     select_by: Literal["loss", "score"] = "loss"  # the best dev checkpoint: lowest loss (MeZO) or best score
     # optimizer
     optimizer: str = "mezo-sgd"
-    lr: float = 1e-6
-    eps: float = 1e-3
-    weight_decay: float = 0.0
+    # None: the optimizer's own default (``zoft optimizers``; mezo-sgd: lr 1e-6, eps 1e-3, 0, false)
+    lr: float | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
     n_queries: int = 1
-    one_sided: bool = False
+    one_sided: bool | None = None
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     optimizer_options: dict[str, Any] = field(default_factory=dict)

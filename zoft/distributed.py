@@ -81,11 +81,12 @@ def check_supported(cfg: Any, world_size: int) -> None:
     if cfg.optimizer == "forward-grad":
         raise UsageError("--optimizer forward-grad runs torch.func.jvp passes, not probe losses the ranks could "
                          "all-gather; use --nproc 1")
-    if cfg.optimizer in ("hizoo", "mezo-svrg"):
-        from zoft.optim import OPTIMIZERS
+    from zoft.optim import OPTIMIZERS
 
+    impl = OPTIMIZERS[cfg.optimizer][1] if cfg.optimizer in OPTIMIZERS else None
+    if impl is not None and impl.data_parallel.startswith("no"):  # hizoo, mezo-svrg, cge: the registry's reason
         raise UsageError(f"--optimizer {cfg.optimizer} does not run data-parallel "
-                         f"({OPTIMIZERS[cfg.optimizer][1].data_parallel.removeprefix('no: ')}); use --nproc 1")
+                         f"({impl.data_parallel.removeprefix('no: ')}); use --nproc 1")
     if cfg.optimizer == "zo-ranksgd":
         from zoft.optim import RankSGDConfig
 

@@ -78,8 +78,12 @@ def _resumed_dtype(cfg: TrainConfig) -> str | None:
 
 
 def build_optimizer(cfg: TrainConfig):
+    """The optimizer of ``cfg``: the shared flags over the optimizer's own defaults (a flag left
+    unset, None, keeps the optimizer's value: lozo's lr 1e-7, cge's one_sided true), then
+    ``optimizer_options``."""
     opts = dict(lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, n_queries=cfg.n_queries,
                 one_sided=cfg.one_sided, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps)
+    opts = {k: v for k, v in opts.items() if v is not None}
     opts.update(cfg.optimizer_options)
     return make_optimizer(cfg.optimizer, opts, seed=cfg.seed, total_steps=cfg.steps)
 
@@ -117,6 +121,9 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
         why = "auto: fp32 on CPU" + (f"; on CUDA: the checkpoint's {cuda}" if cuda != dtype else "")
     resolved = dataclasses.replace(cfg, device=device, dtype=dtype)
     opt = build_optimizer(resolved)
+    if cfg.gpu_mem is not None and not getattr(opt, "streams", True):  # zoft optimizers: "streams: no"
+        raise UsageError(f"--optimizer {cfg.optimizer} does not stream blocks (zoft optimizers: streams: no); "
+                         "drop --gpu-mem")
     probes = num_probes if num_probes is not None else opt.num_probes()
     # a stateful optimizer's update (momentum, Adam moments) is not seed-form: the engine writes
     # a streamed block back in the residency that applied it, so its plan has k_wb = 1

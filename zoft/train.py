@@ -7,6 +7,7 @@ initial ones and ``trajectory.jsonl`` (kilobytes, not gigabytes).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ from zoft.errors import UsageError, ZoftError
 from zoft.models import LoadedModel, load_model
 from zoft.models.adapters import apply_peft, load_adapter_weights
 from zoft.noise import make_noise, mix
-from zoft.optim import bind, evaluate_step, update_record
+from zoft.optim import OPTIMIZERS, bind, evaluate_step, update_record
 from zoft.resolve import build_optimizer, device_type, plan_for, resolve_run
 from zoft.tasks import builtin_sentiment, kshot_sample, load_examples, make_task, mezo_sample
 
@@ -283,6 +284,13 @@ class Trainer:
             return
         saved = yaml.safe_load(saved_path.read_text()) or {}
         now = self.cfg.to_dict()
+        # a shared optimizer flag left unset (None) is the optimizer's default: the same run as that value
+        defaults = {f.name: f.default for f in dataclasses.fields(OPTIMIZERS[self.cfg.optimizer][0])} \
+            if self.cfg.optimizer in OPTIMIZERS else {}
+        for d in (saved, now):
+            for k in ("lr", "eps", "weight_decay", "one_sided"):
+                if k in d and d[k] is None and k in defaults:
+                    d[k] = defaults[k]
         changed = [k for k in _TRAJECTORY_KEYS if k in saved and saved[k] != now[k]]
         if changed:
             raise UsageError(f"--resume with a different {changed[0]} ({saved[changed[0]]!r} -> {now[changed[0]]!r}) "
@@ -427,7 +435,7 @@ class Trainer:
         if not worst <= torch.finfo(dtype).max:
             raise ZoftError(f"step {step}: an update coefficient of {worst:.3g} overflows the "
                             f"{str(dtype).removeprefix('torch.')} weights "
-                            f"(largest {torch.finfo(dtype).max:.3g}); lower --lr (now {self.cfg.lr:g})")
+                            f"(largest {torch.finfo(dtype).max:.3g}); lower --lr (now {self.opt.config.lr:g})")
 
     def run(self) -> RunResult:
         from tqdm.auto import tqdm

@@ -10,6 +10,7 @@ from typing import Any
 
 from zoft.errors import UsageError
 from zoft.optim.api import StepResult, evaluate_step, split_candidates, step
+from zoft.optim.cge import CGE, CGEConfig
 from zoft.optim.directions import CompositeNoise, bind
 from zoft.optim.forward_grad import ForwardGrad, ForwardGradConfig
 from zoft.optim.fzoo import FZOO, FZOOConfig
@@ -59,6 +60,7 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
     "forward-grad": (ForwardGradConfig, ForwardGrad),
     "hizoo": (HiZOOConfig, HiZOO),
     "mezo-svrg": (SVRGConfig, MeZOSVRG),
+    "cge": (CGEConfig, CGE),  # DeepZero; explicit (not seed-form) updates, small coordinate sets only
 }
 
 
@@ -93,6 +95,8 @@ __all__ = [
     "OPTIMIZERS",
     "ZOSGD",
     "AdamConfig",
+    "CGE",
+    "CGEConfig",
     "CallableOracle",
     "Comparison",
     "CompositeNoise",

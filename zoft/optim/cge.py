@@ -36,9 +36,13 @@ forward of the prefix per unit and step.
 the update (``CoordinateUpdate``) carries its coordinates and their applied change explicitly:
 ``record()`` writes them into the trajectory line (~25 bytes of JSON text per coordinate and
 step, where a seed-form line is a few bytes per query) and ``update_from_record`` rebuilds the same update, so replay
-re-applies exactly the stored values (bitwise, tested). Not registered in ``OPTIMIZERS``: a CLI
-run of an LLM would query every coordinate of billions per step; use it from Python on models
-whose coordinate set is small (``docs/deepzero.md``).
+re-applies exactly the stored values (bitwise, tested).
+
+**In the registry** (``zoft finetune --optimizer cge``): over every trained coordinate (no mask
+from the command line), refused in one line when a step would exceed ``max_queries`` forward
+queries (an LLM has billions of coordinates: train fewer with ``--trainable`` / ``--peft``, or
+raise ``block``), under ``--gpu-mem`` (not tested streamed) and data-parallel. Masks
+(ZO-GraSP) go through the Python API (``docs/deepzero.md``).
 """
 from __future__ import annotations
 
@@ -63,6 +67,11 @@ class CGEConfig:
     block:         coordinates perturbed together by one probe (within one parameter).
     feature_reuse: one phase per unit, fanned out where the unit's perturbation starts
                    (needs the engine's ``layout`` when the optimizer is built).
+    max_queries:   the most forward queries a step may take (blocks + base); a larger
+                   coordinate set is refused at ``bind`` (a phase's probes share one forward of
+                   P x batch rows, so this also bounds a step's activation memory).
+    n_queries:     must be 1 (every block is queried once per step); accepted because
+                   ``zoft finetune`` passes it to every optimizer.
     """
 
     lr: float = 0.1
@@ -74,10 +83,17 @@ class CGEConfig:
     feature_reuse: bool = True
     schedule: Schedule = "constant"
     warmup_steps: int = 0
+    max_queries: int = 10_000
+    n_queries: int = 1
 
     def __post_init__(self):
         if self.eps <= 0:
             raise ValueError("eps must be > 0")
+        if self.n_queries != 1:
+            raise ValueError("n_queries does not apply to cge (every block of the coordinate set is queried once "
+                             "per step); leave it 1")
+        if self.max_queries < 2:
+            raise ValueError("max_queries must be >= 2")
         if self.block < 1:
             raise ValueError("block must be >= 1")
         if not 0.0 <= self.momentum < 1.0:
@@ -129,10 +145,14 @@ class CGE:
     name = "cge"
     paper = "Chen et al., DeepZero: Scaling up Zeroth-Order Optimization for Deep Model Training (ICLR 2024)"
     memory_copies = 1  # the momentum buffer (0 with momentum 0)
-    summary = ("zoft.optim.cge.CGE(CGEConfig(...), mask=...): coordinate-wise finite differences, one query per "
-               "coordinate of the set (+1 base; central: two), feature reuse per unit; state: a dense momentum "
-               "buffer per parameter key on the CPU (fp32, fp64 for fp64 weights); trajectory lines store every "
-               "coordinate's change (docs/deepzero.md)")
+    streams = False  # refused under --gpu-mem: no streamed == resident test
+    replays = True  # the trajectory stores every coordinate's change (tests/test_deepzero.py)
+    data_parallel = "no: a step's phases (one per unit) would each need an all-gather"
+
+    @classmethod
+    def state_kind(cls) -> str:
+        return ("stored: the momentum buffer, 1 fp32 buffer per trained parameter, on the host; updates are "
+                "explicit (every coordinate's change in the trajectory, ~25 B of JSON per coordinate and step)")
 
     def __init__(self, config: CGEConfig, seed: int = 0, total_steps: int = 1,
                  mask: Mask | Callable[[int], Mask] | None = None):
@@ -152,7 +172,32 @@ class CGE:
         self._params = params
 
     def bind_engine(self, engine: Any) -> None:
+        if engine.offload is not None:
+            raise UsageError("cge has no streamed == resident test (its explicit coordinate updates are not "
+                             "checked under block streaming); drop --gpu-mem")
+        first = self.layout is None
         self.layout = engine.layout
+        if first and not callable(self.mask):  # refused before step 0 (a per-step mask: when each step is planned)
+            self._check_size(self.coordinates(0))
+
+    def _check_size(self, coords: dict[str, torch.Tensor]) -> None:
+        n = sum(-(-idx.numel() // self.config.block) for idx in coords.values())
+        queries = n + 1 if self.config.one_sided else 2 * n
+        if queries > self.config.max_queries:
+            raise UsageError(f"cge queries each block of trained coordinates separately: {queries} forward queries "
+                             f"per step here, above max_queries {self.config.max_queries}; train fewer parameters "
+                             "(--trainable, --peft), raise block, or raise optimizer_options max_queries")
+
+    def num_probes(self) -> int:
+        """Probes of the largest phase of the last planned step (one forward of that many times the
+        batch's rows); 2 before any step is planned."""
+        return max((len(self._phase_probes(i)) for i in range(len(self._phases))), default=2)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def direction_shaper(self):
         return self.direction
@@ -193,6 +238,7 @@ class CGE:
 
     def _plan(self, step: int) -> None:
         coords = self.coordinates(step)
+        self._check_size(coords)
         b = self.config.block
         if self.config.feature_reuse and self.layout is not None:
             groups: list[tuple[str | None, list[str]]] = []

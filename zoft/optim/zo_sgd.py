@@ -167,11 +167,12 @@ class ZOSGD:
     @classmethod
     def state_kind(cls) -> str:
         """How the optimizer keeps its state (``zoft optimizers``)."""
-        mask = (f"; a bool perturbation mask per parameter ({cls.mask_bytes} B/param), streamed with its unit"
-                if cls.mask_bytes else "")
+        if cls.mask_bytes:
+            return (f"stored: a bool perturbation mask per parameter ({cls.mask_bytes} B/param), streamed with its "
+                    "unit; updates in seed form")
         if cls.memory_copies == 0:
-            return ("seed form" if mask else "seed form: nothing stored per parameter") + mask
-        return f"{cls.memory_copies} fp32 buffer(s) per parameter key, streamed with its unit" + mask
+            return "seed form: nothing stored per parameter"
+        return f"stored: {cls.memory_copies} fp32 buffer(s) per parameter key, streamed with its unit"
 
     # -- perturbation masks ----------------------------------------------------------------
     def set_mask(self, mask: "dict[str, torch.Tensor] | MaskRule | None") -> None:
