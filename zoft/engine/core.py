@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from zoft.engine.offload import Meter, Offloader, tensor_bytes
-from zoft.engine.precision import stochastic_round_, update_bytes
+from zoft.engine.precision import apply_update_, update_bytes, z_mode
 from zoft.engine.probes import Probe, Update, combine_outputs, split_args
 from zoft.models.layout import Layout, Unit, discover_layout
 from zoft.models.quant import keep_canonical_layout
@@ -191,18 +191,10 @@ class ZOEngine:
 
     def _apply_update(self, update: Update, sround_seed: int, key: str, p: nn.Parameter) -> None:
         # transients of the update, for the meter (``update_bytes``; the planner counts the same)
-        fused = self.noise.name == "triton" and p.is_cuda and self.noise.distribution != "sphere"
-        self.meter.observe(self._live_in + update_bytes(p.numel(), p.element_size(), fused))
-        with torch.no_grad():
-            if p.dtype in (torch.bfloat16, torch.float16):
-                # a low-precision weight is updated in fp32 and stochastically rounded back:
-                # round-to-nearest would drop ZO-sized updates (|lr*g*z| << half an ulp of w)
-                w32 = p.data.float()
-                update.apply(key, w32, self.noise, self.decays[key])
-                stochastic_round_(p.data, w32, mix(sround_seed, key + "/sround"))
-                del w32
-            else:
-                update.apply(key, p.data, self.noise, self.decays[key])
+        mode = z_mode(update, self.noise, p)
+        self.meter.observe(self._live_in + update_bytes(p.numel(), p.element_size(), mode))
+        with torch.no_grad():  # low precision: in fp32 pieces, stochastically rounded back
+            apply_update_(update, key, p.data, self.noise, self.decays[key], mix(sround_seed, key + "/sround"))
 
     def _update_unit(self, module: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
         """Bring a unit's trainable parameters up to date: a streamed unit first re-applies the
