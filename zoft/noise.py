@@ -93,6 +93,7 @@ def _to_sphere(z: torch.Tensor) -> torch.Tensor:
 
 
 ZCHUNK = 1 << 20  # elements of z made at once by ``perturb_into`` and ``axpy``
+TABLE_SIZE = 1 << 26  # entries of the default noise table (fp32 on each device using it: 268 MB)
 
 
 def chunk_bounds(n: int) -> list[tuple[int, int]]:
@@ -262,8 +263,8 @@ class TorchGeneratorNoise(_Chunked):
 class NoiseTable(_Chunked):
     """Shared noise table: z(seed, key) is the window ``table[o : o + n]`` at a keyed offset o.
 
-    size: table entries (default 2^26: 256 MiB in fp32). The table is drawn once, on the CPU,
-          from ``torch.Generator().manual_seed(table_seed)``, and copied to each device (and
+    size: table entries (default ``TABLE_SIZE`` = 2^26: 256 MiB in fp32). The table is drawn
+          once, on the CPU, from ``torch.Generator().manual_seed(table_seed)``, and copied to each device (and
           dtype) on first use, so every device reads the same numbers. A tensor larger than the
           table is assembled from several keyed windows (a copy; still no RNG).
 
@@ -275,7 +276,7 @@ class NoiseTable(_Chunked):
     name = "table"
     ALIGN = 16
 
-    def __init__(self, distribution: Distribution = "gaussian", size: int = 1 << 26, table_seed: int = 0):
+    def __init__(self, distribution: Distribution = "gaussian", size: int = TABLE_SIZE, table_seed: int = 0):
         _check(distribution)
         if size < self.ALIGN:
             raise ValueError(f"noise table size must be >= {self.ALIGN}, got {size}")
@@ -299,6 +300,12 @@ class NoiseTable(_Chunked):
                 self._tables[(torch.device("cpu"), torch.float32)] = base
             t = self._tables[(device, dtype)] = base.to(device=device, dtype=dtype)
         return t
+
+    def device_bytes(self, device: torch.device | str) -> int:
+        """Bytes the table holds on ``device`` once used there: the fp32 table (and any other
+        dtype's copy already built), so a plan and the engine's meter count it from the start."""
+        device = torch.device(device)
+        return max(4 * self.size, sum(t.numel() * t.element_size() for (d, _), t in self._tables.items() if d == device))
 
     def offset(self, seed: int, key: str, n: int, part: int = 0) -> int:
         """Start of the window for (seed, key) of n <= size elements (``part``: n > size chunks)."""
@@ -414,19 +421,11 @@ BACKENDS["triton"] = PhiloxNoise
 def default_noise(device: str | torch.device) -> str:
     """The backend a run on ``device`` uses when it names none: the fastest that replays on any
     device. CPU: ``table`` (z is a view; measured in ``bench/step_cpu.py``). CUDA: ``triton``
-    (z in registers: no table on the device), ``table`` where ``triton`` is not installed."""
-    if torch.device(device).type == "cuda" and _triton_usable():
+    (z in registers: no table on the device), ``table`` where ``triton`` is not installed.
+    Decided from the device type alone, so a dry run on a laptop plans what the GPU will run."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
         return "triton"
     return "table"
-
-
-def _triton_usable() -> bool:
-    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
-        return False
-    try:  # ``zoft.kernels`` exists once installed (setuptools package-dir maps it to kernels/)
-        return importlib.util.find_spec("zoft.kernels") is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def make_noise(name: str = "torch", distribution: Distribution = "gaussian") -> NoiseBackend:

@@ -602,6 +602,7 @@ class ZOEngine:
         self._segs = [(i, i * R, R) for i in range(len(probes))]
         self._probes = probes
         self._release_stale()
+        self._count_noise()
         self.meter.reset_peak()
         try:
             with torch.no_grad():
@@ -621,6 +622,12 @@ class ZOEngine:
         if losses.shape != (len(probes),):
             raise ValueError(f"objective returned shape {tuple(losses.shape)}, expected ({len(probes)},)")
         return losses
+
+    def _count_noise(self) -> None:
+        """The noise backend's bytes on the compute device (a noise table), for the meter."""
+        want = getattr(self.noise, "device_bytes", lambda device: 0)(self.compute_device)
+        if want != self.meter.by_kind.get("noise", 0):
+            self.meter.alloc(want - self.meter.by_kind.get("noise", 0), "noise")
 
     @contextlib.contextmanager
     def paused(self):

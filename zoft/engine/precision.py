@@ -42,6 +42,15 @@ def update_bytes(numel: int, element_size: int, z: str = "pieces", chunk: int = 
     return n
 
 
+def perturb_bytes(numel: int, element_size: int, z: str = "pieces", chunk: int = SROUND_CHUNK) -> int:
+    """Device bytes, beyond the perturbed copy itself, of ``perturb_into`` on a parameter of
+    ``numel`` elements (``update_bytes``'s ``z``): one piece of z in fp32 and its cast to the
+    weight's dtype ("pieces"), z of the whole tensor and a piece's cast ("whole"), none ("fused")."""
+    piece = min(numel, chunk)
+    cast = element_size * piece if element_size != 4 else 0
+    return {"pieces": 4 * piece + cast, "fused": 0, "whole": 4 * numel + cast}[z]
+
+
 def apply_update_(update, key: str, w: torch.Tensor, noise, decays: bool, sround_seed: int) -> None:
     """Apply ``update`` (``zoft.engine.Update``) to the weight ``w`` in place. A bf16/fp16 weight
     is updated in fp32 and stochastically rounded back, keyed by ``sround_seed`` (round to nearest
