@@ -51,7 +51,8 @@ def test_shape_by_hand(tiny):
     assert tiny.block_numel == BLOCK and tiny.nonblock_numel == NONBLOCK and tiny.n_blocks == L
     assert tiny.n_params == NONBLOCK + L * BLOCK and tiny.tied_numel == V * H
     assert tiny.max_unit_numel == BLOCK
-    assert (tiny.max_leaf_numel, tiny.max_block_leaf_numel) == (LEAF, BLOCK_LEAF)
+    q, ln = H * H + H, 2 * H  # a projection (weight, bias), a layer norm
+    assert tiny.max_leaf_numel == LEAF and tiny.block_leaves == (ln, q, q, q, q, ln, BLOCK_LEAF, H * F + H)
 
 
 def test_accounting_by_hand(tiny):
@@ -77,9 +78,10 @@ def test_accounting_by_hand(tiny):
     # blocks first: one block's bytes more keeps one block resident (still groups of one leaf)
     one = plan(tiny, MIN_PEAK + W * BLOCK)
     assert (one.resident_blocks, one.group_bytes, one.upload_bytes_per_step) == (1, W * BLOCK_LEAF, 7 * W * BLOCK)
-    # then the largest streaming unit: groups of half a block (1640 elements: fc1 + q) ...
-    half = resident(0) + 3 * W * (BLOCK // 2) + SCRATCH + BOUNDARY + LOGITS
-    assert (plan(tiny, half).group_bytes, plan(tiny, half - 1).group_bytes) == (W * BLOCK // 2, W * BLOCK_LEAF)
+    # then the largest streaming unit: groups of at most half a block, packed in call order (the
+    # largest: a layer norm, q, k, v, out and the next layer norm, 1152 elements) ...
+    half = resident(0) + 3 * W * 1152 + SCRATCH + BOUNDARY + LOGITS
+    assert (plan(tiny, half).group_bytes, plan(tiny, half - 1).group_bytes) == (W * 1152, W * BLOCK_LEAF)
     # ... whole blocks at 3 slots, a micro-batch of one probe's rows first (its logits decide here)
     # ... but resident blocks come first: the budget of 3 whole-block slots keeps 2 blocks resident
     whole = resident(0) + SLOTS + SCRATCH + BOUNDARY + LOGITS
@@ -160,8 +162,9 @@ def test_refusal_names_a_budget_that_fits(tiny):
     named = f"{m.group(1)}GB"
     p = make_plan("opt-30b", named, batch_size=1, max_length=2048)  # the named budget fits
     assert p.peak_device_bytes <= p.gpu_mem_bytes and p.resident_blocks == 0 and p.slots == 3
-    assert p.group_bytes == 2 * (7168 * 28672 + 28672)  # groups of one leaf: fc1 (weight and bias)
     exact = p.min_budget_bytes
+    # the smallest plan streams groups of one leaf at most: fc1 (weight and bias), 3 slots of it
+    assert make_plan("opt-30b", exact, batch_size=1, max_length=2048).group_bytes == 2 * (7168 * 28672 + 28672)
     assert min_budget_from_message(exact) == round(float(m.group(1)) * 1e9)
     assert make_plan("opt-30b", exact, batch_size=1, max_length=2048).micro_batch == 1
     with pytest.raises(UsageError):

@@ -54,7 +54,7 @@ class ModelShape:
     block_linears: int = 0  # how many nn.Linear layers a block holds
     max_param_numel: int = 0  # the largest parameter (what one update draws z for at once)
     max_leaf_numel: int = 0  # the most parameters one perturbed module holds (a leaf; a unit on the unit path)
-    max_block_leaf_numel: int = 0  # the largest leaf of a block (the smallest streaming group)
+    block_leaves: tuple[int, ...] = ()  # the largest block's leaves' parameters, in call order (groups)
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def _cfg_int(config: Any, *names: str, default: int | None = None) -> int:
 
 def shape_from_config(config: Any, name: str = "model") -> ModelShape:
     """Build the model on the meta device and read its unit layout (no memory, no weights)."""
-    from zoft.models.layout import discover_layout, leaves, unit_path
+    from zoft.models.layout import call_order, discover_layout, leaves, unit_path
     from zoft.models.loading import _auto_class, model_kind
 
     with torch.device("meta"):
@@ -166,7 +166,8 @@ def shape_from_config(config: Any, name: str = "model") -> ModelShape:
     # what one perturbed module holds (``zoft.engine.core``: a leaf, or a whole unit on the unit path)
     perturbed = [unit_numel[i] if unit_path(model, u) else max((own(m) for _, m in leaves(u.module)), default=0)
                  for i, u in enumerate(layout.units)]
-    block_leaves = [own(m) for u in layout.blocks for _, m in (leaves(u.module) or [])]
+    biggest = max(layout.blocks, key=lambda u: u.numel)
+    block_leaves = tuple(own(m) for m in call_order(model, biggest.module)) if leaves(biggest.module) else ()
     return ModelShape(
         name=name,
         n_params=sum(numel.values()),
@@ -184,7 +185,7 @@ def shape_from_config(config: Any, name: str = "model") -> ModelShape:
         block_linears=len(linears),
         max_param_numel=max(numel.values()),
         max_leaf_numel=max(perturbed),
-        max_block_leaf_numel=max(block_leaves, default=max(u.numel for u in layout.blocks)),
+        block_leaves=block_leaves,
     )
 
 
@@ -247,9 +248,8 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
     mode = _z_mode(noise, device)
     table = 4 * TABLE_SIZE if noise == "table" else 0  # fp32, built on the device at first use
     resident = b * s.nonblock_numel + r * blk + s.n_blocks * _block_aux(s, quant) + table
-    # a streamed unit: a whole block, or a group of a block's leaves (the largest group is at most
-    # ``group`` bytes, or one leaf larger than that: ``zoft.models.layout.pack_groups``)
-    unit = s.block_numel if group is None else min(s.block_numel, max(group // b, s.max_block_leaf_numel))
+    # a streamed unit: a whole block, or the largest group of a block's leaves
+    unit = s.block_numel if group is None else _largest_group(s.block_leaves, group // b)
     if not streamed:
         slots = 0
     elif transfer == "same":
@@ -298,18 +298,32 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
             "unit": unit}
 
 
+def _largest_group(leaves: tuple[int, ...], limit: int) -> int:
+    """Parameters of the largest group when ``leaves`` (in call order) are packed greedily into
+    consecutive groups of at most ``limit`` (a larger leaf alone), as
+    ``zoft.models.layout.pack_groups`` packs them."""
+    best = size = 0
+    for n in leaves:
+        size = size + n if size and size + n <= limit else n
+        best = max(best, size)
+    return best
+
+
 def _groups(s: ModelShape, b: int, quant: str) -> list[int | None]:
     """Streaming units worth planning, largest first: whole blocks (None), then groups of at most
     half, a quarter, ... of a block's bytes, down to the largest leaf (a quantized base streams
-    whole packed blocks)."""
+    whole packed blocks). Each is the bytes of the largest group it packs, so that the slots the
+    engine allocates for it are the plan's to the byte."""
     out: list[int | None] = [None]
-    if quant != "none" or not s.max_block_leaf_numel:
+    if quant != "none" or not s.block_leaves:
         return out
-    g, floor = b * s.block_numel // 2, b * s.max_block_leaf_numel
+    g, floor = b * s.block_numel // 2, b * max(s.block_leaves)
     while g > floor:
-        out.append(g)
+        size = b * _largest_group(s.block_leaves, g // b)
+        if size != out[-1] and size < b * s.block_numel:
+            out.append(size)
         g //= 2
-    return out + [floor]
+    return out + [floor] if out[-1] != floor else out
 
 
 def _head_chunks(T: int) -> list[int | None]:
