@@ -263,3 +263,55 @@ def test_cli_shows_writeback_every(capsys):
 
     with pytest.raises(UsageError, match="--writeback-every must be >= 1"):
         TrainConfig(writeback_every=0)
+
+
+@pytest.mark.parametrize("dtype,noise", [("fp16", "torch"), ("fp16", "table")])
+def test_accounted_peak_within_the_plan_over_a_budget_sweep(dtype, noise):
+    """The CPU twin over budgets from the smallest plan to all-resident: its accounted peak (the
+    engine's meter: resident weights, slots, a leaf's perturbed copy and z piece, a noise table,
+    boundary activations, an update's transients) is <= the plan's prediction <= the budget, and
+    its weights and slots are the plan's to the byte. The model's embedding (V x H) is its largest
+    parameter and the batch is one short row, so applying an fp16 update (an fp32 piece, z and
+    rounding temporaries) is the largest transient: left out of the plan, the peak exceeds it."""
+    import copy
+
+    import torch
+    from test_engine import TokenNLL
+    from transformers import AutoModelForCausalLM
+
+    from zoft.engine import Probe, Streaming, Update, ZOEngine
+    from zoft.noise import NoiseTable, make_noise
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    cfg = OPTConfig(vocab_size=4096, hidden_size=H, ffn_dim=F, num_hidden_layers=6, num_attention_heads=NH,
+                    max_position_embeddings=POS, word_embed_proj_dim=H, tie_word_embeddings=True, use_cache=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(cfg).to(torch_dtype).eval()
+    ids = torch.randint(0, 4096, (1, 4), generator=torch.Generator().manual_seed(1))
+    from zoft.tasks.base import Batch
+
+    batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"labels": ids}, size=1)
+    kw = dict(batch_size=1, max_length=4, num_probes=2, dtype=dtype, noise=noise, device="cpu")
+    smallest = make_plan(cfg, 10**12, **kw).min_budget_bytes
+    everything = make_plan(cfg, 10**12, **kw).peak_device_bytes
+    p0 = make_plan(cfg, smallest, **kw)
+    assert p0.update_bytes > max(p0.working_act_bytes, p0.logits_bytes)  # the update decides
+    seen = set()
+    for i in range(4):
+        budget = smallest + (everything - smallest) * i // 3
+        plan = make_plan(cfg, budget, **kw)
+        nb = NoiseTable(size=1 << 16) if noise == "table" else make_noise(noise)
+        eng = ZOEngine(copy.deepcopy(base), noise=nb, offload=Streaming.from_plan(plan, "cpu"))
+        for t in range(3):
+            eng.evaluate([Probe(t, 1e-3), Probe(t, -1e-3)], batch, TokenNLL(True))
+            eng.set_update(Update([(t, -1e-3)]))
+            peak = eng.device_peak_bytes
+            assert peak <= plan.peak_device_bytes <= budget, (i, t, peak, plan)
+        by = eng.meter.by_kind
+        assert by["resident"] + by.get("noise", 0) == plan.resident_weights_bytes - plan.noise_bytes + (
+            4 * nb.size if noise == "table" else 0)
+        assert by.get("slots", 0) == plan.slot_bytes and by["scratch"] <= plan.scratch_bytes
+        seen.add((plan.resident_blocks, plan.group_bytes))
+        eng.close()
+    assert len(seen) >= 3 and (0, p0.group_bytes) in seen and p0.group_bytes is not None
