@@ -28,7 +28,7 @@ from torch import nn
 
 from zoft.engine.offload import Meter, Offloader, tensor_bytes
 from zoft.engine.precision import stochastic_round_, update_bytes
-from zoft.engine.probes import Probe, Update, combine_outputs, split_args
+from zoft.engine.probes import Probe, Update, combine_outputs, is_split, split_args
 from zoft.errors import UsageError
 from zoft.models.layout import Layout, call_order, discover_layout, leaves, pack_groups, unit_path
 from zoft.models.quant import keep_canonical_layout
@@ -64,6 +64,7 @@ class _Residency:
     outputs: dict[int, Any] = field(default_factory=dict)  # segment index -> its output
     was_split: bool = True
     in_bytes: int = 0  # the whole call's inputs (for the device-bytes meter)
+    out: torch.Tensor | None = None  # an ``nn.Linear``'s output, every segment written in place
 
 
 @dataclass
@@ -459,6 +460,8 @@ class ZOEngine:
             if len(segs) == 1:
                 self._perturb(res, probes[p0])
                 return None
+            if self._linear_in_place(module, res, args, kwargs):
+                return (args[0][:0],), {}  # the regular call runs on no rows
             rest = range(1, len(segs))  # segment 0's probe last: the regular call runs segment 0
             cur = None
             for i in [*(i for i in rest if segs[i][0] != p0), *(i for i in rest if segs[i][0] == p0)]:
@@ -474,13 +477,37 @@ class ZOEngine:
         return split_args(args, segs[0][1], segs[0][2], self._rows)[0], \
             split_args(kwargs, segs[0][1], segs[0][2], self._rows)[0]
 
+    def _linear_in_place(self, module: nn.Module, res: _Residency, args: tuple, kwargs: dict) -> bool:
+        """An ``nn.Linear`` (most of a block's bytes and calls) computes every segment's rows into
+        one output (``addmm(out=)``, what ``F.linear`` runs) instead of concatenating per-segment
+        outputs: no extra pass over the activations. Other modules: ``False``."""
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if type(module) is not nn.Linear or not isinstance(x, torch.Tensor) or x.dtype != module.weight.dtype \
+                or not is_split(x, self._rows):
+            return False
+        per = x.numel() // x.shape[-1] // self._rows  # 2-D rows per row of the call
+        x2 = x.reshape(-1, x.shape[-1])
+        res.out = torch.empty((*x.shape[:-1], module.out_features), dtype=x.dtype, device=x.device)
+        o2 = res.out.view(-1, module.out_features)
+        cur = None
+        for p, a, n in sorted(res.segs, key=lambda s: s[0]):
+            if p != cur:
+                self._perturb(res, self._probes[p])
+                cur = p
+            lo, hi = a * per, (a + n) * per
+            if module.bias is None:
+                torch.mm(x2[lo:hi], module.weight.t(), out=o2[lo:hi])
+            else:
+                torch.addmm(module.bias, x2[lo:hi], module.weight.t(), out=o2[lo:hi])
+        return True
+
     def _finish_segments(self, module: nn.Module, output: Any) -> Any:
         res = self._live.pop(id(module), None)
         if res is None:
             return None
         with torch.no_grad():
             self._restore(res)
-        combined = None
+        combined = res.out
         if res.outputs:
             outs = [output, *(res.outputs[i] for i in range(1, len(res.segs)))]
             combined = combine_outputs(outs, [n for _, _, n in res.segs], res.was_split, self._names[id(module)])
