@@ -1,20 +1,23 @@
 """The zeroth-order engine: probe batching through the model's own ``forward``.
 
-Every unit of the layout (``zoft.models.discover_layout``) gets a forward pre-hook and a forward
-hook (PyTorch's public hook API; the model's modules, names and ``forward`` stay untouched).
-While a step is active the pre-hook of a unit:
+Every unit of the layout (``zoft.models.discover_layout``) and every *leaf* of a unit (a module
+owning parameters directly: ``zoft.models.layout.leaves``) gets a forward pre-hook and a forward
+hook (PyTorch's public hook API; the model's modules, names and ``forward`` stay untouched). A
+step runs the model once on the P probes' rows (probe-major). While it is active the pre-hook of
+a perturbed module (a leaf; a whole unit on the unit path):
 
-1. applies the pending update of the previous step to the unit's parameters (lazily: each
-   parameter once, tied ones included),
-2. leaves the weights ``w0`` where they are and, for probes 1..P-1, writes ``w0 + scale_p * z_p``
-   into a scratch buffer, points ``p.data`` at it and calls ``module.forward`` on probe p's
-   slice of the inputs,
-3. does the same for probe 0 and lets the regular call run on probe 0's slice;
+1. applies the pending update of the previous step to its parameters (lazily: each parameter
+   once, tied ones included),
+2. leaves the weights ``w0`` where they are and, for each probe's row segment but the first,
+   writes ``w0 + scale_p * z_p`` into scratch, points ``p.data`` at it and calls
+   ``module.forward`` on that segment's rows,
+3. does the same for the first segment and lets the regular call run on its rows;
 
 the forward hook then points ``p.data`` back at ``w0`` (never written during the probes, so the
-restore is exact and costs no pass over the weights) and concatenates the P outputs. Each unit is
-thus touched once per step for any number of probes, and the same code path is what the offload
-scheduler streams.
+restore is exact and costs no pass over the weights) and concatenates the outputs. Parameter-free
+work between leaves (attention, activations) runs once on all rows, one leaf holds a perturbed
+copy at a time, and each streamed unit (a block or a group of its leaves) is in a device slot
+from its first module's call to its last module's.
 """
 from __future__ import annotations
 
@@ -685,7 +688,7 @@ class ZOEngine:
     def device_peak_bytes(self) -> int:
         """Peak bytes on the device since the last ``evaluate`` began: what the engine and the
         scheduler own (resident weights, slots, perturbation scratch) plus the activations seen at
-        unit boundaries. Activations inside a unit are not counted (on CUDA, read
+        unit and leaf boundaries. Activations inside a leaf are not counted (on CUDA, read
         ``torch.cuda.max_memory_allocated``)."""
         return self.meter.peak
 
