@@ -22,7 +22,6 @@ from its first module's call to its last module's.
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from zoft.engine.offload import Meter, Offloader, tensor_bytes
-from zoft.engine.precision import stochastic_round_, update_bytes
+from zoft.engine.precision import apply_update_, update_bytes, z_mode
 from zoft.engine.probes import Probe, Update, combine_outputs, is_split, split_args
 from zoft.errors import UsageError
 from zoft.models.layout import Layout, call_order, discover_layout, leaves, pack_groups, unit_path
@@ -62,8 +61,6 @@ class _Residency:
     params: list[tuple[str, nn.Parameter]]
     segs: list[tuple[int, int, int]]  # (probe, first row, rows) of this call, in row order
     w0: dict[str, torch.Tensor] = field(default_factory=dict)  # the unperturbed storage of each p
-    z_seed: int | None = None
-    z: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: dict[int, Any] = field(default_factory=dict)  # segment index -> its output
     was_split: bool = True
     in_bytes: int = 0  # the whole call's inputs (for the device-bytes meter)
@@ -158,10 +155,9 @@ class ZOEngine:
             for name, m in leaves(u.module) or []:
                 self._leaf_unit[id(m)] = u.module
                 self._names[id(m)] = f"{u.name}.{name}" if name else u.name
-        # perturbation scratch, one flat buffer per (use, dtype, device), grown to the largest
-        # perturbed module (a leaf; a unit on the unit path) and reused by every one of them
+        # perturbation scratch, one flat buffer per (dtype, device), grown to the largest perturbed
+        # module (a leaf; a unit on the unit path) and reused by every one of them
         self._arena: dict[tuple, torch.Tensor] = {}
-        self._executor: ThreadPoolExecutor | None = None  # draws z while the main thread updates
         self._scalars: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> a 0-dim tensor (``z_like``)
         self._live_in = 0  # bytes of the running module's inputs (the meter's view during an update)
         self.refresh_trainable()
@@ -232,18 +228,10 @@ class ZOEngine:
 
     def _apply_update(self, update: Update, sround_seed: int, key: str, p: nn.Parameter) -> None:
         # transients of the update, for the meter (``update_bytes``; the planner counts the same)
-        fused = self.noise.name == "triton" and p.is_cuda and self.noise.distribution != "sphere"
-        self.meter.observe(self._live_in + update_bytes(p.numel(), p.element_size(), fused))
-        with torch.no_grad():
-            if p.dtype in (torch.bfloat16, torch.float16):
-                # a low-precision weight is updated in fp32 and stochastically rounded back:
-                # round-to-nearest would drop ZO-sized updates (|lr*g*z| << half an ulp of w)
-                w32 = p.data.float()
-                update.apply(key, w32, self.noise, self.decays[key])
-                stochastic_round_(p.data, w32, mix(sround_seed, key + "/sround"))
-                del w32
-            else:
-                update.apply(key, p.data, self.noise, self.decays[key])
+        mode = z_mode(update, self.noise, p)
+        self.meter.observe(self._live_in + update_bytes(p.numel(), p.element_size(), mode))
+        with torch.no_grad():  # low precision: in fp32 pieces, stochastically rounded back
+            apply_update_(update, key, p.data, self.noise, self.decays[key], mix(sround_seed, key + "/sround"))
 
     def _acquire(self, s: Any) -> _Held:
         """Bring streamed unit ``s`` (a block or a group) into a slot and up to date with the
@@ -351,58 +339,33 @@ class ZOEngine:
             for k, p in res.params:
                 p.data = res.w0[k]
             return
-        bufs = self._views(res.params, "w")
-        for k, p in res.params:
-            self._perturb_into(res, bufs[k], k, probe)
+        bufs = self._views(res.params)
+        for k, p in res.params:  # one pass: read w0, make z piece by piece (or in registers), write
+            self.noise.perturb_into(bufs[k], res.w0[k], probe.seed, k, probe.scale)
             p.data = bufs[k]
 
-    def _perturb_into(self, res: _Residency, out: torch.Tensor, key: str, probe: Probe) -> None:
-        """``out <- w0 + scale * z(seed, key)``. z is drawn whole into scratch once per direction and
-        module call (consecutive probes along one seed, +-eps, reuse it), then one pass adds it."""
-        if res.z_seed != probe.seed:
-            self._draw_z(res, probe.seed)
-        torch.add(res.w0[key], res.z[key], alpha=probe.scale, out=out)  # one pass: read w0, z
-
-    def _draw_z(self, res: _Residency, seed: int, bufs: dict[str, torch.Tensor] | None = None) -> None:
-        bufs = bufs if bufs is not None else self._views(res.params, "z")
-        with torch.no_grad():  # the backend may return its own tensor (a table view, a sphere draw)
-            res.z = {k: self.noise.sample(seed, k, res.w0[k], out=bufs[k]) for k, _ in res.params}
-        res.z_seed = seed
-
-    def _views(self, params: list[tuple[str, nn.Parameter]], use: str) -> dict[str, torch.Tensor]:
-        """Per parameter, a view of the engine's scratch with its shape: perturbed copies (``w``,
-        the parameter's dtype) or z (``z``, fp32; fp64 for fp64 weights). One flat buffer per
-        (use, dtype, device), grown to the largest perturbed module and never shrunk: scratch is
-        one such module's worth (a leaf, or a unit on the unit path), counted by the meter."""
+    def _views(self, params: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
+        """Per parameter, a view of the engine's scratch with its shape and dtype for its perturbed
+        copy. One flat buffer per (dtype, device), grown to the largest perturbed module and never
+        shrunk: scratch is one such module's worth (a leaf, or a unit on the unit path), counted
+        by the meter (the backend's z pieces are ``zoft.engine.precision``'s to count)."""
         need: dict[tuple, int] = {}
-        dts = {}
-        for k, p in params:
-            dt = p.dtype if use == "w" else (torch.float64 if p.dtype == torch.float64 else torch.float32)
-            dts[k] = (use, dt, p.data.device)
-            need[dts[k]] = need.get(dts[k], 0) + p.numel()
+        for _, p in params:
+            need[(p.dtype, p.data.device)] = need.get((p.dtype, p.data.device), 0) + p.numel()
         for key, n in need.items():
             arena = self._arena.get(key)
             if arena is None or arena.numel() < n:
                 if arena is not None:
                     self.meter.free(arena.numel() * arena.element_size(), "scratch")
-                arena = self._arena[key] = torch.empty(n, dtype=key[1], device=key[2])
+                arena = self._arena[key] = torch.empty(n, dtype=key[0], device=key[1])
                 self.meter.alloc(n * arena.element_size(), "scratch")
         pos = dict.fromkeys(need, 0)
         out = {}
         for k, p in params:
-            n = p.numel()
-            out[k] = self._arena[dts[k]][pos[dts[k]]:pos[dts[k]] + n].view(p.shape)
-            pos[dts[k]] += n
+            key, n = (p.dtype, p.data.device), p.numel()
+            out[k] = self._arena[key][pos[key]:pos[key] + n].view(p.shape)
+            pos[key] += n
         return out
-
-    def _worker(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            # the worker launches on the compute device (a thread starts on CUDA device 0)
-            dev = self.compute_device
-            init = (torch.cuda.set_device, (dev,)) if dev.type == "cuda" else (None, ())
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoft-z", initializer=init[0],
-                                                initargs=init[1])
-        return self._executor
 
     @property
     def compute_device(self) -> torch.device:
@@ -432,7 +395,6 @@ class ZOEngine:
     def _restore(res: _Residency) -> None:
         for k, p in res.params:
             p.data = res.w0[k]  # w0 was never written while perturbed: exact
-        res.z = {}
 
     def _run_segments(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], args: tuple,
                       kwargs: dict, chunk: int | None, held: _Held | None):
@@ -444,20 +406,9 @@ class ZOEngine:
         segs = self._segs
         if chunk:
             segs = [(p, a + lo, min(chunk, n - lo)) for p, a, n in segs for lo in range(0, n, chunk)]
+        self._apply_pending_held(params, held)
         res = _Residency(params, segs, w0={k: p.data for k, p in params}, in_bytes=self._live_in)
         self._live[id(module)] = res
-        # The first direction's z depends on (seed, key) and shapes only, not on the weights: draw
-        # it on a worker thread while this one applies the pending update (two RNG streams at once).
-        first = next((probes[i] for i, _, _ in [*segs[1:], segs[0]]
-                      if probes[i].seed is not None and probes[i].scale != 0.0), None)
-        drawn = None
-        if first is not None and self._pending is not None and any(k not in self._applied for k, _ in params):
-            drawn = self._worker().submit(self._draw_z, res, first.seed, self._views(params, "z"))
-        try:
-            self._apply_pending_held(params, held)
-        finally:
-            if drawn is not None:
-                drawn.result()
         p0 = segs[0][0]
         with torch.no_grad():
             if len(segs) == 1:
@@ -706,9 +657,6 @@ class ZOEngine:
         for arena in self._arena.values():
             self.meter.free(arena.numel() * arena.element_size(), "scratch")
         self._arena = {}
-        if self._executor is not None:
-            self._executor.shutdown()
-            self._executor = None
 
     def __enter__(self) -> "ZOEngine":
         return self

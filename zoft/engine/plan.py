@@ -251,7 +251,7 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
     # copy and one chunk of stochastic rounding (``zoft.engine.precision.update_bytes``; "fused"
     # scratch: the Philox kernel draws no z here either). Frozen
     # bases (adapters) update only adapter-sized parameters (not counted, like their scratch).
-    update = 0 if adapters else update_bytes(s.max_param_numel or s.max_unit_numel, b, fused=scratch == "fused")
+    update = 0 if adapters else update_bytes(s.max_param_numel or s.max_unit_numel, b, "fused" if scratch == "fused" else "whole")
     peak = resident + slots + scratch_b + boundary + max(working, logits, update)
     return {"resident": resident, "slots": slots, "k": k, "scratch": scratch_b, "boundary": boundary,
             "working": working, "logits": logits, "update": update, "peak": peak}
