@@ -1,25 +1,27 @@
 """The zeroth-order engine: probe batching through the model's own ``forward``.
 
-Every unit of the layout (``zoft.models.discover_layout``) gets a forward pre-hook and a forward
-hook (PyTorch's public hook API; the model's modules, names and ``forward`` stay untouched).
-While a step is active the pre-hook of a unit:
+Every unit of the layout (``zoft.models.discover_layout``) and every *leaf* of a unit (a module
+owning parameters directly: ``zoft.models.layout.leaves``) gets a forward pre-hook and a forward
+hook (PyTorch's public hook API; the model's modules, names and ``forward`` stay untouched). A
+step runs the model once on the P probes' rows (probe-major). While it is active the pre-hook of
+a perturbed module (a leaf; a whole unit on the unit path):
 
-1. applies the pending update of the previous step to the unit's parameters (lazily: each
-   parameter once, tied ones included),
-2. leaves the weights ``w0`` where they are and, for probes 1..P-1, writes ``w0 + scale_p * z_p``
-   into a scratch buffer, points ``p.data`` at it and calls ``module.forward`` on probe p's
-   slice of the inputs,
-3. does the same for probe 0 and lets the regular call run on probe 0's slice;
+1. applies the pending update of the previous step to its parameters (lazily: each parameter
+   once, tied ones included),
+2. leaves the weights ``w0`` where they are and, for each probe's row segment but the first,
+   writes ``w0 + scale_p * z_p`` into scratch, points ``p.data`` at it and calls
+   ``module.forward`` on that segment's rows,
+3. does the same for the first segment and lets the regular call run on its rows;
 
 the forward hook then points ``p.data`` back at ``w0`` (never written during the probes, so the
-restore is exact and costs no pass over the weights) and concatenates the P outputs. Each unit is
-thus touched once per step for any number of probes, and the same code path is what the offload
-scheduler streams.
+restore is exact and costs no pass over the weights) and concatenates the outputs. Parameter-free
+work between leaves (attention, activations) runs once on all rows, one leaf holds a perturbed
+copy at a time, and each streamed unit (a block or a group of its leaves) is in a device slot
+from its first module's call to its last module's.
 """
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -28,7 +30,7 @@ from torch import nn
 
 from zoft.engine.offload import Meter, Offloader, tensor_bytes
 from zoft.engine.precision import apply_update_, update_bytes, z_mode
-from zoft.engine.probes import Probe, Update, combine_outputs, split_args
+from zoft.engine.probes import Probe, Update, combine_outputs, is_split, split_args
 from zoft.errors import UsageError
 from zoft.models.layout import Layout, call_order, discover_layout, leaves, pack_groups, unit_path
 from zoft.models.quant import keep_canonical_layout
@@ -59,11 +61,10 @@ class _Residency:
     params: list[tuple[str, nn.Parameter]]
     segs: list[tuple[int, int, int]]  # (probe, first row, rows) of this call, in row order
     w0: dict[str, torch.Tensor] = field(default_factory=dict)  # the unperturbed storage of each p
-    z_seed: int | None = None
-    z: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: dict[int, Any] = field(default_factory=dict)  # segment index -> its output
     was_split: bool = True
     in_bytes: int = 0  # the whole call's inputs (for the device-bytes meter)
+    out: torch.Tensor | None = None  # an ``nn.Linear``'s output, every segment written in place
 
 
 @dataclass
@@ -154,10 +155,9 @@ class ZOEngine:
             for name, m in leaves(u.module) or []:
                 self._leaf_unit[id(m)] = u.module
                 self._names[id(m)] = f"{u.name}.{name}" if name else u.name
-        # perturbation scratch, one flat buffer per (use, dtype, device), grown to the largest
-        # perturbed module (a leaf; a unit on the unit path) and reused by every one of them
+        # perturbation scratch, one flat buffer per (dtype, device), grown to the largest perturbed
+        # module (a leaf; a unit on the unit path) and reused by every one of them
         self._arena: dict[tuple, torch.Tensor] = {}
-        self._executor: ThreadPoolExecutor | None = None  # draws z while the main thread updates
         self._scalars: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> a 0-dim tensor (``z_like``)
         self._live_in = 0  # bytes of the running module's inputs (the meter's view during an update)
         self.refresh_trainable()
@@ -339,58 +339,33 @@ class ZOEngine:
             for k, p in res.params:
                 p.data = res.w0[k]
             return
-        bufs = self._views(res.params, "w")
-        for k, p in res.params:
-            self._perturb_into(res, bufs[k], k, probe)
+        bufs = self._views(res.params)
+        for k, p in res.params:  # one pass: read w0, make z piece by piece (or in registers), write
+            self.noise.perturb_into(bufs[k], res.w0[k], probe.seed, k, probe.scale)
             p.data = bufs[k]
 
-    def _perturb_into(self, res: _Residency, out: torch.Tensor, key: str, probe: Probe) -> None:
-        """``out <- w0 + scale * z(seed, key)``. z is drawn whole into scratch once per direction and
-        module call (consecutive probes along one seed, +-eps, reuse it), then one pass adds it."""
-        if res.z_seed != probe.seed:
-            self._draw_z(res, probe.seed)
-        torch.add(res.w0[key], res.z[key], alpha=probe.scale, out=out)  # one pass: read w0, z
-
-    def _draw_z(self, res: _Residency, seed: int, bufs: dict[str, torch.Tensor] | None = None) -> None:
-        bufs = bufs if bufs is not None else self._views(res.params, "z")
-        with torch.no_grad():  # the backend may return its own tensor (a table view, a sphere draw)
-            res.z = {k: self.noise.sample(seed, k, res.w0[k], out=bufs[k]) for k, _ in res.params}
-        res.z_seed = seed
-
-    def _views(self, params: list[tuple[str, nn.Parameter]], use: str) -> dict[str, torch.Tensor]:
-        """Per parameter, a view of the engine's scratch with its shape: perturbed copies (``w``,
-        the parameter's dtype) or z (``z``, fp32; fp64 for fp64 weights). One flat buffer per
-        (use, dtype, device), grown to the largest perturbed module and never shrunk: scratch is
-        one such module's worth (a leaf, or a unit on the unit path), counted by the meter."""
+    def _views(self, params: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
+        """Per parameter, a view of the engine's scratch with its shape and dtype for its perturbed
+        copy. One flat buffer per (dtype, device), grown to the largest perturbed module and never
+        shrunk: scratch is one such module's worth (a leaf, or a unit on the unit path), counted
+        by the meter (the backend's z pieces are ``zoft.engine.precision``'s to count)."""
         need: dict[tuple, int] = {}
-        dts = {}
-        for k, p in params:
-            dt = p.dtype if use == "w" else (torch.float64 if p.dtype == torch.float64 else torch.float32)
-            dts[k] = (use, dt, p.data.device)
-            need[dts[k]] = need.get(dts[k], 0) + p.numel()
+        for _, p in params:
+            need[(p.dtype, p.data.device)] = need.get((p.dtype, p.data.device), 0) + p.numel()
         for key, n in need.items():
             arena = self._arena.get(key)
             if arena is None or arena.numel() < n:
                 if arena is not None:
                     self.meter.free(arena.numel() * arena.element_size(), "scratch")
-                arena = self._arena[key] = torch.empty(n, dtype=key[1], device=key[2])
+                arena = self._arena[key] = torch.empty(n, dtype=key[0], device=key[1])
                 self.meter.alloc(n * arena.element_size(), "scratch")
         pos = dict.fromkeys(need, 0)
         out = {}
         for k, p in params:
-            n = p.numel()
-            out[k] = self._arena[dts[k]][pos[dts[k]]:pos[dts[k]] + n].view(p.shape)
-            pos[dts[k]] += n
+            key, n = (p.dtype, p.data.device), p.numel()
+            out[k] = self._arena[key][pos[key]:pos[key] + n].view(p.shape)
+            pos[key] += n
         return out
-
-    def _worker(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            # the worker launches on the compute device (a thread starts on CUDA device 0)
-            dev = self.compute_device
-            init = (torch.cuda.set_device, (dev,)) if dev.type == "cuda" else (None, ())
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoft-z", initializer=init[0],
-                                                initargs=init[1])
-        return self._executor
 
     @property
     def compute_device(self) -> torch.device:
@@ -420,7 +395,6 @@ class ZOEngine:
     def _restore(res: _Residency) -> None:
         for k, p in res.params:
             p.data = res.w0[k]  # w0 was never written while perturbed: exact
-        res.z = {}
 
     def _run_segments(self, module: nn.Module, params: list[tuple[str, nn.Parameter]], args: tuple,
                       kwargs: dict, chunk: int | None, held: _Held | None):
@@ -432,25 +406,16 @@ class ZOEngine:
         segs = self._segs
         if chunk:
             segs = [(p, a + lo, min(chunk, n - lo)) for p, a, n in segs for lo in range(0, n, chunk)]
+        self._apply_pending_held(params, held)
         res = _Residency(params, segs, w0={k: p.data for k, p in params}, in_bytes=self._live_in)
         self._live[id(module)] = res
-        # The first direction's z depends on (seed, key) and shapes only, not on the weights: draw
-        # it on a worker thread while this one applies the pending update (two RNG streams at once).
-        first = next((probes[i] for i, _, _ in [*segs[1:], segs[0]]
-                      if probes[i].seed is not None and probes[i].scale != 0.0), None)
-        drawn = None
-        if first is not None and self._pending is not None and any(k not in self._applied for k, _ in params):
-            drawn = self._worker().submit(self._draw_z, res, first.seed, self._views(params, "z"))
-        try:
-            self._apply_pending_held(params, held)
-        finally:
-            if drawn is not None:
-                drawn.result()
         p0 = segs[0][0]
         with torch.no_grad():
             if len(segs) == 1:
                 self._perturb(res, probes[p0])
                 return None
+            if self._linear_in_place(module, res, args, kwargs):
+                return (args[0][:0],), {}  # the regular call runs on no rows
             rest = range(1, len(segs))  # segment 0's probe last: the regular call runs segment 0
             cur = None
             for i in [*(i for i in rest if segs[i][0] != p0), *(i for i in rest if segs[i][0] == p0)]:
@@ -466,13 +431,37 @@ class ZOEngine:
         return split_args(args, segs[0][1], segs[0][2], self._rows)[0], \
             split_args(kwargs, segs[0][1], segs[0][2], self._rows)[0]
 
+    def _linear_in_place(self, module: nn.Module, res: _Residency, args: tuple, kwargs: dict) -> bool:
+        """An ``nn.Linear`` (most of a block's bytes and calls) computes every segment's rows into
+        one output (``addmm(out=)``, what ``F.linear`` runs) instead of concatenating per-segment
+        outputs: no extra pass over the activations. Other modules: ``False``."""
+        x = args[0] if len(args) == 1 and not kwargs else None
+        if type(module) is not nn.Linear or not isinstance(x, torch.Tensor) or x.dtype != module.weight.dtype \
+                or not is_split(x, self._rows):
+            return False
+        per = x.numel() // x.shape[-1] // self._rows  # 2-D rows per row of the call
+        x2 = x.reshape(-1, x.shape[-1])
+        res.out = torch.empty((*x.shape[:-1], module.out_features), dtype=x.dtype, device=x.device)
+        o2 = res.out.view(-1, module.out_features)
+        cur = None
+        for p, a, n in sorted(res.segs, key=lambda s: s[0]):
+            if p != cur:
+                self._perturb(res, self._probes[p])
+                cur = p
+            lo, hi = a * per, (a + n) * per
+            if module.bias is None:
+                torch.mm(x2[lo:hi], module.weight.t(), out=o2[lo:hi])
+            else:
+                torch.addmm(module.bias, x2[lo:hi], module.weight.t(), out=o2[lo:hi])
+        return True
+
     def _finish_segments(self, module: nn.Module, output: Any) -> Any:
         res = self._live.pop(id(module), None)
         if res is None:
             return None
         with torch.no_grad():
             self._restore(res)
-        combined = None
+        combined = res.out
         if res.outputs:
             outs = [output, *(res.outputs[i] for i in range(1, len(res.segs)))]
             combined = combine_outputs(outs, [n for _, _, n in res.segs], res.was_split, self._names[id(module)])
@@ -657,7 +646,7 @@ class ZOEngine:
     def device_peak_bytes(self) -> int:
         """Peak bytes on the device since the last ``evaluate`` began: what the engine and the
         scheduler own (resident weights, slots, perturbation scratch) plus the activations seen at
-        unit boundaries. Activations inside a unit are not counted (on CUDA, read
+        unit and leaf boundaries. Activations inside a leaf are not counted (on CUDA, read
         ``torch.cuda.max_memory_allocated``)."""
         return self.meter.peak
 
@@ -675,9 +664,6 @@ class ZOEngine:
         for arena in self._arena.values():
             self.meter.free(arena.numel() * arena.element_size(), "scratch")
         self._arena = {}
-        if self._executor is not None:
-            self._executor.shutdown()
-            self._executor = None
 
     def __enter__(self) -> "ZOEngine":
         return self

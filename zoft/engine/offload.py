@@ -32,6 +32,10 @@ back after ``k`` updates is ``slot_after - decode(upload of the master at s)``, 
 updates' changes as applied on the device, and every residency between write-backs decodes the
 same master bytes (one codec rounding, never a compounded one).
 
+Groups (``Streaming.group_bytes``): a streamed block may be split into groups of its leaves
+(consecutive in call order, ``zoft.models.layout.pack_groups``); each group is then a streamed
+unit of its own here (master, slot, versions, write-back), and slots are the largest group's size.
+
 CPU twin: on a CPU "device" the same scheduler runs with synchronous copies (the slots are
 separate CPU buffers) and a ``Meter`` accounts the bytes that would sit on the device: resident
 weights, slots, the engine's perturbation scratch and the activations crossing unit boundaries.
