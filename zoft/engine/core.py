@@ -30,7 +30,7 @@ from torch import nn
 
 from zoft.engine.offload import Meter, Offloader, tensor_bytes
 from zoft.engine.precision import apply_update_, update_bytes, z_mode
-from zoft.engine.probes import Probe, Update, combine_outputs, is_split, split_args
+from zoft.engine.probes import Probe, Update, combine_outputs, is_split, repeat_rows, split_args
 from zoft.errors import UsageError
 from zoft.models.layout import Layout, call_order, discover_layout, leaves, pack_groups, unit_path
 from zoft.models.quant import keep_canonical_layout
@@ -144,6 +144,7 @@ class ZOEngine:
         self._probes: list[Probe] | None = None
         self._segs: list[tuple[int, int, int]] = []  # the rows of the running call: (probe, first, rows)
         self._rows = 0  # rows of the running call
+        self._fan_out: int | None = None  # feature reuse: id of the unit not yet reached (``evaluate``)
         self._pending: Update | None = None
         self._applied: set[str] = set()
         self._live: dict[int, _Residency] = {}
@@ -488,7 +489,7 @@ class ZOEngine:
                 h = self._held.get(s.index) or self._acquire(s)
         params = self._site_params[id(module)]
         self._live_in = tensor_bytes(args) + tensor_bytes(kwargs)
-        if not self._probes or not params:
+        if not self._probing or not params:
             self._apply_pending_held(params, h)
             self.meter.observe(self._live_in)
             return None
@@ -504,23 +505,36 @@ class ZOEngine:
                 self._release_unit(self._held[s.index])  # ... and released after its last leaf
         return combined
 
+    @property
+    def _probing(self) -> bool:
+        """Whether the running forward perturbs: a step is on and no unit before the fan-out runs."""
+        return bool(self._probes) and self._fan_out is None
+
     def _unit_pre(self, module: nn.Module, args: tuple, kwargs: dict):
         if self._paused:
             return None
+        fan_out = self._fan_out == id(module)
+        if fan_out:  # feature reuse: the units so far ran once on R rows; each probe takes them whole
+            self._fan_out = None
+            args, kwargs = (repeat_rows(x, self._rows // len(self._probes), len(self._probes)) for x in (args, kwargs))
+        out = self._unit_pre_rows(module, args, kwargs)
+        return (args, kwargs) if fan_out and out is None else out
+
+    def _unit_pre_rows(self, module: nn.Module, args: tuple, kwargs: dict):
         h = None
         if self.offload is not None:
             for s in self.offload.units(module):
                 if not s.leaves:  # a whole block (groups come with their leaves' calls)
                     h = self._held.get(s.index) or self._acquire(s)
         self._live_in = tensor_bytes(args) + tensor_bytes(kwargs)
-        chunk = self.micro_batch if self.micro_batch and id(module) in self._blocks and self._probes else None
+        chunk = self.micro_batch if self.micro_batch and id(module) in self._blocks and self._probing else None
         if id(module) in self._leaves:  # its leaves do the perturbing
             self.meter.observe(self._live_in)
             if chunk and any(n > chunk for _, _, n in self._segs):
                 return self._run_chunks(module, args, kwargs, chunk)
             return None
         params = self._site_params[id(module)]
-        if not self._probes or not params:
+        if not self._probing or not params:
             self._apply_pending_held(params, h)
             self.meter.observe(self._live_in)
             return None
@@ -572,12 +586,22 @@ class ZOEngine:
         return combined
 
     # -- public step API ------------------------------------------------------------------
-    def evaluate(self, probes: Sequence[Probe], batch: Any, objective: Objective) -> torch.Tensor:
+    def evaluate(self, probes: Sequence[Probe], batch: Any, objective: Objective,
+                 fan_out_at: str | None = None) -> torch.Tensor:
         """Losses of P probes on one batch, in one pass over the units; shape (P,), fp64 on CPU.
 
         ``batch`` needs ``repeat(P)`` and ``inputs`` (see ``zoft.tasks.Batch``). The pending
         update is fully applied when this returns, and every weight is back at its unperturbed
         value even if the forward raised.
+
+        ``fan_out_at`` (feature reuse): the name of a unit that no probe's perturbation precedes,
+        i.e. every unit that runs before it is unperturbed for all P probes (the caller's promise).
+        The model then gets the batch's R rows once: the units before it run once, unperturbed,
+        and that unit's R-row inputs are repeated P times (``repeat_rows``: each probe takes them
+        whole, on either granularity); from there
+        on rows are P*R as usual, and the objective's ``loss`` sees the repeated batch. Tensors
+        computed before the fan-out must reach later code only through it (a chain there, as in
+        ``nn.Sequential``); a residual around it meets P*R rows with R and fails with a shape error.
         """
         probes = list(probes)
         if not probes:
@@ -590,14 +614,22 @@ class ZOEngine:
         R = self._rows // len(probes)
         self._segs = [(i, i * R, R) for i in range(len(probes))]
         self._probes = probes
+        if fan_out_at is not None:
+            unit = next((u for u in self.layout.units if u.name == fan_out_at), None)
+            if unit is None:
+                raise ValueError(f"fan_out_at: no unit named {fan_out_at!r}")
+            self._fan_out = id(unit.module)
         self._release_stale()
         self._count_noise()
         self.meter.reset_peak()
         try:
             with torch.no_grad():
-                out = objective.forward(self.model, rep)
+                out = objective.forward(self.model, rep if fan_out_at is None else batch)
+                if self._fan_out is not None:
+                    raise ValueError(f"fan_out_at: unit {fan_out_at!r} did not run in the forward")
                 losses = objective.loss(out, rep, len(probes))
         finally:
+            self._fan_out = None
             for res in self._live.values():  # a module whose forward raised
                 with torch.no_grad():
                     self._restore(res)

@@ -86,6 +86,13 @@ def split_args(x: Any, start: int, n: int, n_rows: int) -> tuple[Any, bool]:
     return _map(x, take), found
 
 
+def repeat_rows(x: Any, rows: int, times: int) -> Any:
+    """Every tensor of ``x`` with ``rows`` rows (``is_split``) repeated ``times`` times along dim 0
+    (probe-major: ``times`` copies one after another); the rest as it is. Feature reuse: a unit
+    computed once on R rows hands each of the P probes the same R rows."""
+    return _map(x, lambda t: torch.cat([t] * times) if is_split(t, rows) else t)
+
+
 def combine_outputs(outs: Sequence[Any], rows: Sequence[int], was_split: bool, unit: str) -> Any:
     """Concatenate the outputs of the row segments of one call (probes, micro-batches) along dim 0,
     in row order, mirroring ``split_args``; ``rows[i]``: the rows of segment i.
