@@ -10,12 +10,15 @@ hyper-parameters, 2 threads, one process. Each repetition times, in a rotating o
   zoft[B]       ``ZOEngine.evaluate(opt.probes(step))`` + ``MeZOSGD.update`` + ``engine.set_update``
                 with noise backend B (``--noise torch,table``: one model copy and engine each; the
                 first backend listed is reported as plain ``zoft``);
+  zoft[unit]    the same step with the first backend on the unit-granular engine
+                (``ZOEngine(granularity="unit")``: a whole unit perturbed per probe call), the
+                path parameter-granular perturbation (the default) is held to (<= 1.05x);
                 zoft applies the previous step's update lazily inside the next forward, so every
                 timed step is a steady-state one (the first, update-free step is the warm-up);
   forward-only  two plain forward passes of the batch: the physical floor of a two-sided ZO step.
 
 Reports medians, the ratios of each zoft backend and of forward-only to the reference and to the
-in-place loop (the CPU's default backend, ``zoft.noise.default_noise``, on its own line), the z
+in-place loop, parameter-granular over unit-granular (same backend, same run) (the CPU's default backend, ``zoft.noise.default_noise``, on its own line), the z
 draws per step (counted, in units of one full-model draw; for ``table`` these are windows read,
 not generated), and a sanity check that all compute the same unperturbed loss of the same model
 on the same batch.
@@ -180,7 +183,9 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
     t0 = time.perf_counter()
     ref_model = build_random(config, "causal", torch.float32, seed).eval()
     inplace_model = copy.deepcopy(ref_model)
-    zoft_models = {b: copy.deepcopy(ref_model) for b in noises}  # same initial weights, separate storage
+    # (backend, granularity) -> a model copy: same initial weights, separate storage
+    variants = [(b, "param") for b in noises] + [(noises[0], "unit")]
+    zoft_models = {v: copy.deepcopy(ref_model) for v in variants}
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in ref_model.parameters() if p.requires_grad)  # tied counted once
 
@@ -193,29 +198,30 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
 
     ref = MeZOReference(ref_model, lr, eps, weight_decay, seed)
     inplace = MeZOInPlace(inplace_model, lr, eps, weight_decay, seed)
-    engines = {b: ZOEngine(m, noise=make_noise(b, "gaussian")) for b, m in zoft_models.items()}
+    engines = {v: ZOEngine(m, noise=make_noise(v[0], "gaussian"), granularity=v[1]) for v, m in zoft_models.items()}
     cfg = MeZOConfig(lr=lr, eps=eps, weight_decay=weight_decay)
-    opts = {b: MeZOSGD(cfg, seed=seed, total_steps=reps + 2) for b in noises}
+    opts = {v: MeZOSGD(cfg, seed=seed, total_steps=reps + 2) for v in variants}
 
     # Sanity: all compute the same unperturbed loss of the same weights on the same batch.
     loss0_ref = ref.zo_forward(ref_inputs).item()
-    loss0_zoft = {b: e.evaluate([Probe(None, 0.0)], batch, task).item() for b, e in engines.items()}
+    loss0_zoft = {v: e.evaluate([Probe(None, 0.0)], batch, task).item() for v, e in engines.items()}
     loss0_rel = max(abs(loss0_ref - v) / abs(loss0_ref) for v in loss0_zoft.values())
 
-    label = {b: "zoft" if i == 0 else f"zoft[{b}]" for i, b in enumerate(noises)}
-    steps = {b: 0 for b in noises}
+    label = {(b, "param"): "zoft" if i == 0 else f"zoft[{b}]" for i, b in enumerate(noises)}
+    label[(noises[0], "unit")] = "zoft[unit]"
+    steps = {v: 0 for v in variants}
     first: dict[str, tuple[float, float, float]] = {}
 
     def ref_step():
         lp, lm, g = ref.step(ref_inputs)
         first.setdefault("reference", (lp, lm, g))
 
-    def zoft_step(b: str):
-        losses = engines[b].evaluate(opts[b].probes(steps[b]), batch, task)  # (2,): L+, L-
-        upd, metrics = opts[b].update(steps[b], losses)
-        engines[b].set_update(upd)
-        first.setdefault(label[b], (losses[0].item(), losses[1].item(), metrics["projected_grad"]))
-        steps[b] += 1
+    def zoft_step(v: tuple[str, str]):
+        losses = engines[v].evaluate(opts[v].probes(steps[v]), batch, task)  # (2,): L+, L-
+        upd, metrics = opts[v].update(steps[v], losses)
+        engines[v].set_update(upd)
+        first.setdefault(label[v], (losses[0].item(), losses[1].item(), metrics["projected_grad"]))
+        steps[v] += 1
 
     def forward_only():
         for _ in range(2):
@@ -226,7 +232,7 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
         first.setdefault("in-place", (lp, lm, g))
 
     fns = {"reference": ref_step, "mezo_inplace": inplace_step}
-    fns.update({label[b]: (lambda b=b: zoft_step(b)) for b in noises})
+    fns.update({label[v]: (lambda v=v: zoft_step(v)) for v in variants})
     fns["forward_only"] = forward_only
     for fn in fns.values():  # warm-up; zoft's first step has no pending update to apply
         fn()
@@ -246,10 +252,10 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
     inplace_step()
     inplace_z = inplace.z_elements / n_params
     zoft_z = {}
-    for b, e in engines.items():
+    for v, e in engines.items():
         e.noise = counting = CountingNoise(e.noise)
-        zoft_step(b)
-        zoft_z[b] = counting.z_elements / n_params
+        zoft_step(v)
+        zoft_z[v] = counting.z_elements / n_params
         e.close()
 
     med = {k: median(v) for k, v in times.items()}
@@ -263,16 +269,19 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
         "noise": list(noises),
         "ratio_over_reference": {k: med[k] / med["reference"] for k in names if k != "reference"},
         "ratio_zoft_over_reference": med["zoft"] / med["reference"],
+        # parameter-granular (the default) over unit-granular, same backend, same run
+        "ratio_param_over_unit": med["zoft"] / med["zoft[unit]"],
+        "paired_param_over_unit": median([a / b for a, b in zip(times["zoft"], times["zoft[unit]"])]),
         "ratio_forward_only_over_reference": med["forward_only"] / med["reference"],
         # every zoft backend against MeZO's loop written with in-place updates (same run)
-        "ratio_over_inplace": {label[b]: med[label[b]] / med["mezo_inplace"] for b in noises},
+        "ratio_over_inplace": {label[v]: med[label[v]] / med["mezo_inplace"] for v in variants},
         "default_noise": default_noise("cpu"),
-        "default_label": label.get(default_noise("cpu")),
+        "default_label": label.get((default_noise("cpu"), "param")),
         # Median of per-repetition ratios (each ran next to the reference): less sensitive to load drift.
         "paired_ratio_median": {k: median([a / b for a, b in zip(times[k], times["reference"])])
                                 for k in names if k != "reference"},
-        "z_per_step": {"reference": ref_z, "mezo_inplace": inplace_z, **{label[b]: v for b, v in zoft_z.items()}},
-        "loss0": {"reference": loss0_ref, **{label[b]: v for b, v in loss0_zoft.items()}, "rel_diff": loss0_rel},
+        "z_per_step": {"reference": ref_z, "mezo_inplace": inplace_z, **{label[v]: z for v, z in zoft_z.items()}},
+        "loss0": {"reference": loss0_ref, **{label[v]: x for v, x in loss0_zoft.items()}, "rel_diff": loss0_rel},
         "first_step": {k: dict(zip(("loss_plus", "loss_minus", "projected_grad"), v)) for k, v in first.items()},
     }
 
@@ -299,6 +308,8 @@ def report(res: dict) -> str:
         f"ratio zoft/reference = {res['ratio_zoft_over_reference']:.3f} (zoft: noise '{res['noise'][0]}')   "
         f"forward-only/reference = {res['ratio_forward_only_over_reference']:.3f}   "
         "(paired: median of per-repetition ratios to the reference)",
+        f"parameter-granular / unit-granular = {res['ratio_param_over_unit']:.3f} "
+        f"(paired {res['paired_param_over_unit']:.3f}; noise '{res['noise'][0]}')",
         (f"default noise on the CPU: '{res['default_noise']}': "
          + (f"{res['ratio_over_inplace'][res['default_label']]:.3f} x MeZO in-place" if res["default_label"]
             else "not timed (add it to --noise)")),
