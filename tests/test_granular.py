@@ -273,3 +273,42 @@ def test_leaves_and_groups():
     big = torch.nn.Linear(16, 16, bias=False)  # 1024 bytes
     assert pack_groups([lin[0], lin[1], big, lin[2], lin[3]], 130) == [[lin[0], lin[1]], [big], [lin[2], lin[3]]]
     assert pack_groups(lin, 10) == [[m] for m in lin]
+
+
+class _BlocksFrom:
+    """Directions only on blocks ``first..`` of the stack (what CGE's per-unit phases promise)."""
+
+    def __init__(self, prefix: str, first: int):
+        self.prefix, self.first = prefix, first
+
+    def direction_shaper(self):
+        def shape(nz, seed, key, like):
+            rest = key[len(self.prefix):] if key.startswith(self.prefix) else None
+            if rest is not None and int(rest.split(".")[0]) >= self.first:
+                return nz.sample(seed, key, like)
+            return torch.zeros_like(like)
+        return shape
+
+
+@pytest.mark.parametrize("gran,rows", [("param", 1), ("unit", 3)])
+def test_fan_out_at_a_block_equals_full_forwards(gran, rows):
+    """Feature reuse inside a block stack (``evaluate(fan_out_at=)``): the blocks before the
+    fan-out run once on R rows, the fan-out block's inputs are repeated for the P probes
+    (``repeat_rows``; its leaves then take each probe's rows), and the losses equal the plain
+    evaluation's, which ``test_engine`` holds to P separate forwards. The parameter-granular engine
+    runs parameter-free work on all rows, so an R-row mask made before the fan-out only broadcasts
+    at R = 1; the unit path hands each probe its R rows at any R."""
+    from test_engine import TokenNLL as NLL
+    from tiny_models import tiny_batch
+    from zoft.tasks.base import Batch
+
+    model = deep_model("opt")
+    batch = Batch(tiny_batch(batch=rows, pad_last=0), size=rows)
+    probes = [Probe(None, 0.0), Probe(7, 1e-2), Probe(7, -1e-2), Probe(8, 1e-2)]
+    with ZOEngine(model, granularity=gran) as eng:
+        stack = eng.layout.blocks_path + "."
+        bind(_BlocksFrom(stack, 2), eng)
+        full = eng.evaluate(probes, batch, NLL(True))
+        reuse = eng.evaluate(probes, batch, NLL(True), fan_out_at=eng.layout.blocks[2].name)
+    torch.testing.assert_close(reuse, full, rtol=RTOL, atol=0)
+    assert len(set(full.tolist())) == len(probes)  # the directions matter
