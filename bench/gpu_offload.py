@@ -4,7 +4,8 @@ planner's lower bound. One script, meant to finish in < 8 minutes on one H200.
   1. equivalence: a tiny OPT (8 blocks, fp32) streamed (0 and 3 resident blocks, codec ``same``)
      against the all-resident engine, 3 MeZO steps: per-step losses and final weights (rel 1e-5).
   2. peak memory, ZO2's setting: OPT-6.7B shape, random fp16 weights, batch 1 x 2048 tokens,
-     2 probes, streamed under the smallest budget the planner accepts;
+     2 probes, streamed under the smallest budget the planner accepts, run as ``zoft finetune``
+     runs that plan (the device's default noise backend, the plan's head chunk and groups);
      ``torch.cuda.max_memory_allocated`` against that budget and ZO2's published 4.99 GB.
   3. step time: OPT-2.7B and OPT-6.7B shapes (fp16), all-resident vs streamed under the smallest
      budget, at batch 1 x 2048 (transfer-bound) and 16 x 512 (more compute); the pinned
@@ -37,6 +38,9 @@ from transformers import AutoModelForCausalLM, OPTConfig
 from zoft.engine import Probe, Streaming, Update, ZOEngine
 from zoft.engine.plan import make_plan
 from zoft.models import resolve
+from zoft.noise import default_noise, make_noise
+from zoft.tasks.base import Batch
+from zoft.tasks.lm import LMTask
 
 ZO2_PEAK_GB = {"opt-6.7b": 4.99}  # ZO2 paper (arXiv 2503.12668): OPT-6.7B, batch 1 x 2048, fp16
 
@@ -84,9 +88,9 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def steps(engine, batch, n, device):
+def steps(engine, batch, n, device, obj=None):
     """``n`` MeZO steps; returns (losses (n, 2), median seconds per step after the first)."""
-    obj, out, times = NextTokenLoss(), [], []
+    obj, out, times = obj or NextTokenLoss(), [], []
     for t in range(n):
         sync(device)
         t0 = time.perf_counter()
@@ -165,10 +169,15 @@ def measure(name, config, model, device, B, T, gbps, tflops, n_steps, resident_t
     the host, from where the next shape's resident run moves it back."""
     dtype = next(model.parameters()).dtype
     dname = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
-    kw = dict(batch_size=B, max_length=T, num_probes=2, dtype=dname, h2d_gbps=gbps, tflops=tflops)
+    kw = dict(batch_size=B, max_length=T, num_probes=2, dtype=dname, h2d_gbps=gbps, tflops=tflops,
+              device=device.type, noise=default_noise(device.type))
     smallest = make_plan(config, 10**15, **kw).min_budget_bytes
     plan = make_plan(config, smallest, **kw)
-    batch = Rows(input_ids=token_ids(config.vocab_size, B, T, device, seed=2))
+    ids = token_ids(config.vocab_size, B, T, device, seed=2)
+    batch = Rows(input_ids=ids)
+    # the streamed step runs the plan as ``zoft finetune`` does: its noise backend, its head chunk
+    lm = LMTask(tokenizer=None, kind="causal", max_length=T, head_chunk=plan.head_chunk)
+    lm_batch = Batch({"input_ids": ids}, {"labels": ids}, size=B)
     row = {"model": name, "batch": f"{B}x{T}", "budget_gb": smallest / 1e9, "resident_blocks": plan.resident_blocks,
            "streamed_blocks": plan.streamed_blocks, "lower_bound_s": plan.step_time_lb_s, "bound": plan.bound}
     if resident_too:
@@ -181,10 +190,10 @@ def measure(name, config, model, device, B, T, gbps, tflops, n_steps, resident_t
         del eng
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    eng = ZOEngine(model, offload=Streaming.from_plan(plan, str(device)))
+    eng = ZOEngine(model, noise=make_noise(plan.noise), offload=Streaming.from_plan(plan, str(device)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _, row["streamed_s"] = steps(eng, batch, n_steps, device)
+    _, row["streamed_s"] = steps(eng, lm_batch, n_steps, device, lm)
     row["streamed_peak_gb"] = (torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda"
                                else eng.device_peak_bytes / 1e9)
     row["accounted_peak_gb"] = eng.device_peak_bytes / 1e9

@@ -5,14 +5,20 @@ hyper-parameters, 2 threads, one process. Each repetition times, in a rotating o
 
   reference     ``MeZOReference.step``: MeZO's ``zo_step`` + ``zo_update`` (Malladi et al. 2023,
                 ``MeZO/large_models/trainer.py``), re-written here line for line;
+  in-place      ``MeZOInPlace.step``: the same loop (4 seeded z draws per step) with in-place
+                updates, the baseline zoft's default noise backend is held to;
   zoft[B]       ``ZOEngine.evaluate(opt.probes(step))`` + ``MeZOSGD.update`` + ``engine.set_update``
                 with noise backend B (``--noise torch,table``: one model copy and engine each; the
                 first backend listed is reported as plain ``zoft``);
+  zoft[unit]    the same step with the first backend on the unit-granular engine
+                (``ZOEngine(granularity="unit")``: a whole unit perturbed per probe call), the
+                path parameter-granular perturbation (the default) is held to (<= 1.05x);
                 zoft applies the previous step's update lazily inside the next forward, so every
                 timed step is a steady-state one (the first, update-free step is the warm-up);
   forward-only  two plain forward passes of the batch: the physical floor of a two-sided ZO step.
 
-Reports medians, the ratios of each zoft backend and of forward-only to the reference, the z
+Reports medians, the ratios of each zoft backend and of forward-only to the reference and to the
+in-place loop, parameter-granular over unit-granular (same backend, same run) (the CPU's default backend, ``zoft.noise.default_noise``, on its own line), the z
 draws per step (counted, in units of one full-model draw; for ``table`` these are windows read,
 not generated), and a sanity check that all compute the same unperturbed loss of the same model
 on the same batch.
@@ -38,7 +44,7 @@ from torch import nn
 from zoft.engine import ZOEngine
 from zoft.engine.probes import Probe
 from zoft.models import build_random, resolve
-from zoft.noise import BACKENDS, NoiseBackend, make_noise
+from zoft.noise import BACKENDS, NoiseBackend, default_noise, make_noise
 from zoft.optim import MeZOConfig, MeZOSGD
 from zoft.tasks.base import Batch
 from zoft.tasks.lm import LMTask
@@ -95,6 +101,44 @@ class MeZOReference:
         return loss1.item(), loss2.item(), self.projected_grad
 
 
+class MeZOInPlace(MeZOReference):
+    """MeZO's loop with its updates written in place: the same 4 seeded z draws per step (a
+    generator re-seeded before each pass over the parameters, ``torch.normal``), but every
+    perturbation and update is ``param.data.add_`` instead of a new tensor. The faster baseline a
+    careful user of the published loop would write; zoft's default backend is measured against it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gen = torch.Generator()
+
+    def _z(self, param: torch.Tensor) -> torch.Tensor:
+        z = torch.normal(mean=0, std=1, size=param.data.size(), generator=self.gen, device=param.data.device,
+                         dtype=param.data.dtype)
+        self.z_elements += z.numel()
+        return z
+
+    def zo_perturb_parameters(self, scaling_factor: float = 1) -> None:
+        self.gen.manual_seed(self.zo_random_seed)  # same z every time for the same seed
+        for name, param in self.named_parameters_to_optim:
+            param.data.add_(self._z(param), alpha=scaling_factor * self.zo_eps)
+
+    def step(self, inputs: dict[str, torch.Tensor]) -> tuple[float, float, float]:
+        self.zo_random_seed = self.np_rng.randint(1000000000)
+        self.zo_perturb_parameters(scaling_factor=1)
+        loss1 = self.zo_forward(inputs)
+        self.zo_perturb_parameters(scaling_factor=-2)
+        loss2 = self.zo_forward(inputs)
+        self.projected_grad = ((loss1 - loss2) / (2 * self.zo_eps)).item()
+        self.zo_perturb_parameters(scaling_factor=1)
+        self.gen.manual_seed(self.zo_random_seed)
+        for name, param in self.named_parameters_to_optim:
+            z = self._z(param)
+            if self.weight_decay and "bias" not in name and "layer_norm" not in name and "layernorm" not in name:
+                param.data.mul_(1 - self.lr * self.weight_decay)
+            param.data.add_(z, alpha=-self.lr * self.projected_grad)
+        return loss1.item(), loss2.item(), self.projected_grad
+
+
 class CountingNoise:
     """A backend wrapper counting the elements of z it hands out (bench instrumentation only)."""
 
@@ -105,6 +149,15 @@ class CountingNoise:
     def sample(self, seed: int, key: str, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         self.z_elements += like.numel()
         return self.inner.sample(seed, key, like, out=out)
+
+    rounds_in_place = False  # fp32 here: the engine never asks for rounding
+
+    def perturb_into(self, out: torch.Tensor, w0: torch.Tensor, seed: int, key: str, scale: float) -> None:
+        self.z_elements += w0.numel()
+        self.inner.perturb_into(out, w0, seed, key, scale)
+
+    def z_mode(self, like: torch.Tensor) -> str:
+        return self.inner.z_mode(like)
 
     def axpy(self, w: torch.Tensor, terms, key: str, decay: float = 1.0) -> None:
         self.z_elements += w.numel() * sum(1 for _, c in terms if c != 0.0)
@@ -129,7 +182,10 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
     config = model_config(quick)
     t0 = time.perf_counter()
     ref_model = build_random(config, "causal", torch.float32, seed).eval()
-    zoft_models = {b: copy.deepcopy(ref_model) for b in noises}  # same initial weights, separate storage
+    inplace_model = copy.deepcopy(ref_model)
+    # (backend, granularity) -> a model copy: same initial weights, separate storage
+    variants = [(b, "param") for b in noises] + [(noises[0], "unit")]
+    zoft_models = {v: copy.deepcopy(ref_model) for v in variants}
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in ref_model.parameters() if p.requires_grad)  # tied counted once
 
@@ -141,36 +197,42 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
     task = LMTask(tokenizer=None, kind="causal", max_length=SEQ)  # forward + loss need no tokenizer
 
     ref = MeZOReference(ref_model, lr, eps, weight_decay, seed)
-    engines = {b: ZOEngine(m, noise=make_noise(b, "gaussian")) for b, m in zoft_models.items()}
+    inplace = MeZOInPlace(inplace_model, lr, eps, weight_decay, seed)
+    engines = {v: ZOEngine(m, noise=make_noise(v[0], "gaussian"), granularity=v[1]) for v, m in zoft_models.items()}
     cfg = MeZOConfig(lr=lr, eps=eps, weight_decay=weight_decay)
-    opts = {b: MeZOSGD(cfg, seed=seed, total_steps=reps + 2) for b in noises}
+    opts = {v: MeZOSGD(cfg, seed=seed, total_steps=reps + 2) for v in variants}
 
     # Sanity: all compute the same unperturbed loss of the same weights on the same batch.
     loss0_ref = ref.zo_forward(ref_inputs).item()
-    loss0_zoft = {b: e.evaluate([Probe(None, 0.0)], batch, task).item() for b, e in engines.items()}
+    loss0_zoft = {v: e.evaluate([Probe(None, 0.0)], batch, task).item() for v, e in engines.items()}
     loss0_rel = max(abs(loss0_ref - v) / abs(loss0_ref) for v in loss0_zoft.values())
 
-    label = {b: "zoft" if i == 0 else f"zoft[{b}]" for i, b in enumerate(noises)}
-    steps = {b: 0 for b in noises}
+    label = {(b, "param"): "zoft" if i == 0 else f"zoft[{b}]" for i, b in enumerate(noises)}
+    label[(noises[0], "unit")] = "zoft[unit]"
+    steps = {v: 0 for v in variants}
     first: dict[str, tuple[float, float, float]] = {}
 
     def ref_step():
         lp, lm, g = ref.step(ref_inputs)
         first.setdefault("reference", (lp, lm, g))
 
-    def zoft_step(b: str):
-        losses = engines[b].evaluate(opts[b].probes(steps[b]), batch, task)  # (2,): L+, L-
-        upd, metrics = opts[b].update(steps[b], losses)
-        engines[b].set_update(upd)
-        first.setdefault(label[b], (losses[0].item(), losses[1].item(), metrics["projected_grad"]))
-        steps[b] += 1
+    def zoft_step(v: tuple[str, str]):
+        losses = engines[v].evaluate(opts[v].probes(steps[v]), batch, task)  # (2,): L+, L-
+        upd, metrics = opts[v].update(steps[v], losses)
+        engines[v].set_update(upd)
+        first.setdefault(label[v], (losses[0].item(), losses[1].item(), metrics["projected_grad"]))
+        steps[v] += 1
 
     def forward_only():
         for _ in range(2):
             ref.zo_forward(ref_inputs)
 
-    fns = {"reference": ref_step}
-    fns.update({label[b]: (lambda b=b: zoft_step(b)) for b in noises})
+    def inplace_step():
+        lp, lm, g = inplace.step(ref_inputs)
+        first.setdefault("in-place", (lp, lm, g))
+
+    fns = {"reference": ref_step, "mezo_inplace": inplace_step}
+    fns.update({label[v]: (lambda v=v: zoft_step(v)) for v in variants})
     fns["forward_only"] = forward_only
     for fn in fns.values():  # warm-up; zoft's first step has no pending update to apply
         fn()
@@ -186,11 +248,14 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
     ref.z_elements = 0
     ref_step()
     ref_z = ref.z_elements / n_params
+    inplace.z_elements = 0
+    inplace_step()
+    inplace_z = inplace.z_elements / n_params
     zoft_z = {}
-    for b, e in engines.items():
+    for v, e in engines.items():
         e.noise = counting = CountingNoise(e.noise)
-        zoft_step(b)
-        zoft_z[b] = counting.z_elements / n_params
+        zoft_step(v)
+        zoft_z[v] = counting.z_elements / n_params
         e.close()
 
     med = {k: median(v) for k, v in times.items()}
@@ -204,12 +269,19 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
         "noise": list(noises),
         "ratio_over_reference": {k: med[k] / med["reference"] for k in names if k != "reference"},
         "ratio_zoft_over_reference": med["zoft"] / med["reference"],
+        # parameter-granular (the default) over unit-granular, same backend, same run
+        "ratio_param_over_unit": med["zoft"] / med["zoft[unit]"],
+        "paired_param_over_unit": median([a / b for a, b in zip(times["zoft"], times["zoft[unit]"])]),
         "ratio_forward_only_over_reference": med["forward_only"] / med["reference"],
+        # every zoft backend against MeZO's loop written with in-place updates (same run)
+        "ratio_over_inplace": {label[v]: med[label[v]] / med["mezo_inplace"] for v in variants},
+        "default_noise": default_noise("cpu"),
+        "default_label": label.get((default_noise("cpu"), "param")),
         # Median of per-repetition ratios (each ran next to the reference): less sensitive to load drift.
         "paired_ratio_median": {k: median([a / b for a, b in zip(times[k], times["reference"])])
                                 for k in names if k != "reference"},
-        "z_per_step": {"reference": ref_z, **{label[b]: v for b, v in zoft_z.items()}},
-        "loss0": {"reference": loss0_ref, **{label[b]: v for b, v in loss0_zoft.items()}, "rel_diff": loss0_rel},
+        "z_per_step": {"reference": ref_z, "mezo_inplace": inplace_z, **{label[v]: z for v, z in zoft_z.items()}},
+        "loss0": {"reference": loss0_ref, **{label[v]: x for v, x in loss0_zoft.items()}, "rel_diff": loss0_rel},
         "first_step": {k: dict(zip(("loss_plus", "loss_minus", "projected_grad"), v)) for k, v in first.items()},
     }
 
@@ -223,16 +295,24 @@ def report(res: dict) -> str:
         f"load avg {res['loadavg_before'][0]:.2f} -> {res['loadavg_after'][0]:.2f}",
         f"{'':24s}{'median s/step':>14s}{'min':>9s}{'max':>9s}{'x reference':>13s}{'paired':>8s}",
     ]
-    paired = res["paired_ratio_median"]
+    lines[-1] += f"{'x in-place':>12s}"
+    paired, inplace = res["paired_ratio_median"], med["mezo_inplace"]
     for name in med:
-        label = {"reference": "MeZO reference", "forward_only": "forward-only (2 fwd)"}.get(name, name)
+        label = {"reference": "MeZO reference", "mezo_inplace": "MeZO in-place",
+                 "forward_only": "forward-only (2 fwd)"}.get(name, name)
         pr = f"{paired[name]:8.3f}" if name in paired else f"{'':8s}"
-        lines.append(f"{label:24s}{med[name]:14.3f}{min(t[name]):9.3f}{max(t[name]):9.3f}{med[name] / ref:13.3f}{pr}")
+        lines.append(f"{label:24s}{med[name]:14.3f}{min(t[name]):9.3f}{max(t[name]):9.3f}{med[name] / ref:13.3f}{pr}"
+                     f"{med[name] / inplace:12.3f}")
     z, l0 = res["z_per_step"], res["loss0"]
     lines += [
         f"ratio zoft/reference = {res['ratio_zoft_over_reference']:.3f} (zoft: noise '{res['noise'][0]}')   "
         f"forward-only/reference = {res['ratio_forward_only_over_reference']:.3f}   "
         "(paired: median of per-repetition ratios to the reference)",
+        f"parameter-granular / unit-granular = {res['ratio_param_over_unit']:.3f} "
+        f"(paired {res['paired_param_over_unit']:.3f}; noise '{res['noise'][0]}')",
+        (f"default noise on the CPU: '{res['default_noise']}': "
+         + (f"{res['ratio_over_inplace'][res['default_label']]:.3f} x MeZO in-place" if res["default_label"]
+            else "not timed (add it to --noise)")),
         "z draws per step (full-model units; 'table' reads windows, draws nothing): "
         + ", ".join(f"{k} {v:.2f}" for k, v in z.items()),
         "step-0 unperturbed loss: " + ", ".join(f"{k} {v:.6f}" for k, v in l0.items() if k != "rel_diff")

@@ -69,8 +69,10 @@ def rademacher_ref(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return 1.0 - 2.0 * (i1 & 1).to(torch.float32)
 
 
-def sample_ref(seed: int, n: int, device: torch.device | str = "cpu", distribution: str = "gaussian") -> torch.Tensor:
-    offsets = torch.arange(n, device=device, dtype=torch.int64)
+def sample_ref(seed: int, n: int, device: torch.device | str = "cpu", distribution: str = "gaussian",
+               offset: int = 0) -> torch.Tensor:
+    """Elements ``offset .. offset + n - 1`` of z(seed)."""
+    offsets = torch.arange(offset, offset + n, device=device, dtype=torch.int64)
     return rademacher_ref(seed, offsets) if distribution == "rademacher" else randn_ref(seed, offsets)
 
 
@@ -89,19 +91,23 @@ if HAS_TRITON:
         return z
 
     @triton.jit
-    def _sample_kernel(out_ptr, n, seed, RADEMACHER: tl.constexpr, BLOCK: tl.constexpr):
+    def _sample_kernel(out_ptr, n, seed, base, RADEMACHER: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        tl.store(out_ptr + offs, philox_z(seed, offs, RADEMACHER), mask=mask)
+        tl.store(out_ptr + offs, philox_z(seed, offs + base, RADEMACHER), mask=mask)
 
-    def sample_triton(seed: int, n: int, device: torch.device | str, distribution: str = "gaussian") -> torch.Tensor:
+    def sample_triton(seed: int, n: int, device: torch.device | str, distribution: str = "gaussian",
+                      offset: int = 0) -> torch.Tensor:
         out = torch.empty(n, device=device, dtype=torch.float32)
-        _sample_kernel[(triton.cdiv(n, BLOCK),)](out, n, seed, RADEMACHER=distribution == "rademacher", BLOCK=BLOCK)
+        _sample_kernel[(triton.cdiv(n, BLOCK),)](out, n, seed, offset, RADEMACHER=distribution == "rademacher",
+                                                 BLOCK=BLOCK)
         return out
 
 
-def sample(seed: int, n: int, device: torch.device | str = "cpu", distribution: str = "gaussian") -> torch.Tensor:
-    """(n,) fp32 z for ``seed`` on ``device``: the Triton kernel on CUDA, the torch reference elsewhere."""
+def sample(seed: int, n: int, device: torch.device | str = "cpu", distribution: str = "gaussian",
+           offset: int = 0) -> torch.Tensor:
+    """(n,) fp32 z for ``seed`` on ``device``, its elements ``offset ..``: the Triton kernel on
+    CUDA, the torch reference elsewhere."""
     if use_triton(torch.empty(0, device=device)):
-        return sample_triton(seed, n, device, distribution)
-    return sample_ref(seed, n, device, distribution)
+        return sample_triton(seed, n, device, distribution, offset)
+    return sample_ref(seed, n, device, distribution, offset)

@@ -33,10 +33,12 @@ def test_step_cpu_quick(tmp_path, capsys):
     assert rc == 0, stdout
     assert "ratio zoft/reference = " in stdout
     res = json.loads(out.read_text())
-    for name in ("reference", "zoft", "forward_only"):
+    for name in ("reference", "mezo_inplace", "zoft", "zoft[unit]", "forward_only"):
         assert len(res["times_s"][name]) == 2 and res["median_s"][name] > 0
     assert math.isfinite(res["ratio_zoft_over_reference"]) and res["ratio_zoft_over_reference"] > 0
     assert res["loss0"]["rel_diff"] <= 1e-5
+    assert math.isfinite(res["ratio_param_over_unit"]) and res["ratio_param_over_unit"] > 0
+    assert res["z_per_step"]["mezo_inplace"] == 4.0  # the in-place loop draws z as often as MeZO's
     # The published loop draws z four times per step; zoft once per probe seed and update term,
     # plus once more for a tied embedding in each unit that uses it (the tiny OPT ties lm_head).
     assert res["z_per_step"]["reference"] == 4.0

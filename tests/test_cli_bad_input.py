@@ -251,8 +251,9 @@ def test_plan_help_and_human_units(tiny_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "0.00" not in text, text
     assert re.search(r"\(\d+\.\d\dk params, 2 blocks\)", text) and " kB" in text and " MB" in text, text
-    msg = error(capsys, ["plan", "--model", tiny_dir, "--gpu-mem", "100kB"])
+    # --noise torch: the CPU's default (table) adds its 268 MB table to any plan
+    msg = error(capsys, ["plan", "--model", tiny_dir, "--gpu-mem", "100kB", "--noise", "torch"])
     named = re.search(r"the smallest plan needs (\d+\.\d\d) (kB|MB) ", msg)
     assert named, msg
-    assert cli(["plan", "--model", tiny_dir, "--gpu-mem", "".join(named.groups())]) == 0  # the named budget fits
+    assert cli(["plan", "--model", tiny_dir, "--gpu-mem", "".join(named.groups()), "--noise", "torch"]) == 0  # it fits
     assert parse_size("".join(named.groups())) < 10**8

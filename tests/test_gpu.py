@@ -3,7 +3,6 @@ models, seconds each; ``bench/gpu_check.py`` is the longer acceptance run."""
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
@@ -113,13 +112,3 @@ def test_resumed_streamed_state_stays_on_the_host(tmp_path):
     for bufs in tr.opt.store.values():
         for k, t in bufs.items():
             assert t.device.type == ("cpu" if k in streamed else "cuda"), k
-
-
-def test_z_worker_draws_on_the_engine_device():
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs two CUDA devices")
-    model = tiny_model("llama", 0, layers=2).to("cuda:1")
-    eng = ZOEngine(model)
-    seen = eng._worker().submit(torch.cuda.current_device).result()
-    assert seen == 1 and threading.current_thread() is threading.main_thread()
-    eng.close()

@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from zoft.engine import Probe, Streaming, ZOEngine
+from zoft.engine.precision import perturb_bytes
 from zoft.errors import UsageError
 from zoft.tasks import make_task
 from zoft.tasks.head import head_chunk_bytes, split_head
@@ -288,8 +289,11 @@ def test_measured_transient_is_within_head_chunk_bytes_and_far_below_the_logits(
     for mode in (LiveBytes(shapes), LiveBytes(shapes)):  # the second step: the engine's pool is warm
         with engine_for(model, "resident") as eng:
             eng.evaluate(probes, batch, Measured(task, mode))
-        bound = head_chunk_bytes(N, 2, V, b, hidden=H, length=T)
-        print(f"{family} {dtype}: measured {mode.peak} B <= head_chunk_bytes {bound} B; all logits "
-              f"{N * T * V * b} B (+ fp32 loss copies {N * T * V * 8} B)")
+        chunk_bytes = head_chunk_bytes(N, 2, V, b, hidden=H, length=T)
+        # + the piece of z each head call's perturbation makes (``perturb_into``; the planner
+        # counts it in its scratch term, with the perturbed copy the engine already holds)
+        bound = chunk_bytes + perturb_bytes(model.get_output_embeddings().weight.numel(), b)
+        print(f"{family} {dtype}: measured {mode.peak} B <= head_chunk_bytes {chunk_bytes} B + z piece; all "
+              f"logits {N * T * V * b} B (+ fp32 loss copies {N * T * V * 8} B)")
         assert 0.5 * bound < mode.peak <= bound
-        assert bound < N * T * V * b / 2  # chunks of 2 of T = 23 positions
+        assert chunk_bytes < N * T * V * b / 2  # chunks of 2 of T = 23 positions

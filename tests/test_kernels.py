@@ -187,6 +187,31 @@ def test_fused_axpy_kernel_vs_reference(shape, dtype):
             assert ((wt.float() - wr.float()).abs() <= ulp * 1.01).all()
 
 
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_kernels_at_an_offset_and_the_perturbed_copy(dist):
+    """A piece of a tensor updated on its own (``offset``) sees the same z as the whole tensor;
+    ``fused_perturb`` writes ``w0 + s z`` in one pass (w0 untouched), like its reference."""
+    n, lo = 3000, 1024
+    zt = philox.sample_triton(SEEDS[2], n - lo, "cpu", dist, offset=lo)
+    torch.testing.assert_close(zt, philox.sample_ref(SEEDS[2], n, "cpu", dist)[lo:], rtol=0, atol=4e-6)
+    torch.testing.assert_close(philox.sample_ref(SEEDS[2], n - lo, "cpu", dist, offset=lo),
+                               philox.sample_ref(SEEDS[2], n, "cpu", dist)[lo:], rtol=0, atol=0)
+    w = torch.randn(n)
+    whole, piece = w.clone(), w[lo:].clone()
+    axpy.fused_axpy_triton(whole, 0.9, [(SEEDS[3], 0.25)], dist)
+    axpy.fused_axpy_triton(piece, 0.9, [(SEEDS[3], 0.25)], dist, offset=lo)
+    torch.testing.assert_close(piece, whole[lo:], rtol=0, atol=0)
+    for dtype in DTYPES:
+        w0 = torch.randn(33, 65).to(dtype)
+        keep = w0.clone()
+        ot, orf = torch.empty_like(w0), torch.empty_like(w0)
+        axpy.fused_perturb_triton(ot, w0, SEEDS[1], -1e-3, dist)
+        axpy.fused_perturb_ref(orf, w0, SEEDS[1], -1e-3, dist)
+        assert torch.equal(w0, keep)
+        ulp = torch.finfo(dtype).eps * orf.float().abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((ot.float() - orf.float()).abs() <= ulp * 1.01 + 1e-6).all()
+
+
 def test_fused_axpy_no_terms_is_the_decay():
     w = torch.randn(1025)
     want = w * torch.tensor(0.5)

@@ -11,6 +11,8 @@ from tiny_models import tiny_model
 from zoft.engine import Update, ZOEngine
 from zoft.noise import (
     BACKENDS,
+    ZCHUNK,
+    chunk_bounds,
     DISTRIBUTIONS,
     NoiseTable,
     TorchGeneratorNoise,
@@ -79,11 +81,19 @@ def test_registry_and_errors():
         make_noise("nope")
     with pytest.raises(ValueError, match="unknown distribution"):
         make_noise("table", "uniform")
-    # the Triton Philox backend exists exactly where it can run
-    from zoft.noise import _triton_usable
-    assert ("triton" in BACKENDS) == _triton_usable()
-    if not torch.cuda.is_available():
-        assert "triton" not in BACKENDS
+    # the Philox backend exists everywhere (its torch reference off CUDA): a GPU run replays anywhere
+    assert "triton" in BACKENDS
+
+
+def test_default_noise_per_device():
+    """The default of each device is the fastest backend that replays on any device: the table on
+    the CPU; on CUDA the fused Philox kernels (no table on the device), the table without triton."""
+    import importlib.util
+
+    from zoft.noise import default_noise
+
+    assert default_noise("cpu") == "table"
+    assert default_noise("cuda") == ("triton" if importlib.util.find_spec("triton") else "table")
 
 
 def test_torch_backend_gaussian_stream_is_unchanged():
@@ -182,3 +192,96 @@ def test_convergence_parity_across_backends():
         v = torch.tensor(vals)
         spread = max(ref.std().item(), v.std().item())
         assert abs(v.mean().item() - ref.mean().item()) <= 3 * spread, (case, vals, ref.tolist())
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Pieces (and rounding chunks) of 64 elements: many pieces on small tensors, fast."""
+    import zoft.engine.precision as precision
+    import zoft.noise as noise
+
+    monkeypatch.setattr(noise, "ZCHUNK", 64)
+    monkeypatch.setattr(precision, "SROUND_CHUNK", 64)
+    return 64
+
+
+def _pieces_backend(name, dist):
+    # a table smaller than the tensors below: windows of several parts, pieces across them
+    return NoiseTable(dist, size=160) if name == "table" else make_noise(name, dist)
+
+
+# sizes (pieces of 64): one short piece; pieces plus a tail of < 16 elements (joined to the last
+# piece: the CPU generator's block of 16); pieces plus a longer tail
+PIECE_SIZES = [37, 3 * 64 + 5, 5 * 64 + 40]
+ALL_CASES = [(b, d) for b in [*CPU_BACKENDS, "triton"] for d in DISTRIBUTIONS]
+
+
+@pytest.mark.parametrize("name,dist", ALL_CASES)
+def test_perturb_into_equals_w0_plus_scaled_sample(name, dist, small_pieces):
+    """``perturb_into`` makes ``w0 + s z`` piece by piece (the Philox backend off CUDA: its torch
+    reference at each piece's offset): equal to the whole draw, bit for bit (sphere: its norm is
+    summed piece by piece, so up to a few ulps)."""
+    nb = _pieces_backend(name, dist)
+    for n in PIECE_SIZES:
+        for dtype in (torch.float32, torch.bfloat16):
+            w0 = torch.randn(n).to(dtype)
+            out = torch.empty_like(w0)
+            nb.perturb_into(out, w0, 3, "k", 0.25)
+            want = torch.add(w0, nb.sample(3, "k", w0).to(dtype), alpha=0.25)
+            if dist == "sphere":
+                torch.testing.assert_close(out, want, rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+            else:
+                assert torch.equal(out, want), (n, dtype)
+
+
+@pytest.mark.parametrize("name", [*CPU_BACKENDS, "triton"])
+def test_chunked_rounded_update_equals_the_whole_one(name, small_pieces):
+    """A bf16/fp16 weight updated in fp32 pieces and rounded back piece by piece equals the
+    whole-tensor path (an fp32 copy + ``stochastic_round_``) bit for bit (same keyed rounding
+    draws), and an fp32 weight updated in pieces equals the whole update."""
+    from zoft.engine.precision import stochastic_round_
+
+    nb = _pieces_backend(name, "gaussian")
+    terms = [(1, 0.5), (2, -0.25), (3, 0.0)]
+    for n in PIECE_SIZES:
+        for dtype in (torch.bfloat16, torch.float16):
+            w0 = torch.randn(n).to(dtype)
+            w32 = w0.float().mul_(0.9)
+            for s, c in terms:
+                w32.add_(nb.sample(s, "k", w32), alpha=c)
+            want = stochastic_round_(torch.empty_like(w0), w32, 99)
+            w = w0.clone()
+            nb.axpy(w, terms, "k", 0.9, sround_seed=99)
+            assert torch.equal(w, want), (n, dtype)
+        w = torch.randn(n)
+        want = w * 0.9 + 0.5 * nb.sample(1, "k", w) - 0.25 * nb.sample(2, "k", w)
+        nb.axpy(w, terms, "k", 0.9)
+        torch.testing.assert_close(w, want, rtol=0, atol=2e-7)
+
+
+def test_rounding_in_pieces_is_rounding_the_whole():
+    """``KeyedRounder`` over pieces of ``chunk_bounds`` (tail joined) draws what one
+    ``stochastic_round_`` of the whole tensor draws, at the real chunk sizes."""
+    from zoft.engine.precision import KeyedRounder, stochastic_round_
+
+    x = torch.randn(ZCHUNK + 7) * 3
+    want = stochastic_round_(torch.empty(x.shape, dtype=torch.bfloat16), x, 5)
+    out, r = torch.empty_like(want), KeyedRounder(5, x.device)
+    for lo, hi in chunk_bounds(x.numel()):
+        r.round_(out[lo:hi], x[lo:hi], lo)
+    assert chunk_bounds(x.numel()) == [(0, ZCHUNK + 7)] and torch.equal(out, want)
+
+
+def test_cpu_generator_pieces_are_its_single_draw():
+    """The torch backend cuts its CPU stream only because pieces of ``chunk_bounds`` drawn in turn
+    equal one draw (torch.randn fills blocks of 16 and redraws a short tail); if a torch release
+    changes that, this fails and ``TorchGeneratorNoise.chunked`` must return False on the CPU."""
+    g = torch.Generator()
+    for n in (15, 17, 2 * ZCHUNK + 5, ZCHUNK + 100_001):
+        assert all((hi - lo) % 16 == 0 or hi == n for lo, hi in chunk_bounds(n))
+        for dtype in (torch.float32, torch.float64):
+            whole = torch.randn(n, generator=g.manual_seed(7), dtype=dtype)
+            g.manual_seed(7)
+            assert torch.equal(torch.cat([torch.randn(hi - lo, generator=g, dtype=dtype) for lo, hi in chunk_bounds(n)]),
+                               whole)
+    assert chunk_bounds(ZCHUNK + 5) == [(0, ZCHUNK + 5)] and chunk_bounds(ZCHUNK + 16) == [(0, ZCHUNK), (ZCHUNK, ZCHUNK + 16)]

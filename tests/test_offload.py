@@ -721,7 +721,9 @@ def test_run_killed_between_writebacks_resumes_to_identical_weights(deep_dir, tm
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == -9, out.stderr[-2000:]
     behind = json.loads(out.stdout.strip().splitlines()[-1])["behind"]
-    assert behind == [1] * L  # the step-6 update lives on the device only when the process dies
+    # the step-6 update lives on the device only when the process dies, in every streamed unit
+    # (the smallest plan streams each block as groups of its leaves)
+    assert len(behind) >= L and set(behind) == {1}
     Trainer(TrainConfig(**killed, resume=True)).run()
     Trainer(TrainConfig(**base, output_dir=str(tmp_path / "u"))).run()
     wk = load_file(str(tmp_path / "k" / "checkpoint" / "model.safetensors"))

@@ -58,7 +58,7 @@ _HELP = {
     "n_queries": "directions per step, averaged",
     "one_sided": "(L(w+eps z) - L(w)) / eps instead of the two-sided difference",
     "schedule": "learning-rate schedule after warm-up",
-    "noise": "perturbation backend: torch (default, reference), table (fast), triton (CUDA)",
+    "noise": "perturbation backend: auto (default: table on CPU, triton on CUDA), torch (reference), table, triton",
     "distribution": "direction distribution",
     "steps": "optimizer steps",
     "batch_size": "examples per step (data-parallel: per rank, like DDP; zo-ranksgd: the batch all ranks share)",
@@ -81,7 +81,7 @@ _HELP = {
 _SKIP = {"task_options", "optimizer_options", "peft_options", "quant_options", "progress"}
 # finetune's flags that `zoft plan` takes too: they shape the plan, and resolve the same way
 _PLAN_FLAGS = ("model", "device", "dtype", "gpu_mem", "transfer", "task", "train", "max_length", "optimizer",
-               "n_queries", "one_sided", "peft", "quant", "batch_size", "writeback_every")
+               "n_queries", "one_sided", "peft", "quant", "batch_size", "writeback_every", "noise")
 
 
 def _add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
@@ -216,8 +216,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--tflops", type=float, default=312.0, help="device dense TFLOP/s in the compute dtype")
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
                    help="eager materialises the attention scores")
-    p.add_argument("--scratch", choices=("unit", "fused"), default="unit",
-                   help="perturbation scratch: unit (today's engine: z + perturbed copy) or fused (copy only)")
+    p.add_argument("--scratch", choices=("leaf", "unit"), default="leaf",
+                   help="perturbation scratch: leaf (the engine's default: one leaf's perturbed copy at a time) "
+                        "or unit (a whole unit's)")
     p.add_argument("--regen-gbps", type=float, default=800.0,
                    help="GB of weights per second the device re-applies one update to (deferred write-back)")
     p.add_argument("--json", help="also write the plan as JSON to this file")

@@ -106,7 +106,7 @@ class TrainConfig:
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     optimizer_options: dict[str, Any] = field(default_factory=dict)
-    noise: str = "torch"
+    noise: str = "auto"  # resolved per device (``zoft.noise.default_noise``); a resumed run keeps its own
     trainable: list[str] = field(default_factory=list)  # name substrings to train (empty: all)
     freeze: list[str] = field(default_factory=list)  # name substrings kept frozen (after trainable)
     distribution: Literal["gaussian", "rademacher", "sphere"] = "gaussian"

@@ -10,6 +10,9 @@ flags. Resolving reads the model's config (offline for the shipped aliases), nev
   ``torch_dtype``: fp16 for OPT and Llama-2, bf16 for Llama-3, Mistral and Qwen; fp32 when it names
   none), on CPU fp32. A resumed run keeps the dtype its ``config.yaml`` recorded, so it continues in
   what training used on whatever device it resumes.
+- noise ``auto``: ``zoft.noise.default_noise`` of the device (``table`` on CPU, ``triton`` on
+  CUDA); a resumed run keeps the backend its ``config.yaml`` recorded (it is a trajectory key: a
+  run recorded with ``torch`` continues with ``torch``).
 - probes per step: the optimizer's (``mezo-sgd``: 2 per query; ``--one-sided``: queries + 1).
 - rows per probe: the task's (``sst2`` on a causal LM scores each of its 2 candidates on its own
   row: 2 per example), so the plan sizes what the model really runs.
@@ -33,6 +36,7 @@ from zoft.engine.plan import Plan, format_plan, make_plan
 from zoft.errors import UsageError
 from zoft.models import checkpoint_dtype, model_kind, resolve
 from zoft.models.loading import EMBEDDED_DEFAULT
+from zoft.noise import BACKENDS, default_noise
 from zoft.optim import make_optimizer
 from zoft.tasks import rows_per_probe
 
@@ -66,15 +70,15 @@ def auto_dtype(config: Any, device: str) -> str:
     return (checkpoint_dtype(config) or "fp32") if device == "cuda" else "fp32"
 
 
-def _resumed_dtype(cfg: TrainConfig) -> str | None:
-    """The dtype recorded by the run ``--resume`` continues (None: no readable record)."""
+def _resumed(cfg: TrainConfig, key: str, allowed: tuple[str, ...]) -> str | None:
+    """The value of ``key`` recorded by the run ``--resume`` continues (None: no readable record)."""
     path = Path(cfg.output_dir) / "config.yaml"
     try:
         saved = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None  # the trainer reports a missing or broken run directory itself
-    dt = saved.get("dtype") if isinstance(saved, dict) else None
-    return dt if dt in ("fp32", "bf16", "fp16") else None
+    v = saved.get(key) if isinstance(saved, dict) else None
+    return v if v in allowed else None
 
 
 def build_optimizer(cfg: TrainConfig):
@@ -107,7 +111,7 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
     name = cfg.model or EMBEDDED_DEFAULT
     source, config = resolve(cfg.model)
     device = device_type(cfg.device)
-    kept = _resumed_dtype(cfg) if cfg.resume and cfg.dtype == "auto" else None
+    kept = _resumed(cfg, "dtype", ("fp32", "bf16", "fp16")) if cfg.resume and cfg.dtype == "auto" else None
     cuda = auto_dtype(config, "cuda")
     if cfg.dtype != "auto":
         dtype, why = cfg.dtype, f"--dtype {cfg.dtype}"
@@ -119,7 +123,10 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
     else:
         dtype = auto_dtype(config, device)
         why = "auto: fp32 on CPU" + (f"; on CUDA: the checkpoint's {cuda}" if cuda != dtype else "")
-    resolved = dataclasses.replace(cfg, device=device, dtype=dtype)
+    noise = cfg.noise
+    if noise == "auto":  # the backend is a trajectory key: a resumed run keeps the one it recorded
+        noise = (_resumed(cfg, "noise", tuple(BACKENDS)) if cfg.resume else None) or default_noise(device)
+    resolved = dataclasses.replace(cfg, device=device, dtype=dtype, noise=noise)
     opt = build_optimizer(resolved)
     if cfg.gpu_mem is not None and not getattr(opt, "streams", True):  # zoft optimizers: "streams: no"
         raise UsageError(f"--optimizer {cfg.optimizer} does not stream blocks (zoft optimizers: streams: no); "
@@ -128,7 +135,8 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
     # a stateful optimizer's update (momentum, Adam moments) is not seed-form: the engine writes
     # a streamed block back in the residency that applied it, so its plan has k_wb = 1
     writeback_every = cfg.writeback_every
-    if writeback_every is None and getattr(opt, "store", None) is not None:
+    stateful = getattr(opt, "store", None) is not None
+    if writeback_every is None and stateful:
         writeback_every = 1
     kind = model_kind(config)
     rows = rows_per_probe(cfg.task, kind, cfg.batch_size, **cfg.task_options)
@@ -136,7 +144,7 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
         plan = None if cfg.gpu_mem is None else make_plan(
             name, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length, num_probes=probes, dtype=dtype,
             transfer=cfg.transfer, adapters=cfg.peft != "none", quant=cfg.quant, rows=rows,
-            writeback_every=writeback_every, **plan_options)
+            writeback_every=writeback_every, noise=noise, device=device, stateful=stateful, **plan_options)
     except UsageError as e:
         if cfg.dtype == "auto" and device == "cpu" and cuda != dtype:  # sizing a GPU run on a laptop
             raise UsageError(f"{e} (planned in {dtype}, --dtype auto on CPU; --device cuda plans a GPU run, "

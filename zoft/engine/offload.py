@@ -32,6 +32,10 @@ back after ``k`` updates is ``slot_after - decode(upload of the master at s)``, 
 updates' changes as applied on the device, and every residency between write-backs decodes the
 same master bytes (one codec rounding, never a compounded one).
 
+Groups (``Streaming.group_bytes``): a streamed block may be split into groups of its leaves
+(consecutive in call order, ``zoft.models.layout.pack_groups``); each group is then a streamed
+unit of its own here (master, slot, versions, write-back), and slots are the largest group's size.
+
 CPU twin: on a CPU "device" the same scheduler runs with synchronous copies (the slots are
 separate CPU buffers) and a ``Meter`` accounts the bytes that would sit on the device: resident
 weights, slots, the engine's perturbation scratch and the activations crossing unit boundaries.
@@ -65,12 +69,15 @@ class Streaming:
     transfer: Codec = "same"
     micro_batch: int | None = None  # rows per probe a block runs at once (None: all)
     writeback_every: int = 1  # k: a trainable streamed unit is written back once per k updates
+    # bytes of parameters per streaming group: each streamed block's leaves, in call order, packed
+    # into groups of at most this (a larger leaf is a group alone); None: whole blocks
+    group_bytes: int | None = None
 
     @classmethod
     def from_plan(cls, plan: Any, device: str | torch.device) -> "Streaming":
         mb = plan.micro_batch if plan.micro_batch < plan.rows else None
         return cls(str(device), plan.resident_blocks, max(plan.prefetch, 1), plan.transfer, mb,
-                   plan.writeback_every)
+                   plan.writeback_every, getattr(plan, "group_bytes", None))
 
 
 class Meter:
@@ -118,9 +125,10 @@ def tensor_bytes(x: Any) -> int:
 
 @dataclass
 class _Streamed:
-    """One streamed unit: its flat master and the views of its parameters."""
+    """One streamed unit (a block, or a group of a block's leaves): its flat master and the views
+    of its parameters."""
 
-    unit: Unit
+    unit: Unit  # the block
     index: int  # position among streamed units (execution order)
     params: list[tuple[str, nn.Parameter]]  # each parameter once
     offsets: list[tuple[int, int]]  # (start, numel) in the flat buffer
@@ -137,6 +145,7 @@ class _Streamed:
     master_version: int = 0  # updates ``master`` holds; the engine re-applies the rest on upload
     writeback_event: Any = None  # the last write-back into ``master`` (CUDA event)
     pending_delta: Any = None  # (host delta buffer, event): a lossy codec's change to add to ``master``
+    leaves: tuple[nn.Module, ...] = ()  # a group: its leaves in call order (empty: the whole block)
 
 
 @dataclass
@@ -172,11 +181,15 @@ class Offloader:
     meter:     byte accounting (created if not given).
     writeback_every: ``k >= 1``: write a trainable unit back once it is ``k`` updates ahead of
                its master (the engine re-applies the missing ones after each upload).
+    groups:    per block module (``id``), its leaves packed into groups in call order
+               (``zoft.models.layout.pack_groups``): each group is a streamed unit of its own;
+               blocks not in it stream whole.
     """
 
     def __init__(self, model: nn.Module, layout: Layout, device: torch.device | str, *,
                  resident_blocks: int, prefetch: int = 2, transfer: Codec = "same",
-                 meter: Meter | None = None, writeback_every: int = 1):
+                 meter: Meter | None = None, writeback_every: int = 1,
+                 groups: dict[int, list[list[nn.Module]]] | None = None):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         if transfer not in CODECS:
@@ -194,12 +207,13 @@ class Offloader:
         self.stats = OffloadStats()
         self.pins = HostPins()
         try:
-            self._setup(model, layout, resident_blocks, prefetch)
+            self._setup(model, layout, resident_blocks, prefetch, groups or {})
         except BaseException:
             self.pins.release()  # what was page-locked before the failure
             raise
 
-    def _setup(self, model: nn.Module, layout: Layout, resident_blocks: int, prefetch: int) -> None:
+    def _setup(self, model: nn.Module, layout: Layout, resident_blocks: int, prefetch: int,
+               groups: dict[int, list[list[nn.Module]]]) -> None:
         blocks = layout.blocks
         transfer = self.transfer
         streamed_units = list(blocks[resident_blocks:])
@@ -208,16 +222,20 @@ class Offloader:
             for k in {k for k, _ in u.params}:
                 owners[k] = owners.get(k, 0) + 1
         self.streamed: list[_Streamed] = []
-        self._by_module: dict[int, _Streamed] = {}
+        self._by_module: dict[int, list[_Streamed]] = {}  # block -> its streamed units
+        self._by_leaf: dict[int, _Streamed] = {}  # leaf of a grouped block -> its group
         self._streamed_aux: set[int] = set()  # quantization constants that stream with their block
         dtype = None
-        for i, u in enumerate(streamed_units):
-            s = self._make_master(u, i, owners)
-            if dtype is not None and s.master.dtype != dtype:
-                raise UsageError("streamed blocks must share one dtype")
-            dtype = s.master.dtype
-            self.streamed.append(s)
-            self._by_module[id(u.module)] = s
+        for u in streamed_units:
+            parts = groups.get(id(u.module)) or [()]
+            for leaves in parts:
+                s = self._make_master(u, len(self.streamed), owners, tuple(leaves))
+                if s.numel and dtype is not None and s.master.dtype != dtype:
+                    raise UsageError("streamed blocks must share one dtype")
+                dtype = s.master.dtype if s.numel else dtype
+                self.streamed.append(s)
+                self._by_module.setdefault(id(u.module), []).append(s)
+                self._by_leaf.update((id(m), s) for m in leaves)
         self.dtype = dtype
         if transfer in ("bf16", "fp16") and dtype not in (None, torch.float32):
             raise UsageError(f"--transfer {transfer} encodes fp32 masters; this model is {dtype} "
@@ -266,12 +284,13 @@ class Offloader:
             self.wb_stream = torch.cuda.Stream(self.device)
 
     # -- setup --------------------------------------------------------------------------
-    def _make_master(self, u: Unit, index: int, owners: dict[str, int]) -> _Streamed:
+    def _make_master(self, u: Unit, index: int, owners: dict[str, int], leaves: tuple[nn.Module, ...]) -> _Streamed:
         params: list[tuple[str, nn.Parameter]] = []  # trainable first: write-back is a prefix
         packed: list[nn.Parameter] = []
         seen: set[str] = set()
+        mine = {id(p) for m in leaves for p in m.parameters(recurse=False)}
         for k, p in u.params:
-            if k in seen:
+            if k in seen or (leaves and id(p) not in mine):
                 continue
             seen.add(k)
             if owners.get(k, 1) > 1:
@@ -284,9 +303,9 @@ class Offloader:
             params.append((k, p))
         params.sort(key=lambda kp: not kp[1].requires_grad)
         dtypes = {p.dtype for _, p in params}
-        if len(dtypes) != 1:
+        if len(dtypes) > 1 or not (dtypes or leaves):
             raise UsageError(f"unit '{u.name}' mixes parameter dtypes {sorted(map(str, dtypes))}; load the model in one dtype")
-        dtype = dtypes.pop()
+        dtype = dtypes.pop() if dtypes else torch.float32  # a group of packed weights only: empty
         numel = sum(p.numel() for _, p in params)
         master = torch.empty(numel, dtype=dtype)
         if self.cuda:
@@ -300,7 +319,7 @@ class Offloader:
             offsets.append((pos, n))
             views.append(view)
             pos += n
-        s = _Streamed(u, index, params, offsets, master, views, False, numel)
+        s = _Streamed(u, index, params, offsets, master, views, False, numel, leaves=leaves)
         if packed:
             segs = [(p, "data", p.data) for p in packed] + [(o, a, getattr(o, a)) for p in packed
                                                              for o, a in _streamed_aux(p)]
@@ -373,9 +392,13 @@ class Offloader:
     def is_streamed(self, module: nn.Module) -> bool:
         return id(module) in self._by_module
 
-    def unit(self, module: nn.Module) -> _Streamed | None:
-        """The streamed unit of ``module`` (None for a resident one)."""
-        return self._by_module.get(id(module))
+    def units(self, module: nn.Module) -> list[_Streamed]:
+        """The streamed units of block ``module`` (one, or its groups; none for a resident one)."""
+        return self._by_module.get(id(module), [])
+
+    def group(self, leaf: nn.Module) -> _Streamed | None:
+        """The group holding ``leaf`` (None outside grouped blocks)."""
+        return self._by_leaf.get(id(leaf))
 
     def _upload(self, s: _Streamed) -> _Slot:
         """Issue the upload of ``s`` into the next slot in round-robin order: the slot of the unit
@@ -419,12 +442,9 @@ class Offloader:
         self.stats.upload_bytes += sent
         return slot
 
-    def acquire(self, module: nn.Module) -> None:
-        """Make a streamed unit's weights resident (no-op for resident units) and issue the uploads
-        of the next ``d`` streamed units, wrapping into the next pass at the tail."""
-        s = self._by_module.get(id(module))
-        if s is None:
-            return
+    def acquire(self, s: _Streamed) -> None:
+        """Make a streamed unit's weights resident and issue the uploads of the next ``d`` streamed
+        units, wrapping into the next pass at the tail."""
         slot = self._holder.get(s.index)
         if slot is None:  # not prefetched (first pass, or called out of order): upload now
             if self._rr:
@@ -446,13 +466,10 @@ class Offloader:
         for owner, attr, start, nb, dt, shape in s.packed:
             setattr(owner, attr, slot.packed[start:start + nb].view(dt).view(shape))
 
-    def release(self, module: nn.Module, write: bool | None) -> None:
+    def release(self, s: _Streamed, write: bool | None) -> None:
         """The unit's compute is issued: point it at its master, after writing the slot back if
         ``write`` (``True``: now, and the master is at ``version``; ``False``: never, the slot
         is dropped; ``None``: once the unit is ``writeback_every`` updates ahead of its master)."""
-        s = self._by_module.get(id(module))
-        if s is None:
-            return
         slot = self._holder.pop(s.index)
         n = s.n_write
         if write is None:

@@ -16,17 +16,21 @@ from typing import Any, Literal
 
 import torch
 
-from zoft.engine.precision import update_bytes
+from zoft.engine.precision import perturb_bytes, update_bytes
 from zoft.errors import UsageError
+from zoft.noise import TABLE_SIZE
+from zoft.tasks.head import head_chunk_bytes
 
 Dtype = Literal["fp16", "bf16", "fp32"]
 Transfer = Literal["same", "bf16", "fp16", "int8"]
 Attention = Literal["sdpa", "eager"]
-Scratch = Literal["unit", "fused"]
+Scratch = Literal["leaf", "unit"]
+Noise = Literal["torch", "table", "triton"]
 _DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 INT8_GROUP = 256  # int8 codec: one fp32 scale per 256 consecutive elements of a unit's flat buffer
 MIN_PREFETCH = 2  # uploads run d >= 2 units ahead; k = d + 1 slots (d in flight + 1 computing)
 MAX_WRITEBACK_EVERY = 64  # the planner's largest write-back interval (updates re-applied per upload < 64)
+HEAD_CHUNK_MIN = 64  # the fewest positions per head call the planner picks (each call re-perturbs the head)
 GB = 10**9
 
 
@@ -49,6 +53,8 @@ class ModelShape:
     block_linear_rows: int = 0  # their output features, summed (8-bit: one fp32 scale per row)
     block_linears: int = 0  # how many nn.Linear layers a block holds
     max_param_numel: int = 0  # the largest parameter (what one update draws z for at once)
+    max_leaf_numel: int = 0  # the most parameters one perturbed module holds (a leaf; a unit on the unit path)
+    block_leaves: tuple[int, ...] = ()  # the largest block's leaves' parameters, in call order (groups)
 
 
 @dataclass(frozen=True)
@@ -95,11 +101,16 @@ class Plan:
     writeback_every: int = 1  # a streamed block is written back once per this many updates
     t_regen_s: float = 0.0  # re-applying the updates its master lacks after each upload, per step
     regen_gbps: float = 800.0  # weight bytes per second one re-applied update sweeps on the device
+    group_bytes: int | None = None  # streaming groups of a block's leaves of at most this (None: whole blocks)
+    head_chunk: int | None = None  # positions per head call (None: all logits at once)
+    noise: str = "torch"  # the noise backend (a device-resident table counts in the resident bytes)
+    noise_bytes: int = 0  # the noise table on the device
 
     @property
     def activation_bytes(self) -> int:
         """Boundary activations plus the largest of what never coexists: a block's working set,
-        the logits, and an update's transients (applied before the unit runs)."""
+        the head's logits (a chunk's with ``head_chunk``), and an update's transients (applied
+        before the module runs)."""
         return self.boundary_act_bytes + max(self.working_act_bytes, self.logits_bytes, self.update_bytes)
 
     @property
@@ -126,7 +137,7 @@ def _cfg_int(config: Any, *names: str, default: int | None = None) -> int:
 
 def shape_from_config(config: Any, name: str = "model") -> ModelShape:
     """Build the model on the meta device and read its unit layout (no memory, no weights)."""
-    from zoft.models.layout import discover_layout
+    from zoft.models.layout import call_order, discover_layout, leaves, unit_path
     from zoft.models.loading import _auto_class, model_kind
 
     with torch.device("meta"):
@@ -148,6 +159,15 @@ def shape_from_config(config: Any, name: str = "model") -> ModelShape:
     unit_numel = [sum(numel[k] for k in {k for k, _ in u.params}) for u in layout.units]
     hidden = _cfg_int(config, "hidden_size", "d_model", "n_embd")
     linears = [m for m in max(layout.blocks, key=lambda u: u.numel).module.modules() if isinstance(m, torch.nn.Linear)]
+
+    def own(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters(recurse=False))
+
+    # what one perturbed module holds (``zoft.engine.core``: a leaf, or a whole unit on the unit path)
+    perturbed = [unit_numel[i] if unit_path(model, u) else max((own(m) for _, m in leaves(u.module)), default=0)
+                 for i, u in enumerate(layout.units)]
+    biggest = max(layout.blocks, key=lambda u: u.numel)
+    block_leaves = tuple(own(m) for m in call_order(model, biggest.module)) if leaves(biggest.module) else ()
     return ModelShape(
         name=name,
         n_params=sum(numel.values()),
@@ -164,6 +184,8 @@ def shape_from_config(config: Any, name: str = "model") -> ModelShape:
         block_linear_rows=sum(m.out_features for m in linears),
         block_linears=len(linears),
         max_param_numel=max(numel.values()),
+        max_leaf_numel=max(perturbed),
+        block_leaves=block_leaves,
     )
 
 
@@ -204,86 +226,180 @@ def _block_aux(s: ModelShape, quant: str) -> int:
     return 4 * s.block_linear_rows if quant == "8bit" else 0
 
 
+def _z_mode(noise: str, device: str) -> str:
+    """How ``noise`` makes z on ``device`` (``zoft.noise``'s ``z_mode``): the torch generator's
+    CUDA stream cannot be cut (drawn whole), Philox is fused on CUDA, the rest go in pieces."""
+    if noise == "triton" and device == "cuda":
+        return "fused"
+    return "whole" if noise == "torch" and device == "cuda" else "pieces"
+
+
 def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: int,
                   transfer: str, attention: str, scratch: str, write_back: bool = True,
-                  quant: str = "none", adapters: bool = False) -> dict[str, int]:
-    """Peak device bytes of the plan with ``r`` resident blocks and micro-batch ``mb``."""
+                  quant: str = "none", adapters: bool = False, group: int | None = None,
+                  head_chunk: int | None = None, noise: str = "torch", device: str = "cuda",
+                  stateful: bool = False) -> dict[str, int]:
+    """Peak device bytes of the plan with ``r`` resident blocks, micro-batch ``mb`` (rows per
+    probe a block runs at once; ``mb >= B``: all probes' rows together), streaming groups of at
+    most ``group`` bytes (None: whole blocks) and ``head_chunk`` positions per head call."""
     streamed = s.n_blocks - r
     k = MIN_PREFETCH + 1 if streamed else 0
     blk = _block_bytes(s, b, quant)
-    resident = b * s.nonblock_numel + r * blk + s.n_blocks * _block_aux(s, quant)
+    mode = _z_mode(noise, device)
+    table = 4 * TABLE_SIZE if noise == "table" else 0  # fp32, built on the device at first use
+    resident = b * s.nonblock_numel + r * blk + s.n_blocks * _block_aux(s, quant) + table
+    # a streamed unit: a whole block, or the largest group of a block's leaves
+    unit = s.block_numel if group is None else _largest_group(s.block_leaves, group // b)
     if not streamed:
         slots = 0
     elif transfer == "same":
-        slots = k * blk  # k slots as the blocks are stored
+        slots = k * (blk if group is None else b * unit)  # k slots as the units are stored
     else:  # k slots hold encoded units; one more buffer holds the decoded unit being computed
-        slots = k * _encoded_bytes(s.block_numel, transfer, b) + b * s.block_numel
-    if scratch == "unit":
-        # core.py today, per running unit: z (unit-sized) + the perturbed copy w0 + scale*z
-        # (unit-sized); z of tied weights is kept for the whole step (embedding and head share it).
-        scratch_b = b * (2 * s.max_unit_numel + s.tied_numel)
-    else:
-        # fused: copy w0 into one unit-sized buffer and add scale*z(seed) in the fused Philox
-        # kernel (``zoft.kernels.fused_axpy``): z is never materialised, nor kept for tied weights.
-        scratch_b = b * s.max_unit_numel
+        slots = k * _encoded_bytes(unit, transfer, b) + b * unit
+    # perturbation scratch (``zoft/engine/core.py``): one perturbed module's copy at a time (a
+    # leaf; a whole unit on the unit path or with ``scratch="unit"``), its z made in pieces
+    # (``perturb_into``: a piece of z and its cast, or nothing with the fused Philox kernel)
+    held = s.max_leaf_numel if scratch == "leaf" and s.max_leaf_numel else s.max_unit_numel
+    scratch_b = b * held + perturb_bytes(held, b, mode)
     if adapters:
         # only adapter parameters are perturbed: their scratch is adapter-sized (not counted)
         scratch_b = 0
     if streamed and transfer != "same" and write_back:
         # a lossy codec writes back the change made on the device: decoded - decode(upload),
-        # two block-sized temporaries at the block's release (zoft/engine/offload.py)
-        scratch_b += 2 * b * s.block_numel
+        # two unit-sized temporaries at the unit's release (zoft/engine/offload.py)
+        scratch_b += 2 * b * unit
     H, F, nh, V = s.hidden, s.ffn, s.heads, s.vocab
     # Unit boundary, the whole step's P*B rows: input + per-probe outputs + their concatenation.
     boundary = 3 * P * B * T * H * b
-    # Inside a block, one probe's micro-batch at a time: q, k, v, attention output (4H) and the
-    # MLP's up-projection and activation (2F); eager attention adds scores + probabilities.
-    working = mb * T * (4 * H + 2 * F) * b
+    # Inside a block: a micro-batch of one probe (mb < B), else all P*B rows at once (the leaves
+    # split them per probe; parameter-free work runs on all): q, k, v, attention output (4H) and
+    # the MLP's up-projection as per-probe outputs and their concatenation (2F); eager attention
+    # adds scores + probabilities.
+    rows = mb if mb < B else P * B
+    working = rows * T * (4 * H + 2 * F) * b
     if attention == "eager":
-        working += 2 * mb * nh * T * T * b
-    # Head: the whole step's P*B rows of logits (the objective's loss reads them all) in the
-    # compute dtype, plus two fp32 copies for the loss (``logits.float()`` and cross-entropy's
-    # log-softmax); at the head's exit the per-probe outputs and their concatenation (2b) are
-    # live instead, which is no more for b <= 8. Micro-batching does not shrink this term.
-    logits = P * B * T * V * (b + 8)
-    # Applying the pending update to a parameter, in the unit's pre-hook (before its forward, so
-    # never beside its working set or the logits): its z in fp32 and, for a 2-byte weight, an fp32
-    # copy and one chunk of stochastic rounding (``zoft.engine.precision.update_bytes``; "fused"
-    # scratch: the Philox kernel draws no z here either). Frozen
-    # bases (adapters) update only adapter-sized parameters (not counted, like their scratch).
-    update = 0 if adapters else update_bytes(s.max_param_numel or s.max_unit_numel, b, fused=scratch == "fused")
+        working += 2 * rows * nh * T * T * b
+    if head_chunk is None:
+        # the whole step's P*B rows of logits in the compute dtype, plus two fp32 copies for the
+        # loss (``logits.float()`` and cross-entropy's log-softmax)
+        logits = P * B * T * V * (b + 8)
+    else:  # one chunk's logits and loss temporaries (``zoft.tasks.head.head_chunk_bytes``)
+        logits = head_chunk_bytes(P * B, head_chunk, V, b, hidden=H, length=T)
+    # Applying the pending update to the largest parameter, before its module runs (never beside
+    # its working set or the logits): z in pieces, in registers or whole, and for a 2-byte
+    # weight an fp32 piece and one chunk of stochastic rounding (``update_bytes``; a stateful
+    # optimizer's update takes a whole fp32 copy). Frozen bases (adapters) update only
+    # adapter-sized parameters (not counted, like their scratch).
+    update = 0 if adapters else update_bytes(s.max_param_numel or s.max_unit_numel, b,
+                                             "whole" if stateful else mode)
     peak = resident + slots + scratch_b + boundary + max(working, logits, update)
     return {"resident": resident, "slots": slots, "k": k, "scratch": scratch_b, "boundary": boundary,
-            "working": working, "logits": logits, "update": update, "peak": peak}
+            "working": working, "logits": logits, "update": update, "peak": peak, "table": table,
+            "unit": unit}
 
 
-def _resident_choices(n_blocks: int) -> list[int]:
-    """Resident-block counts worth planning, most first. Streaming 1..k blocks through k slots
-    costs as much device memory as keeping them resident, so those counts are never chosen."""
-    k = MIN_PREFETCH + 1
-    return [n_blocks] + list(range(n_blocks - k - 1, -1, -1))
+def _largest_group(leaves: tuple[int, ...], limit: int) -> int:
+    """Parameters of the largest group when ``leaves`` (in call order) are packed greedily into
+    consecutive groups of at most ``limit`` (a larger leaf alone), as
+    ``zoft.models.layout.pack_groups`` packs them."""
+    best = size = 0
+    for n in leaves:
+        size = size + n if size and size + n <= limit else n
+        best = max(best, size)
+    return best
+
+
+def _groups(s: ModelShape, b: int, quant: str) -> list[int | None]:
+    """Streaming units worth planning, largest first: whole blocks (None), then groups of at most
+    half, a quarter, ... of a block's bytes, down to the largest leaf (a quantized base streams
+    whole packed blocks). Each is the bytes of the largest group it packs, so that the slots the
+    engine allocates for it are the plan's to the byte."""
+    out: list[int | None] = [None]
+    if quant != "none" or not s.block_leaves:
+        return out
+    g, floor = b * s.block_numel // 2, b * max(s.block_leaves)
+    while g > floor:
+        size = b * _largest_group(s.block_leaves, g // b)
+        if size != out[-1] and size < b * s.block_numel:
+            out.append(size)
+        g //= 2
+    return out + [floor] if out[-1] != floor else out
+
+
+def _head_chunks(T: int) -> list[int | None]:
+    """Head chunks worth planning, largest first: all positions (None), then T/2, T/4, ... down
+    to ``HEAD_CHUNK_MIN`` positions."""
+    out: list[int | None] = [None]
+    c = T // 2
+    while c >= HEAD_CHUNK_MIN:
+        out.append(c)
+        c //= 2
+    return out
+
+
+def _fit(s: ModelShape, r: int, group: int | None, budget: int, rows: int, kw: dict) -> tuple | None:
+    """The fastest (micro-batch, head chunk) for ``r`` resident blocks and streaming ``group``
+    that fits ``budget``, or None. All of a probe's rows at once first (streaming groups allow
+    nothing else: a micro-batched block would need its groups once per chunk), else the largest
+    micro-batch that fits; then the largest head chunk."""
+    chunks = _head_chunks(kw["T"])
+
+    def peak(mb: int, c: int | None) -> int:
+        return _device_bytes(s, r, mb, group=group, head_chunk=c, **kw)["peak"]
+
+    mbs = [rows] if group is not None or rows == 1 else None
+    if mbs is None:
+        if peak(rows, chunks[-1]) <= budget:
+            mbs = [rows]
+        else:  # below B the peak grows with mb: binary search the largest that fits
+            lo, hi = 1, rows - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if peak(mid, chunks[-1]) <= budget else (lo, mid - 1)
+            mbs = [lo]
+    mb = mbs[0]
+    c = next((c for c in chunks if peak(mb, c) <= budget), False)
+    return None if c is False else (mb, c)
+
+
+def _smallest(s: ModelShape, rows: int, kw: dict) -> tuple[int, int | None]:
+    """The smallest peak of any plan (nothing resident, k slots) and its streaming group."""
+    c = _head_chunks(kw["T"])[-1]
+    best = None
+    for g in _groups(s, kw["b"], kw["quant"]):
+        for mb in ([rows] if g is not None or rows == 1 else [1, rows]):
+            p = _device_bytes(s, 0, mb, group=g, head_chunk=c, **kw)["peak"]
+            if best is None or p < best[0]:
+                best = (p, g)
+    return best
 
 
 def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int, max_length: int,
               num_probes: int = 2, dtype: Dtype = "fp16", transfer: Transfer = "same",
               h2d_gbps: float = 25.0, tflops: float = 312.0, attention: Attention = "sdpa",
-              scratch: Scratch = "unit", write_back: bool = True, quant: str = "none",
+              scratch: Scratch = "leaf", write_back: bool = True, quant: str = "none",
               adapters: bool = False, rows: int | None = None, writeback_every: int | None = None,
-              regen_gbps: float = 800.0) -> Plan:
+              regen_gbps: float = 800.0, noise: Noise = "torch", device: str = "cuda",
+              stateful: bool = False) -> Plan:
     """Plan a streamed ZO step under ``gpu_mem_bytes`` (int bytes, or "18GB" / "16GiB").
 
     ``rows``: the rows per probe the model runs for ``batch_size`` examples (default: one each; a
     classification task on a causal LM runs one per candidate, ``zoft.tasks.rows_per_probe``). The
     activations, logits, micro-batch and compute time count rows.
 
-    Order of priority: embeddings, final norm and head stay resident; then as many blocks as fit
-    (at micro-batch 1); then the largest micro-batch <= ``batch_size`` that fits. ``h2d_gbps`` is
-    the pinned host-to-device bandwidth in GB/s (10^9 bytes/s), ``tflops`` the device's dense
-    throughput in the compute dtype (312: A100 bf16). ``write_back``: full-parameter training
-    writes every streamed unit back to the CPU each step (counted on the same link); frozen or
-    adapter-only base weights are never written back. ``scratch``: "unit" is what
-    ``zoft/engine/core.py`` keeps today (z and the perturbed copy, both unit-sized); "fused" draws
-    z inside the perturbed-copy pass (no z buffer), as the streaming scheduler may.
+    Order of priority: embeddings, final norm and head stay resident; then as many blocks as fit;
+    then the largest streaming unit (whole blocks, else groups of a block's leaves down to its
+    largest leaf); then the largest micro-batch <= ``batch_size``; then the largest head chunk
+    (all positions, else halves down to ``HEAD_CHUNK_MIN``). ``h2d_gbps`` is the pinned
+    host-to-device bandwidth in GB/s (10^9 bytes/s), ``tflops`` the device's dense throughput in
+    the compute dtype (312: A100 bf16). ``write_back``: full-parameter training writes every
+    streamed unit back to the CPU each step (counted on the same link); frozen or adapter-only
+    base weights are never written back. ``scratch``: "leaf" (the engine's default
+    parameter-granular perturbation: one leaf's perturbed copy at a time) or "unit" (a whole
+    unit's, ``ZOEngine(granularity="unit")``). ``noise`` (on ``device``, "cuda" or "cpu"): how z
+    is made (``zoft.noise``): the torch generator draws a CUDA z whole, Philox is fused on CUDA,
+    and a noise table (268 MB in fp32) is resident on the device. ``stateful``: the optimizer's
+    update is not seed-form (momentum, Adam moments): a 2-byte weight takes a whole fp32 copy.
     ``writeback_every``: write a streamed block back once per that many updates (None: the ``k``
     in 1..64 with the lowest step-time bound, the smallest on ties; see ``_writeback_every``);
     ``regen_gbps`` is the rate at which the device re-applies one update to a block's weights
@@ -305,8 +421,10 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         raise UsageError(f"unknown transfer codec '{transfer}'; use same, bf16, fp16 or int8")
     if attention not in ("sdpa", "eager"):
         raise UsageError(f"unknown attention '{attention}'; use sdpa or eager")
-    if scratch not in ("unit", "fused"):
-        raise UsageError(f"unknown scratch '{scratch}'; use unit or fused")
+    if scratch not in ("leaf", "unit"):
+        raise UsageError(f"unknown scratch '{scratch}'; use leaf or unit")
+    if noise not in ("torch", "table", "triton"):
+        raise UsageError(f"unknown noise backend '{noise}'; use torch, table or triton")
     if quant not in ("none", "4bit", "8bit"):
         raise UsageError(f"unknown quant '{quant}'; use none, 4bit or 8bit")
     if quant != "none":
@@ -328,25 +446,19 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         transfer = "same"  # bf16 over the link for a bf16 model: no codec
     kw = {"B": rows, "T": max_length, "P": num_probes, "b": b, "transfer": transfer,
           "attention": attention, "scratch": scratch, "write_back": write_back, "quant": quant,
-          "adapters": adapters}
+          "adapters": adapters, "noise": noise, "device": device, "stateful": stateful}
 
-    choices = _resident_choices(s.n_blocks)
-    smallest = _device_bytes(s, choices[-1], 1, **kw)["peak"]
+    smallest = _smallest(s, rows, kw)[0]
     if budget < smallest:
         raise UsageError(
             f"--gpu-mem {_fmt_budget(budget)} cannot fit {s.name}: the smallest plan needs "
             f"{human_bytes(smallest, up=True)} (batch {_batch(batch_size, max_length, rows)}); "
             "raise --gpu-mem or lower --batch-size/--max-length")
-    r = next(r for r in choices if _device_bytes(s, r, 1, **kw)["peak"] <= budget)
-    lo, hi = 1, rows  # the peak grows with mb: binary search the largest that fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if _device_bytes(s, r, mid, **kw)["peak"] <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    mb = lo
-    acc = _device_bytes(s, r, mb, **kw)
+    r, g, (mb, chunk) = next((r, g, fit) for r in range(s.n_blocks, -1, -1) for g in _groups(s, b, quant)
+                             if (fit := _fit(s, r, g, budget, rows, kw)) is not None)
+    if r == s.n_blocks:
+        g = None  # nothing streams
+    acc = _device_bytes(s, r, mb, group=g, head_chunk=chunk, **kw)
     streamed = s.n_blocks - r
     upload = streamed * (_encoded_bytes(s.block_numel, transfer, b) if quant == "none" else _block_bytes(s, b, quant))
     full_writeback = streamed * b * s.block_numel if write_back else 0
@@ -366,10 +478,11 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         slot_bytes=acc["slots"], scratch_bytes=acc["scratch"], boundary_act_bytes=acc["boundary"],
         working_act_bytes=acc["working"], logits_bytes=acc["logits"], update_bytes=acc["update"],
         peak_device_bytes=acc["peak"],
-        min_budget_bytes=smallest, cpu_bytes=_cpu_bytes(s, b, transfer, acc["k"], quant),
+        min_budget_bytes=smallest, cpu_bytes=_cpu_bytes(s, b, transfer, acc["k"], quant, acc["unit"]),
         upload_bytes_per_step=upload, writeback_bytes_per_step=writeback, t_compute_s=t_compute,
         t_transfer_s=t_transfer, step_time_lb_s=max(t_compute + t_regen, t_transfer), h2d_gbps=h2d_gbps,
-        tflops=tflops, quant=quant, rows=rows, writeback_every=every, t_regen_s=t_regen, regen_gbps=regen_gbps)
+        tflops=tflops, quant=quant, rows=rows, writeback_every=every, t_regen_s=t_regen, regen_gbps=regen_gbps,
+        group_bytes=g, head_chunk=chunk, noise=noise, noise_bytes=acc["table"])
 
 
 def _regen_s(full_writeback: int, every: int, regen_gbps: float) -> float:
@@ -390,10 +503,11 @@ def _writeback_every(t_compute: float, upload: int, full_writeback: int, h2d_gbp
     return min(range(1, MAX_WRITEBACK_EVERY + 1), key=lambda k: (bound(k), k)) if full_writeback else 1
 
 
-def _cpu_bytes(s: ModelShape, b: int, transfer: str, k: int, quant: str = "none") -> int:
+def _cpu_bytes(s: ModelShape, b: int, transfer: str, k: int, quant: str = "none", unit: int = 0) -> int:
     """Master weights in the compute dtype (blocks packed for a quantized base), in pinned flat
-    per-unit buffers (1x), plus k pinned staging buffers of encoded units when a codec is used."""
-    staging = k * _encoded_bytes(s.block_numel, transfer, b) if transfer != "same" else 0
+    per-unit buffers (1x), plus k pinned staging buffers of encoded units (``unit`` elements: a
+    block or a group) when a codec is used."""
+    staging = k * _encoded_bytes(unit or s.block_numel, transfer, b) if transfer != "same" else 0
     return b * s.nonblock_numel + s.n_blocks * _block_bytes(s, b, quant) + staging
 
 
@@ -436,6 +550,10 @@ def _fmt_budget(n: int) -> str:
 
 
 # -- output -----------------------------------------------------------------------------------
+_NOISE = {"torch": "torch (a CUDA z is drawn whole)", "table": "table (windows of a resident table)",
+          "triton": "triton (z in registers on CUDA)"}
+
+
 def _secs(t: float) -> str:
     return "0 s" if t == 0 else f"{t:.3f} s" if t >= 1e-3 else f"{t:.2g} s"  # ms and up: 3 decimals
 
@@ -459,16 +577,20 @@ def format_plan(p: Plan) -> str:
          f"{p.num_probes} probes, {p.dtype}" + (f" ({p.quant} base)" if p.quant != "none" else "")
          + f", transfer {p.transfer}, {p.attention} attention"),
         f"  resident         embeddings, final norm, head + {res} ({p.resident_blocks} blocks)",
-        f"  streamed         {p.streamed_blocks} blocks through k={p.slots} slots, prefetch d={p.prefetch}",
+        (f"  streamed         {p.streamed_blocks} blocks through k={p.slots} slots, prefetch d={p.prefetch}"
+         + (f", in groups of leaves <= {human_bytes(p.group_bytes)}" if p.group_bytes and p.streamed_blocks else "")),
         (f"  micro-batch      {p.micro_batch}" + (" rows" if p.rows != p.batch_size else "")
          + f" ({p.n_micro} per step, each unit loaded once per step)"),
         "  device peak (predicted):",
         f"    resident weights   {gb(p.resident_weights_bytes)}",
         f"    stream slots       {gb(p.slot_bytes)}",
-        f"    perturb scratch    {gb(p.scratch_bytes)}  ({p.scratch})",
+        f"    perturb scratch    {gb(p.scratch_bytes)}  (one {p.scratch}'s perturbed copy at a time)",
         (f"    activations        {gb(p.activation_bytes)}  (boundary {human_bytes(p.boundary_act_bytes)}"
-         f" + max(block {human_bytes(p.working_act_bytes)}, logits {human_bytes(p.logits_bytes)},"
-         f" update {human_bytes(p.update_bytes)}))"),
+         f" + max(block {human_bytes(p.working_act_bytes)}, logits {human_bytes(p.logits_bytes)}"
+         + (f" in chunks of {p.head_chunk} positions" if p.head_chunk else "")
+         + f", update {human_bytes(p.update_bytes)}))"),
+        f"    noise              {_NOISE[p.noise]}" + (f" ({human_bytes(p.noise_bytes)}, in resident weights)"
+                                                      if p.noise_bytes else ""),
         (f"    total              {gb(p.peak_device_bytes)}  of {human_bytes(p.gpu_mem_bytes)}"
          f" (smallest plan: {human_bytes(p.min_budget_bytes, up=True)})"),
         f"  CPU RAM          {gb(p.cpu_bytes)}  (pinned master weights, {p.dtype})",

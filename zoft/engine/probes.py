@@ -69,9 +69,10 @@ def is_split(t: torch.Tensor, n_rows: int) -> bool:
     return t.ndim >= 2 and t.shape[0] >= n_rows and t.shape[0] % n_rows == 0
 
 
-def split_args(x: Any, p: int, num_probes: int, n_rows: int, lo: int = 0, hi: int | None = None) -> tuple[Any, bool]:
-    """Probe ``p``'s slice of every split tensor in ``x`` (with ``lo``/``hi``: only its examples
-    ``lo..hi-1``, a micro-batch); also whether anything was split."""
+def split_args(x: Any, start: int, n: int, n_rows: int) -> tuple[Any, bool]:
+    """Rows ``start .. start+n-1`` (of the call's ``n_rows``) of every split tensor in ``x``: one
+    probe's slice, or a micro-batch of it; also whether anything was split. A tensor with ``per``
+    rows per row of the call (ALiBi: heads; tokens flattened into dim 0) is cut ``per`` at a time."""
     found = False
 
     def take(t: torch.Tensor) -> torch.Tensor:
@@ -79,33 +80,36 @@ def split_args(x: Any, p: int, num_probes: int, n_rows: int, lo: int = 0, hi: in
         if not is_split(t, n_rows):
             return t
         found = True
-        chunk = t.shape[0] // num_probes
-        if hi is None:
-            return t[p * chunk:(p + 1) * chunk]
-        per = t.shape[0] // n_rows  # rows per example (ALiBi: heads)
-        return t[p * chunk + lo * per:p * chunk + hi * per]
+        per = t.shape[0] // n_rows
+        return t[start * per:(start + n) * per]
 
     return _map(x, take), found
 
 
-def combine_outputs(outs: Sequence[Any], rows: int, was_split: bool, unit: str) -> Any:
-    """Concatenate the P probes' outputs (or their micro-batches') along dim 0 (probe-major),
-    mirroring ``split_args``.
+def repeat_rows(x: Any, rows: int, times: int) -> Any:
+    """Every tensor of ``x`` with ``rows`` rows (``is_split``) repeated ``times`` times along dim 0
+    (probe-major: ``times`` copies one after another); the rest as it is. Feature reuse: a unit
+    computed once on R rows hands each of the P probes the same R rows."""
+    return _map(x, lambda t: torch.cat([t] * times) if is_split(t, rows) else t)
 
-    When no input was split (e.g. a position embedding called on (1, T) ids), each probe's
-    (1, ...) output is expanded to its ``rows`` rows so that probe p's rows see probe p's value
-    (micro-batches are only run for split inputs); a probe's ``rows``-row output (feature reuse:
-    each probe took the R-row input whole) is its rows as they are.
+
+def combine_outputs(outs: Sequence[Any], rows: Sequence[int], was_split: bool, unit: str) -> Any:
+    """Concatenate the outputs of the row segments of one call (probes, micro-batches) along dim 0,
+    in row order, mirroring ``split_args``; ``rows[i]``: the rows of segment i.
+
+    When no input was split (e.g. a position embedding called on (1, T) ids), each segment's
+    (1, ...) output is expanded to its rows so that probe p's rows see probe p's value
+    (micro-batches are only run for split inputs).
     """
     first = outs[0]
     if isinstance(first, torch.Tensor):
         if not was_split:
-            if first.shape[0] not in (1, rows):
+            if first.shape[0] != 1:
                 raise ZoftError(
                     f"unit '{unit}' got no batch-shaped input but returned dim 0 = {first.shape[0]}; "
                     "zoft cannot tell which rows belong to which probe"
                 )
-            outs = [o.expand(rows, *o.shape[1:]) for o in outs]
+            outs = [o.expand(r, *o.shape[1:]) for o, r in zip(outs, rows)]
         return torch.cat(list(outs), dim=0)
     if isinstance(first, tuple) and hasattr(first, "_fields"):
         return type(first)(*(combine_outputs([o[i] for o in outs], rows, was_split, unit) for i in range(len(first))))

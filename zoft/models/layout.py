@@ -207,3 +207,105 @@ def unit_bytes_by_kind(layout: Layout) -> dict[str, int]:
 
 def is_float_param(p: torch.Tensor) -> bool:
     return p.dtype.is_floating_point
+
+
+# -- leaves: the parameter-granular view of a unit ------------------------------------------
+
+def _experts(config: object) -> bool:
+    return any((getattr(config, a, 0) or 0) > 0 for a in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
+# Where a block reads a parameter outside the call of the module that owns it, or sends rows to a
+# leaf that are not whole probes (experts get the tokens routed to them), the engine perturbs the
+# whole unit for each probe's call instead of one leaf at a time (unit-sized scratch). Each entry:
+# a family and the test on its config. The planner applies the same rule (``unit_path``).
+UNIT_PATH_FAMILIES: dict[str, object] = {
+    # BLOOM with ``slow_but_exact`` and tensor-parallel slices: attention and MLP call
+    # ``F.linear`` on slices of ``dense.weight`` / ``dense_4h_to_h.weight``
+    "bloom": lambda c: getattr(c, "slow_but_exact", False) and getattr(c, "pretraining_tp", 1) > 1,
+}
+
+
+def leaves(module: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The *leaves* of a unit: its sub-modules that own parameters directly (a Linear, a norm, an
+    embedding, GPT-2's Conv1D, a bitsandbytes Linear), in registration order, with their paths
+    relative to ``module``; ``None`` when the unit cannot be perturbed leaf by leaf because a module
+    owning a parameter of its own also contains such leaves (its forward may read that parameter
+    around their calls) or a parameter sits in a container that is never called
+    (``nn.ParameterDict``/``nn.ParameterList``, e.g. peft's LoRA-on-embedding matrices). A parameter
+    owned by a module and by one of its descendants (BERT's MLM-head bias, tied to its decoder's) is
+    the descendant's."""
+    named = list(module.named_modules())
+    below = {id(m): {id(p) for d in m.modules() if d is not m for p in d.parameters(recurse=False)}
+             for _, m in named}  # parameters that a strict descendant owns directly
+    out: list[tuple[str, nn.Module]] = []
+    for name, m in named:
+        own = [p for _, p in m.named_parameters(recurse=False) if id(p) not in below[id(m)]]
+        if not own:
+            continue
+        if below[id(m)] or isinstance(m, (nn.ParameterDict, nn.ParameterList)):
+            return None
+        out.append((name, m))
+    return out
+
+
+def unit_path(model: nn.Module, unit: Unit) -> bool:
+    """Whether ``unit`` is perturbed as a whole (see ``UNIT_PATH_FAMILIES``, ``leaves``)."""
+    config = getattr(model, "config", None)
+    rule = UNIT_PATH_FAMILIES.get(getattr(config, "model_type", ""))
+    if (rule is not None and rule(config)) or (unit.kind == "block" and _experts(config)):
+        return True
+    return leaves(unit.module) is None
+
+
+class _Stop(Exception):
+    pass
+
+
+def call_order(model: nn.Module, block: nn.Module) -> list[nn.Module]:
+    """The leaves of ``block`` in the order a forward calls them (each once, uncalled ones last),
+    read by running the model on one 2-token input up to the end of ``block`` (no gradients, no
+    weights changed). Registration order when the model cannot be run that way."""
+    found = leaves(block) or []
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: order.append(m) if m not in order else None)
+             for _, m in found]
+
+    def stop(*_):
+        raise _Stop
+
+    hooks.append(block.register_forward_hook(stop))
+    first = next((p for p in model.parameters() if p.dtype.is_floating_point), None)
+    ids = torch.zeros((1, 2), dtype=torch.long, device=first.device if first is not None else "cpu")
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    except _Stop:
+        pass
+    except Exception:  # a model that needs other inputs: registration order (correct, maybe slower)
+        order = []
+    finally:
+        for h in hooks:
+            h.remove()
+    return order + [m for _, m in found if m not in order]
+
+
+def leaf_bytes(m: nn.Module) -> int:
+    """Bytes of the parameters ``m`` owns directly (packed quantized bytes included)."""
+    return sum(p.numel() * p.element_size() for _, p in m.named_parameters(recurse=False))
+
+
+def pack_groups(order: list[nn.Module], group_bytes: int) -> list[list[nn.Module]]:
+    """Leaves in call order, greedily packed into consecutive groups of at most ``group_bytes``
+    (a single larger leaf is a group of its own)."""
+    groups: list[list[nn.Module]] = []
+    size = 0
+    for m in order:
+        nb = leaf_bytes(m)
+        if groups and size + nb <= group_bytes:
+            groups[-1].append(m)
+            size += nb
+        else:
+            groups.append([m])
+            size = nb
+    return groups

@@ -78,11 +78,28 @@ class CompositeNoise:
                 acc.add_(z, alpha=c)
         return acc if acc is not None else torch.zeros_like(like)
 
-    def axpy(self, w: torch.Tensor, terms: Sequence[Term], key: str, decay: float = 1.0) -> None:
+    @property
+    def rounds_in_place(self) -> bool:  # shaped directions are whole tensors: rounded on a whole copy
+        return self.shaper is None and getattr(self.inner, "rounds_in_place", False)
+
+    def z_mode(self, like: torch.Tensor) -> str:
+        return self.inner.z_mode(like) if self.shaper is None else "whole"
+
+    def perturb_into(self, out: torch.Tensor, w0: torch.Tensor, seed: int, key: str, scale: float) -> None:
+        if seed >= 0 and self.shaper is None:
+            self.inner.perturb_into(out, w0, seed, key, scale)
+        else:  # a virtual or shaped direction is a whole tensor
+            torch.add(w0, self.sample(seed, key, w0).to(w0.dtype), alpha=scale, out=out)
+
+    def axpy(self, w: torch.Tensor, terms: Sequence[Term], key: str, decay: float = 1.0,
+             sround_seed: int | None = None) -> None:
         if any(s < 0 for s, _ in terms):
             raise ValueError("virtual seeds are for probes only; an applied update must use real seeds")
         if self.shaper is None:
-            self.inner.axpy(w, terms, key, decay)
+            if sround_seed is None:
+                self.inner.axpy(w, terms, key, decay)
+            else:
+                self.inner.axpy(w, terms, key, decay, sround_seed=sround_seed)
             return
         if decay != 1.0:
             w.mul_(decay)

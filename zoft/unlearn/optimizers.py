@@ -170,7 +170,8 @@ def make_zo_engine(model: nn.Module, *, noise: str = "torch", distribution: str 
         p = next(model.parameters())
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[p.dtype]
         plan = make_plan(model.config, gpu_mem, batch_size=batch_rows, max_length=max_length,
-                         num_probes=num_probes, dtype=dtype)
+                         num_probes=num_probes, dtype=dtype, noise=noise,
+                         device=torch.device(device or p.device).type)
         offload = Streaming.from_plan(plan, device or p.device)
         if objective is not None and getattr(plan, "head_chunk", None) is not None:
             objective.head_chunk = plan.head_chunk
