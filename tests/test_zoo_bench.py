@@ -1,7 +1,8 @@
-"""Smoke test of ``bench/zoo.py``: two methods, one seed, a tiny forward-pass budget on the causal-LM
-problem; the table, JSON and plot come out and the McNemar p-value is the exact binomial one."""
+"""``bench/zoo.py``: the statistics against hand-computed values, the win rule, and a smoke run of
+the causal-LM problem at a tiny budget (sweep, seeds, cache, timing, table, plot)."""
 import json
 
+import pytest
 import torch
 from test_bench_smoke import load_bench
 
@@ -11,22 +12,85 @@ def test_mcnemar_exact_matches_hand_computed_values():
     assert zoo.mcnemar_exact(0, 0) == 1.0
     assert abs(zoo.mcnemar_exact(12, 5) - 0.1435) < 1e-4  # the README's demo numbers: 2 * P(X <= 5), X ~ B(17, 1/2)
     assert abs(zoo.mcnemar_exact(0, 6) - 2 / 64) < 1e-12
+    # b = 10, c = 2: 2 * (1 + 12 + 66) / 4096 = 158 / 4096
+    assert abs(zoo.mcnemar_exact(10, 2) - 158 / 4096) < 1e-12
+    assert zoo.mcnemar_exact(3, 3) == 1.0  # the two-sided tail is capped at 1
 
 
-def test_zoo_lm_smoke(tmp_path, capsys):
+def test_discordant_counts_and_the_win_rule():
+    zoo = load_bench("zoo")
+    assert zoo.discordant("1100", "1010") == (1, 1)
+    assert zoo.discordant("111", "000") == (3, 0)
+    with pytest.raises(ValueError):
+        zoo.discordant("11", "1")  # different example sets are a bug, not a zero
+
+    def rec(acc, correct):
+        return {"final_accuracy": acc, "correct": correct}
+
+    ref = "1" * 60 + "0" * 40
+    strong = "1" * 60 + "1" * 12 + "0" * 28  # +12 fixes, 0 breaks: p = 2 / 2^12 per seed
+    weak_seed = "1" * 60 + "1" * 4 + "0" * 36  # +4 points but p = 0.125
+    done = {"mezo-sgd": {"seeds": {0: rec(0.60, ref), 1: rec(0.60, ref)}},
+            "a": {"seeds": {0: rec(0.72, strong), 1: rec(0.72, strong)}},
+            "b": {"seeds": {0: rec(0.72, strong), 1: rec(0.64, weak_seed)}}}  # one seed not significant
+    assert zoo.winners(done) == ["a"]
+    assert zoo.winners(done, min_points=13) == []
+
+
+def test_zoo_lm_smoke_sweep_seeds_and_cache(tmp_path, capsys):
+    zoo = load_bench("zoo")
+    results = tmp_path / "zoo.json"
+    argv = ["--problems", "lm", "--methods", "mezo-sgd,zo-sgd-cons", "--seeds", "0,1", "--budget", "10",
+            "--evals", "1", "--results", str(results)]
+    threads = torch.get_num_threads()
+    try:
+        assert zoo.main([*argv, "--timing", "--plot", str(tmp_path / "z.png")]) == 0
+        first = capsys.readouterr().out
+        cached = json.loads(results.read_text())
+        assert zoo.main(argv) == 0  # everything cached: nothing recomputed, the same file
+        second = capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+    assert "6 run(s) to compute" in first and "2 run(s) to compute" in first  # sweep 2 x 3 rates, then seed 1
+    assert "to compute" not in second and json.loads(results.read_text()) == cached
+    assert len(cached["runs"]) == 8
+    # equal forward passes: 10 // 2 and 10 // 5 steps
+    assert "| `mezo-sgd` |" in first and " | 5 | " in first.split("`mezo-sgd`")[1].splitlines()[0]
+    assert " | 2 | " in first.split("`zo-sgd-cons`")[1].splitlines()[0]
+    assert set(cached["timing"]["lm"]["s_per_step"]) == {"mezo-sgd", "zo-sgd-cons"}
+    for key, rec in cached["runs"].items():
+        assert rec["curve"][0][0] == 0 and rec["curve"][-1][0] <= 10, key
+        assert rec["val_loss"] > 0 and rec["final_loss"] > 0
+    # the seed-1 runs use the learning rate whose seed-0 run had the lowest validation loss
+    for m in ("mezo-sgd", "zo-sgd-cons"):
+        lr = zoo.chosen_lr(cached["runs"], "lm", m, 10, 1)
+        sweep = {k: r["val_loss"] for k, r in cached["runs"].items() if f"|{m}|" in k and "|seed=0|" in k}
+        assert sweep[min(sweep, key=sweep.get)] == cached["runs"][zoo.Job("lm", m, lr, 0, 10, 1).key()]["val_loss"]
+        assert zoo.Job("lm", m, lr, 1, 10, 1).key() in cached["runs"]
+    assert (tmp_path / "z.png").stat().st_size > 1000
+
+
+def test_demo_validation_split_is_disjoint_balanced_and_fixed():
+    zoo = load_bench("zoo")
+    train, val, held = zoo.demo_splits()
+    assert (len(train), len(val), len(held)) == (300, 100, 200)
+    assert sum(e["label"] for e in val) == 50
+    assert not {e["sentence"] for e in val} & {e["sentence"] for e in train}
+    assert val == zoo.demo_splits()[1]
+
+
+@pytest.mark.slow
+def test_zoo_demo_smoke(tmp_path, capsys):
     zoo = load_bench("zoo")
     threads = torch.get_num_threads()
     try:
-        rc = zoo.main(["--problems", "lm", "--methods", "mezo-sgd,zo-sgd-cons,lozo", "--seeds", "0", "--budget", "10",
-                       "--evals", "1", "--threads", "1", "--json", str(tmp_path / "z.json"),
-                       "--plot", str(tmp_path / "z.png")])
+        rc = zoo.main(["--problems", "demo", "--methods", "mezo-sgd", "--seeds", "0", "--budget", "4", "--evals", "1",
+                       "--results", str(tmp_path / "z.json")])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
     out = capsys.readouterr().out
-    assert "| `lozo` | 5 |" in out and "| `zo-sgd-cons` | 2 |" in out  # equal forward passes: 10 // 2, 10 // 5
-    res = json.loads((tmp_path / "z.json").read_text())["lm"]
-    for name in ("mezo-sgd", "zo-sgd-cons", "lozo"):
-        curve = res[name]["0"]["curve"]
-        assert curve[0][0] == 0 and curve[-1][0] <= 10 and curve[-1][2] > 0
-    assert (tmp_path / "z.png").stat().st_size > 1000
+    assert "zero-shot: accuracy 70.0%" in out and "| `mezo-sgd` |" in out
+    runs = json.loads((tmp_path / "z.json").read_text())["runs"]
+    rec = next(r for k, r in runs.items() if "|mezo-sgd|" in k)
+    assert len(rec["correct"]) == 200 and abs(rec["correct"].count("1") / 200 - rec["final_accuracy"]) < 1e-9
