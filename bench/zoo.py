@@ -12,8 +12,8 @@ Two problems (``PROBLEMS``):
   fine-tuned by each ZO method on the same language restricted to 4 of the 8 successors (the
   knowledge is there; the fine-tuning sharpens it). Held-out next-token NLL (floor ln 4 = 1.386).
 
-Protocol (``run``): every method gets the same forward-pass budget (steps = budget // forwards per
-step) and, per seed, the same batches (``zoft.train.batch_indices``). First a sweep: seed 0 at each
+Protocol (``run``): every method gets the same forward-pass budget (the steps whose forwards,
+``step_forwards``, fit in it) and, per seed, the same batches (``zoft.train.batch_indices``). First a sweep: seed 0 at each
 learning rate of ``GRID`` x the method's centre ``LR``; the rate with the lowest *validation* loss
 (MeZO's dev-selection criterion) is kept, and seeds 1.. run at it (seed 0's run at that rate is
 reused: it saw no held-out example). All other options are registry defaults (``OPTIONS``:
@@ -65,6 +65,12 @@ BUDGET = {"demo": 300, "lm": 2000}  # forward passes per run (why: README "ZO me
 EVALS = {"demo": 3, "lm": 4}  # held-out evaluations per run (the plot's points)
 # per-method option overrides for short runs: the lazy factors are refreshed within the budget
 OPTIONS = {"lozo": {"interval": 50}, "subzero": {"interval": 50}}
+# methods not run on a problem, and why (printed under its table)
+SKIP = {"demo": {m: "on the demo's BitFit parameters (all 1-D) its low-rank directions are plain Gaussian z: "
+                    "bit-identical to mezo-sgd (0/0 discordant in a 200-forward run, 2026-12-01)"
+                 for m in ("lozo", "subzero")}}
+# option variants benchmarked as methods of their own: label -> (registry name, options)
+VARIANTS: dict[str, tuple[str, dict]] = {}
 LM_PRETRAIN = {"steps": 300, "lr": 1e-2, "batch_size": 32, "sequences": 4096}
 V, T = 320, 16  # lm vocabulary and sequence length
 
@@ -79,12 +85,17 @@ class Job(NamedTuple):
     budget: int
     evals: int
 
+    @property
+    def optimizer(self) -> str:
+        """The registry name (``method`` is a registry name or a ``VARIANTS`` label)."""
+        return VARIANTS[self.method][0] if self.method in VARIANTS else self.method
+
     def options(self) -> dict:
-        return dict(OPTIONS.get(self.method, {}))
+        return {**OPTIONS.get(self.optimizer, {}), **(VARIANTS[self.method][1] if self.method in VARIANTS else {})}
 
     def config(self) -> dict:
         """Everything the result depends on besides (method, lr, seed): hashed into the cache key."""
-        opts = {**describe(self.method)["options"], **self.options()}
+        opts = {**describe(self.optimizer)["options"], **self.options()}
         prob = {"demo": {"config": (ROOT / "configs" / "demo.yaml").read_text(), "train": 300, "val": 100},
                 "lm": {"V": V, "T": T, "pretrain": LM_PRETRAIN}}[self.problem]
         return {"eps": EPS[self.problem], "budget": self.budget, "evals": self.evals, "options": opts, **prob}
@@ -94,10 +105,26 @@ class Job(NamedTuple):
         return f"{self.problem}|{self.method}|lr={self.lr:.4g}|seed={self.seed}|{h}"
 
 
-def forwards_per_step(name: str, options: dict) -> int:
-    """Forward passes one step costs (the second phase of zo-sgd-cons included)."""
-    opt = make_optimizer(name, options, seed=0, total_steps=1)
-    return opt.num_probes() + (2 if name == "zo-sgd-cons" else 0)
+def step_forwards(opt, step: int, n_train: int, batch_size: int) -> float:
+    """Forward passes (of ``batch_size`` examples) that step ``step`` of ``opt`` costs: one per
+    probe; zo-sgd-cons's second phase 2 more; forward-grad's q jvp passes count one each; an
+    anchor step (MeZO-SVRG) its probes on its whole large batch."""
+    anchor = getattr(opt, "anchor_examples", None)
+    big = anchor(step, n_train) if anchor is not None else None
+    if big is not None:
+        return 2 * opt.config.n_queries * len(big) / batch_size
+    return {"zo-sgd-cons": opt.num_probes() + 2, "forward-grad": opt.config.n_queries}.get(opt.name, opt.num_probes())
+
+
+def cost_schedule(job, n_train: int, batch_size: int) -> list[float]:
+    """Cumulative forward passes after each step that fits in ``job.budget`` (len = the steps)."""
+    opt = make_optimizer(job.optimizer, {"lr": job.lr or 1e-3, **job.options()}, seed=0, total_steps=1)
+    out, used = [], 0.0
+    while True:
+        used += step_forwards(opt, len(out), n_train, batch_size)
+        if used > job.budget + 1e-9:
+            return out
+        out.append(used)
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -166,8 +193,8 @@ def _correct(task, model, examples: list[dict]) -> str:
 def run_demo(job: Job, workdir: Path) -> dict:
     """Train, evaluating the held-out set ``evals`` times; then validation metrics and per-example
     held-out correctness of the final model."""
-    per = forwards_per_step(job.method, {"n_queries": 1, **job.options()})
-    steps = job.budget // per
+    cost = cost_schedule(job, 300, 16)
+    steps = len(cost)
     tr = _demo_trainer(job, workdir, steps)
     every = max(1, steps // job.evals)
     curve, times = [], []
@@ -176,13 +203,13 @@ def run_demo(job: Job, workdir: Path) -> dict:
         if (t + 1) % every == 0 or t + 1 == steps:
             tr.engine.flush()
             ev = tr.task.evaluate(tr.model, tr.evals, 32)
-            curve.append(((t + 1) * per, ev["accuracy"], ev["loss"]))
+            curve.append((cost[t], ev["accuracy"], ev["loss"]))
     tr.engine.flush()
     _, val, held = demo_splits()
     ev_val = tr.task.evaluate(tr.model, val, 32)
     correct = _correct(tr.task, tr.model, held)
     tr.engine.close()
-    return {"steps": steps, "forwards_per_step": per, "curve": curve, "final_accuracy": curve[-1][1],
+    return {"steps": steps, "forwards": cost[-1], "curve": curve, "final_accuracy": curve[-1][1],
             "final_loss": curve[-1][2], "val_loss": ev_val["loss"], "val_accuracy": ev_val["accuracy"],
             "correct": correct, "step_time_s": statistics.median(times)}
 
@@ -260,14 +287,14 @@ def run_lm(job: Job, workdir: Path | None = None, batch_size: int = 16) -> dict:
     from zoft.tasks.base import Batch
     from zoft.train import batch_indices
 
-    per = forwards_per_step(job.method, {"n_queries": 1, **job.options()})
-    steps = job.budget // per
+    train, val, held = bigram_data(2048, 1, 4), bigram_data(256, 98, 4), bigram_data(256, 99, 4)
+    cost = cost_schedule(job, len(train), batch_size)
+    steps = len(cost)
     model = _lm_model()
     model.load_state_dict(pretrained_lm())
     model.eval()
-    train, val, held = bigram_data(2048, 1, 4), bigram_data(256, 98, 4), bigram_data(256, 99, 4)
     obj = _NLL()
-    opt = make_optimizer(job.method, {"lr": job.lr, "eps": EPS["lm"], **job.options()}, seed=job.seed,
+    opt = make_optimizer(job.optimizer, {"lr": job.lr, "eps": EPS["lm"], **job.options()}, seed=job.seed,
                          total_steps=steps)
 
     def nll(x: torch.Tensor) -> float:
@@ -279,17 +306,23 @@ def run_lm(job: Job, workdir: Path | None = None, batch_size: int = 16) -> dict:
     curve, times = [(0, None, nll(held))], []
     engine = ZOEngine(model)
     for t in range(steps):
-        ids = train[batch_indices(len(train), batch_size, t, job.seed)]
+        big = getattr(opt, "anchor_examples", None)  # MeZO-SVRG's anchor step: a large batch in pieces
+        big = big(t, len(train)) if big is not None else None
+        if big is None:
+            batch = Batch({"input_ids": train[batch_indices(len(train), batch_size, t, job.seed)]}, {}, batch_size)
+        else:
+            batch = [Batch({"input_ids": train[big[j:j + batch_size]]}, {}, len(big[j:j + batch_size]))
+                     for j in range(0, len(big), batch_size)]
         t0 = time.perf_counter()
-        zo_step(engine, opt, Batch({"input_ids": ids}, {}, batch_size), obj, t)
+        zo_step(engine, opt, batch, obj, t)
         times.append(time.perf_counter() - t0)
         if (t + 1) % every == 0 or t + 1 == steps:
             engine.flush()
-            curve.append(((t + 1) * per, None, nll(held)))
+            curve.append((cost[t], None, nll(held)))
     engine.flush()
     val_loss = nll(val)
     engine.close()
-    return {"steps": steps, "forwards_per_step": per, "curve": curve, "final_loss": curve[-1][2],
+    return {"steps": steps, "forwards": cost[-1], "curve": curve, "final_loss": curve[-1][2],
             "val_loss": val_loss, "step_time_s": statistics.median(times)}
 
 
@@ -300,7 +333,8 @@ PROBLEMS = {"demo": run_demo, "lm": run_lm}
 @contextlib.contextmanager
 def _locked(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+    with open(Path(tempfile.gettempdir()) / f"zoft-zoo-{digest}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -381,11 +415,14 @@ def chosen_lr(runs: dict, problem: str, method: str, budget: int, evals: int) ->
 def run(problems: list[str], methods: list[str], seeds: list[int], budgets: dict, evals: dict, path: Path,
         threads: int = 1, workers: int = 1) -> None:
     """The sweep (seed 0, every grid rate), then the other seeds at each method's chosen rate."""
-    sweep = [Job(p, m, LR[p][m] * f, 0, budgets[p], evals[p]) for p in problems for m in methods for f in GRID]
+    sweep = [Job(p, m, LR[p][m] * f, 0, budgets[p], evals[p]) for p in problems for m in methods for f in GRID
+             if m not in SKIP.get(p, {})]
     _run_all((["demo-zero-shot"] if "demo" in problems else []) + sweep, path, threads, workers)
     runs = load_results(path)["runs"]
-    final = [Job(p, m, chosen_lr(runs, p, m, budgets[p], evals[p]), s, budgets[p], evals[p])
-             for p in problems for m in methods for s in seeds if s != 0]
+    lrs = {(p, m): chosen_lr(runs, p, m, budgets[p], evals[p]) for p in problems for m in methods}
+    final = [Job(p, m, lrs[p, m], s, budgets[p], evals[p])
+             for p in problems for m in methods for s in seeds
+             if s != 0 and m not in SKIP.get(p, {}) and lrs[p, m] is not None]  # None: a sweep run failed
     _run_all(final, path, threads, workers)
 
 
@@ -395,12 +432,14 @@ def time_steps(problems: list[str], methods: list[str], path: Path, steps: int =
     reverse order; the first two steps of each measurement are warm-up), cached per problem."""
     torch.set_num_threads(threads)
     for problem in problems:
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for order in (methods, methods[::-1]):
+        ms = [m for m in methods if m not in SKIP.get(problem, {})]
+        times: dict[str, list[float]] = {m: [] for m in ms}
+        for order in (ms, ms[::-1]):
             for m in order:
                 job = Job(problem, m, LR[problem][m], 0, 0, 1)
-                per = forwards_per_step(m, {"n_queries": 1, **job.options()})
-                job = job._replace(budget=(steps + 2) * per)
+                n_train = 300 if problem == "demo" else 2048
+                job = job._replace(budget=sum(step_forwards(make_optimizer(job.optimizer, job.options(), 0, 1), t,
+                                                            n_train, 16) for t in range(steps + 2)))
                 with tempfile.TemporaryDirectory() as tmp:
                     if problem == "demo":
                         tr = _demo_trainer(job, Path(tmp), steps + 2)
@@ -469,7 +508,7 @@ def table(results: dict, timing: dict, zero_shot: dict | None) -> str:
         ref = done.get("mezo-sgd")
         for name, d in done.items():
             recs = d["seeds"]
-            mem = describe(name)["state_bytes_per_param"]
+            mem = describe(Job(problem, name, 0, 0, 0, 0).optimizer)["state_bytes_per_param"]
             st = f"{tm[name] / ref_t:.2f}" if name in tm and ref_t else "n/a"
             steps = next(iter(recs.values()))["steps"]
             if problem == "demo":
@@ -488,7 +527,7 @@ def table(results: dict, timing: dict, zero_shot: dict | None) -> str:
             else:
                 nll = mean_sd([r["final_loss"] for r in recs.values()])
                 lines.append(f"| `{name}` | {d['lr']:.3g} | {steps} | {nll} | {mem} | {st} |")
-        lines.append("")
+        lines += [f"`{m}` not run: {why}" for m, why in SKIP.get(problem, {}).items()] + [""]
     return "\n".join(lines)
 
 
@@ -521,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--problems", default="demo,lm")
     ap.add_argument("--methods", default="all", help="comma-separated registry names, or all")
     ap.add_argument("--seeds", default="0,1,2", help="seed 0 is the sweep's; it must be included")
-    ap.add_argument("--budget", type=int, help="forward passes per run (default: demo 400, lm 2000)")
+    ap.add_argument("--budget", type=int, help="forward passes per run (default: demo 300, lm 2000)")
     ap.add_argument("--evals", type=int, help="held-out evaluations per run (default: demo 3, lm 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--jobs", type=int, default=1, help="runs computed in parallel processes")
@@ -530,9 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="compute nothing: tables of what is cached")
     ap.add_argument("--plot", help="write the held-out metric vs forward passes plot here (PNG)")
     args = ap.parse_args(argv)
-    methods = list(OPTIMIZERS) if args.methods == "all" else args.methods.split(",")
+    methods = [*OPTIMIZERS, *VARIANTS] if args.methods == "all" else args.methods.split(",")
     problems = args.problems.split(",")
-    bad = [m for m in methods if m not in OPTIMIZERS] + [p for p in problems if p not in PROBLEMS]
+    bad = [m for m in methods if m not in OPTIMIZERS and m not in VARIANTS] + [p for p in problems if p not in PROBLEMS]
     seeds = [int(s) for s in args.seeds.split(",")]
     if bad:
         ap.error(f"unknown method(s) or problem(s) {bad}; zoft optimizers lists the methods, problems: demo, lm")
