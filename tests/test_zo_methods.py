@@ -169,6 +169,13 @@ def test_gradient_sparsity_streamed_equals_resident(name, every):
     a deferred write-back (``writeback_every``: updates re-applied steps later, so LOZO's seed ->
     step map must reach back): the same losses and weights as resident (rtol 1e-5, the
     Equivalence invariant of tests/test_offload.py)."""
+    opts = {"gradient_sparsity": 0.75, **({"interval": 2} if name == "lozo" else {})}
+    assert_streamed_equals_resident(name, opts, steps=12, every=every)
+
+
+def assert_streamed_equals_resident(name, opts, steps, every):
+    """``steps`` steps of optimizer ``name`` on a tiny Llama, resident and streamed (one resident
+    block, write-back every ``every`` updates): the same losses and weights (rtol 1e-5)."""
     from test_engine import TokenNLL
     from test_offload import RTOL, assert_same_weights, deep_model
     from zoft.engine import Streaming
@@ -178,12 +185,10 @@ def test_gradient_sparsity_streamed_equals_resident(name, every):
     for offload in (None, Streaming("cpu", resident_blocks=1, prefetch=2, writeback_every=every)):
         model = deep_model("llama")
         eng = ZOEngine(model, offload=offload)
-        opt = make_optimizer(name, {"lr": 1e-3, "eps": 1e-3, "gradient_sparsity": 0.75, "interval": 2}
-                             if name == "lozo" else {"lr": 1e-3, "eps": 1e-3, "gradient_sparsity": 0.75},
-                             seed=3, total_steps=4)
+        opt = make_optimizer(name, {"lr": 1e-3, "eps": 1e-3, **opts}, seed=3, total_steps=4)
         bind(opt, eng)
         losses = []
-        for t in range(12):
+        for t in range(steps):
             loss = evaluate_step(eng, opt, t, batch, obj)
             eng.set_update(opt.update(t, loss)[0])
             losses.append(loss)

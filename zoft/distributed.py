@@ -78,6 +78,11 @@ def check_supported(cfg: Any, world_size: int) -> None:
     if cfg.optimizer == "fzoo":
         raise UsageError("--optimizer fzoo scales its step by the spread of one batch's losses around L(w); a "
                          "data-parallel step would mix the ranks' shards; use another optimizer or --nproc 1")
+    if cfg.optimizer in ("hizoo", "mezo-svrg"):
+        from zoft.optim import OPTIMIZERS
+
+        raise UsageError(f"--optimizer {cfg.optimizer} does not run data-parallel "
+                         f"({OPTIMIZERS[cfg.optimizer][1].data_parallel.removeprefix('no: ')}); use --nproc 1")
     if cfg.optimizer == "zo-ranksgd":
         from zoft.optim import RankSGDConfig
 

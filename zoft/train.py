@@ -228,7 +228,10 @@ class Trainer:
             raise UsageError(f"no tokenizer is available offline for '{lm.name}'; pass --tokenizer PATH")
         self.model, self.tokenizer, self.kind = lm.model, lm.tokenizer, lm.kind
         _check_max_length(cfg, lm)
-        self.task = make_task(cfg.task, self.tokenizer, self.kind, cfg.max_length, **_task_options(cfg))
+        options = _task_options(cfg)
+        if getattr(self.plan, "head_chunk", None) is not None:  # the plan runs the LM head in chunks
+            options["head_chunk"] = self.plan.head_chunk
+        self.task = make_task(cfg.task, self.tokenizer, self.kind, cfg.max_length, **options)
         self.train, self.dev, self.evals = _mezo_splits(cfg, self.task, *_load_data(cfg, self.task))
         if self.dev is not None and self.dist.world_size > 1:
             raise UsageError("--num-dev (best-dev checkpoint selection) runs on one process for now; drop --nproc")
@@ -371,7 +374,16 @@ class Trainer:
         dp = self.dp  # data-parallel: this rank's shard and probes, one all-gather (zoft/distributed.py)
         idx = batch_indices(len(self.train), dp.global_batch(cfg.batch_size) if dp else cfg.batch_size, step, cfg.seed)
         idx = dp.shard(idx) if dp else idx
-        batch = self.task.collate([self.train[i] for i in idx]).to(self.device)
+        # a large-batch step (MeZO-SVRG's anchor): its examples in pieces of --batch-size (the
+        # memory of a regular step), evaluated one after another with the same probes
+        big = getattr(self.opt, "anchor_examples", None)
+        big = big(step, len(self.train)) if big is not None and dp is None else None
+        if big is not None:
+            idx = big
+            batch = [self.task.collate([self.train[i] for i in big[j:j + cfg.batch_size]]).to(self.device)
+                     for j in range(0, len(big), cfg.batch_size)]
+        else:
+            batch = self.task.collate([self.train[i] for i in idx]).to(self.device)
         if dp is None:
             losses = evaluate_step(self.engine, self.opt, step, batch, self.task)  # every phase (zo-sgd-cons: 2)
         else:

@@ -12,6 +12,7 @@ from zoft.errors import UsageError
 from zoft.optim.api import StepResult, evaluate_step, split_candidates, step
 from zoft.optim.directions import CompositeNoise, bind
 from zoft.optim.fzoo import FZOO, FZOOConfig
+from zoft.optim.hizoo import HiZOO, HiZOOConfig
 from zoft.optim.mezo import MeZOConfig, MeZOSGD
 from zoft.optim.rank import (
     CallableOracle,
@@ -24,7 +25,9 @@ from zoft.optim.rank import (
     greedy_generate,
 )
 from zoft.optim.schedule import lr_at
+from zoft.optim.sparse import SparseMeZO, SparseMeZOConfig, magnitude_mask
 from zoft.optim.subspace import LOZO, LOZOConfig, SubZero, SubZeroConfig
+from zoft.optim.svrg import MeZOSVRG, SVRGConfig
 from zoft.optim.zo_sgd import (
     ZOSGD,
     AdamConfig,
@@ -51,6 +54,9 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
     "lozo": (LOZOConfig, LOZO),
     "subzero": (SubZeroConfig, SubZero),
     "fzoo": (FZOOConfig, FZOO),
+    "sparse-mezo": (SparseMeZOConfig, SparseMeZO),
+    "hizoo": (HiZOOConfig, HiZOO),
+    "mezo-svrg": (SVRGConfig, MeZOSVRG),
 }
 
 
@@ -61,7 +67,7 @@ def describe(name: str) -> dict[str, Any]:
     options = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
                for f in dataclasses.fields(cfg_cls)}
     return {"name": name, "paper": impl.paper, "options": options,
-            "state_bytes_per_param": 4 * impl.memory_copies, "state": impl.state_kind(),
+            "state_bytes_per_param": 4 * impl.memory_copies + getattr(impl, "mask_bytes", 0), "state": impl.state_kind(),
             "streams": impl.streams, "replays": impl.replays, "data_parallel": impl.data_parallel}
 
 
@@ -90,20 +96,26 @@ __all__ = [
     "CompositeNoise",
     "FZOO",
     "FZOOConfig",
+    "HiZOO",
+    "HiZOOConfig",
     "LOZO",
     "LOZOConfig",
     "LossOracle",
     "MeZOConfig",
     "MeZOSGD",
+    "MeZOSVRG",
     "MomentumConfig",
     "RAdaZO",
     "RAdaZOConfig",
     "RankOracle",
     "RankSGDConfig",
+    "SparseMeZO",
+    "SparseMeZOConfig",
     "RewardOracle",
     "StepResult",
     "SubZero",
     "SubZeroConfig",
+    "SVRGConfig",
     "ZOAdam",
     "ZOConfig",
     "ZORankSGD",
@@ -115,6 +127,7 @@ __all__ = [
     "greedy_generate",
     "lr_at",
     "describe",
+    "magnitude_mask",
     "make_optimizer",
     "split_candidates",
     "step",

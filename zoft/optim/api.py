@@ -77,13 +77,25 @@ def _kind(objective: Any) -> str:
     raise TypeError("objective must have forward+loss, forward+compare, or be a callable outputs -> scalar")
 
 
+def _evaluate_pieces(engine, probes, batch, objective) -> torch.Tensor:
+    """The probes' losses on ``batch``, or on a large batch given as a list of pieces (evaluated
+    one after another with the same probes; the per-piece mean losses averaged with weights
+    ``piece.size``, which is the whole batch's mean for losses that average over examples)."""
+    if not isinstance(batch, (list, tuple)):
+        return engine.evaluate(probes, batch, objective)
+    total = sum(b.size for b in batch)
+    return sum(engine.evaluate(probes, b, objective) * (b.size / total) for b in batch)
+
+
 def _evaluate(engine, optimizer, step: int, batch, objective, forward: Callable | None):
     kind = _kind(objective)
+    if isinstance(batch, (list, tuple)) and kind != "objective":
+        raise UsageError("a batch in pieces needs an engine objective (forward + loss)")
     ranked = getattr(optimizer, "ranked", False)
     if kind == "oracle" and not ranked:
         raise UsageError(f"a rank oracle gives comparisons, not losses; '{getattr(optimizer, 'name', optimizer)}' "
                          "needs scalar losses (use zo-ranksgd)")
-    rows = _rows(batch)
+    rows = 0 if kind == "objective" else _rows(batch)
     if kind == "callable":
         fn = objective
         objective = _PerCandidate(forward or default_forward,
@@ -103,7 +115,7 @@ def _evaluate(engine, optimizer, step: int, batch, objective, forward: Callable 
 
             losses.append(engine.evaluate(probes, batch, _PerCandidate(oracle.forward, score, rows)))
         else:
-            losses.append(engine.evaluate(probes, batch, objective))
+            losses.append(_evaluate_pieces(engine, probes, batch, objective))
         cat = torch.cat(losses)
         if comps is None and not torch.isfinite(cat).all():
             break
@@ -115,7 +127,8 @@ def _evaluate(engine, optimizer, step: int, batch, objective, forward: Callable 
 
 def evaluate_step(engine, optimizer, step: int, batch: Any, objective: Any) -> torch.Tensor:
     """The losses of every phase of ``optimizer``'s step ``step`` on ``batch`` (stops early on a
-    non-finite loss). ``optimizer.update(step, losses)`` then gives the update."""
+    non-finite loss). ``optimizer.update(step, losses)`` then gives the update. ``batch`` may be a
+    list of batches: one large batch evaluated in pieces (MeZO-SVRG's anchor steps)."""
     bind(optimizer, engine)
     return _evaluate(engine, optimizer, step, batch, objective, None)[0]
 

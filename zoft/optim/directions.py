@@ -101,6 +101,8 @@ def bind(optimizer: Any, engine: Any) -> CompositeNoise:
     engine.noise.shaper = shaper() if shaper is not None else None
     if hasattr(optimizer, "bind"):
         optimizer.bind(engine.z_like(), engine.noise)
+    if hasattr(optimizer, "bind_engine"):  # module-wise units, perturbation masks
+        optimizer.bind_engine(engine)
     return engine.noise
 
 

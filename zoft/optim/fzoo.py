@@ -40,6 +40,8 @@ class FZOOConfig(ZOConfig):
             raise ValueError("n must be >= 2 (the step size divides by the spread of the n losses)")
         if self.sphere:
             raise ValueError("fzoo perturbs along Rademacher directions; sphere is not supported")
+        if self.module_wise:
+            raise ValueError("module_wise is for the ZO-SGD family; fzoo's N directions are all-parameter")
 
 
 class FZOO(ZOSGD):

@@ -199,6 +199,8 @@ class RankSGDConfig(ZOConfig):
                              "through the Python API (zoft.optim.step)")
         if self.line_search < 0 or not 0 < self.gamma < 1:
             raise ValueError("line_search must be >= 0 and gamma in (0, 1)")
+        if self.module_wise:
+            raise ValueError("module_wise is for the ZO-SGD family; zo-ranksgd's candidates are all-parameter")
 
 
 class ZORankSGD(ZOSGD):

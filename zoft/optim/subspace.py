@@ -131,7 +131,7 @@ class _LowRank(ZOSGD):
         step = int(record["step"])
         terms = [(int(s), float(c)) for s, c in record["terms"]]
         # a data-parallel run's line holds all ranks' R*q seeds: step_seed(run seed, step, 0..R*q-1)
-        if [s for s, _ in terms] != [step_seed(self.seed, step, i) for i in range(len(terms))]:
+        if [s for s, _ in terms] != [self.query_seed(step, i) for i in range(len(terms))]:
             raise RuntimeError(f"{self.name}: a trajectory line's seeds do not match its step (another run seed?)")
         self._remember(step, [s for s, _ in terms])
         return _SteppedUpdate(terms, float(record["decay"]), step)

@@ -18,6 +18,14 @@ applies only to parameters that take decay):
                  (m^, v^: bias-corrected with the count t of applied updates)
     r-adazo      m <- b1 m + (1-b1) G; v <- b2 v + (1-b2) m^2;  w <- decay w - lr m / sqrt(v + zeta)
 
+Two options restrict the directions for every member (``shaped_direction``): a **perturbation
+mask** ``u = m * z`` (``set_mask``: a fixed key -> 0/1 tensor dict, or a rule ``fn(key, w)`` evaluated
+once on the weights at the first ``bind``; stored as one bool per trained parameter, 1 B/param;
+Sparse MeZO's magnitude mask is such a rule) and ZO-Bench's **module-wise perturbation**
+(``module_wise``: query i of step t perturbs only the parameters of layout unit ``(t + i) mod B``,
+B = the units holding trainable parameters; each unit's coefficients are averaged over the queries
+that perturbed it, so ``n_queries = B`` is ZO-Bench's all-modules-per-step estimate).
+
 Stateless members return a plain seed-form ``Update``. Stateful ones return an ``Update`` subclass
 whose ``apply(key, w, ...)`` regenerates G for that one parameter from the seeds, advances that
 parameter's buffers and writes it: all state is per parameter key, created on the parameter's
@@ -27,16 +35,18 @@ the unit (``buffers(key)``), and the result does not depend on the order units a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 from zoft.engine.probes import Probe, Update
+from zoft.errors import UsageError
 from zoft.noise import step_seed
 from zoft.optim.directions import z_norm
 from zoft.optim.schedule import Schedule, lr_at
 
 SphereNorm = Literal["exact", "sqrt_d"]
+MaskRule = Callable[[str, torch.Tensor], "torch.Tensor | None"]  # (key, weights) -> 0/1 mask or None
 
 
 @dataclass
@@ -48,6 +58,9 @@ class ZOConfig:
     gradient_sparsity: ZO-Bench's sparse perturbation: each direction's entries where a second
                  keyed N(0, 1) draw is below this value are zeroed (a fraction Phi(value): 0.75
                  zeroes 77%), a fresh mask per direction; None: dense.
+    module_wise: ZO-Bench's module-wise perturbation: query i of step t perturbs only layout unit
+                 ``(t + i) mod B`` (B units hold trainable parameters); a unit's update averages
+                 the queries that perturbed it.
     """
 
     lr: float = 1e-6
@@ -60,6 +73,7 @@ class ZOConfig:
     sphere: bool = False
     sphere_norm: SphereNorm = "exact"
     gradient_sparsity: float | None = None
+    module_wise: bool = False
 
     def __post_init__(self):
         if self.eps <= 0:
@@ -120,6 +134,7 @@ class ZOSGD:
     data_parallel = "yes"  # or "no: <why>" (``zoft optimizers`` prints it)
     streams = True  # streamed == resident (tests/test_offload.py runs every registered name)
     replays = True  # ``update_from_record`` rebuilds every step (tests/test_train_cli.py)
+    mask_bytes = 0  # bytes per trained parameter of a stored perturbation mask (Sparse MeZO: 1)
 
     def __init__(self, config: ZOConfig, seed: int = 0, total_steps: int = 1):
         self.config = config
@@ -128,35 +143,143 @@ class ZOSGD:
         self._params: dict[str, torch.Tensor] | None = None
         self._noise: Any = None
         self._norms: dict[int, float] = {}
+        self._mask_rule: MaskRule | None = None
+        self._fixed_keys: set[str] = set()
+        self.masks: dict[str, torch.Tensor] | None = None  # key -> bool (parameter's shape); absent: dense
+        self._groups: dict[str, int] | None = None  # module_wise: key -> its unit's index
+        self._n_groups = 0
 
     @classmethod
     def state_kind(cls) -> str:
         """How the optimizer keeps its state (``zoft optimizers``)."""
+        mask = (f"; a bool perturbation mask per parameter ({cls.mask_bytes} B/param), from the initial weights"
+                if cls.mask_bytes else "")
         if cls.memory_copies == 0:
-            return "seed form: nothing stored per parameter"
-        return f"{cls.memory_copies} fp32 buffer(s) per parameter key, streamed with its unit"
+            return ("seed form: nothing else stored per parameter" if mask else
+                    "seed form: nothing stored per parameter") + mask
+        return f"{cls.memory_copies} fp32 buffer(s) per parameter key, streamed with its unit" + mask
+
+    # -- perturbation masks ----------------------------------------------------------------
+    def set_mask(self, mask: "dict[str, torch.Tensor] | MaskRule | None") -> None:
+        """Restrict every direction to a mask: ``u = m * z`` in probes and updates alike, so masked
+        (0) coordinates are never perturbed nor moved by a step (weight decay, if set, still
+        shrinks every decayed parameter).
+
+        ``mask``: a dict parameter key (``engine.params``' names) -> bool / 0-1 tensor of the
+        parameter's shape (keys left out stay dense), or a rule ``fn(key, w) -> tensor | None``
+        evaluated once per key on the weights at the first ``bind`` (the initial weights: a replay
+        recomputes the same mask); None removes it. Call before the first step. Either way the
+        mask is stored as one bool per element of each masked parameter (1 B/param) on the
+        parameter's device and saved with the optimizer's tensors (``mask/<key>``), so a resumed
+        run keeps the mask of its first step."""
+        self.masks = None
+        self._mask_rule = None
+        self._fixed_keys: set[str] = set()
+        if mask is None:
+            return
+        if callable(mask):
+            self._mask_rule = mask
+            return
+        if not isinstance(mask, dict):
+            raise TypeError("a perturbation mask is a dict key -> tensor, or a callable fn(key, w) -> tensor")
+        fixed = dict(mask)
+        self._mask_rule = lambda key, w: fixed.get(key)
+        self._fixed_keys = set(fixed)
+
+    def mask_rule(self) -> "MaskRule | None":
+        """The rule ``fn(key, w)`` the masks are built from at the first bind (``set_mask``)."""
+        return self._mask_rule
+
+    def _build_masks(self, engine: Any) -> None:
+        rule = self.mask_rule()
+        if rule is None or self.masks is not None:
+            return
+        unknown = sorted(self._fixed_keys - set(engine.params))
+        if unknown:
+            raise UsageError(f"{self.name}: the perturbation mask names {unknown[0]!r}, which is not a trainable "
+                             f"parameter of this engine (keys are engine.params' names)")
+        engine.flush()
+        masks = {}
+        with torch.no_grad():
+            for k, p in engine.params.items():
+                m = rule(k, p.detach())
+                if m is None:
+                    continue
+                m = torch.as_tensor(m, device=p.device)
+                if tuple(m.shape) != tuple(p.shape):
+                    raise UsageError(f"{self.name}: the mask of {k!r} has shape {tuple(m.shape)}, the parameter "
+                                     f"{tuple(p.shape)}")
+                masks[k] = m.to(device=p.device, dtype=torch.bool)
+        self.masks = masks
+
+    # -- module-wise perturbation ----------------------------------------------------------
+    def _build_groups(self, engine: Any) -> None:
+        if not self.config.module_wise or self._groups is not None:
+            return
+        groups: dict[str, int] = {}
+        for u in engine.layout.units:
+            new = [k for k, _ in u.params if k in engine.params and k not in groups]
+            for k in new:
+                groups[k] = self._n_groups
+            self._n_groups += bool(new)
+        self._groups = groups
+
+    def query_seed(self, step: int, index: int) -> int:
+        """The seed of query ``index`` of ``step``; with ``module_wise`` it is moved (by less than B)
+        so that ``seed mod B`` names the unit it perturbs, ``(step + index) mod B``: the unit is a
+        pure function of the seed, whatever replays or applies it."""
+        s = step_seed(self.seed, step, index)
+        if not self.config.module_wise:
+            return s
+        if self._groups is None:
+            raise RuntimeError(f"{self.name}: module_wise needs the engine's units; call zoft.optim.bind(optimizer, "
+                               "engine) (zoft.optim.step does it)")
+        B = self._n_groups
+        return s - s % B + (step + index) % B
+
+    def divisors(self, seeds: list[int]) -> list[int]:
+        """What each query's ``g_i u_i`` is divided by in G: q, or with ``module_wise`` the number of
+        the step's queries that perturbed the same unit."""
+        if not self.config.module_wise:
+            return [self.config.n_queries] * len(seeds)
+        B = self._n_groups
+        return [sum(1 for t in seeds if t % B == s % B) for s in seeds]
 
     # -- directions ----------------------------------------------------------------------
     def direction_shaper(self):
         """What ``zoft.optim.bind`` installs in place of plain ``z(seed, key)``, or None."""
         structured = type(self).base_direction is not ZOSGD.base_direction
-        return self.shaped_direction if structured or self.config.gradient_sparsity is not None else None
+        shaped = structured or self.config.gradient_sparsity is not None or self.config.module_wise
+        return self.shaped_direction if shaped or self.mask_rule() is not None else None
 
     def base_direction(self, noise: Any, seed: int, key: str, like: torch.Tensor) -> torch.Tensor:
         """The direction before sparsification (structured members override it)."""
         return noise.sample(seed, key, like)
 
     def shaped_direction(self, noise: Any, seed: int, key: str, like: torch.Tensor) -> torch.Tensor:
-        """The direction of (seed, key): ``base_direction``, zeroed where ZO-Bench's keyed mask says."""
+        """The direction of (seed, key): ``base_direction``, zeroed where ZO-Bench's keyed mask says,
+        outside the perturbation mask, and (``module_wise``) outside the seed's unit."""
+        if self.config.module_wise and self._groups.get(key) != seed % self._n_groups:
+            dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+            return torch.zeros(like.shape, dtype=dtype, device=like.device)
         u = self.base_direction(noise, seed, key, like)
         s = self.config.gradient_sparsity
-        if s is None:
-            return u
-        return u.masked_fill(noise.sample(seed, key + "/grad-mask", like) < s, 0.0)
+        if s is not None:
+            u = u.masked_fill(noise.sample(seed, key + "/grad-mask", like) < s, 0.0)
+        m = self.masks.get(key) if self.masks else None
+        if m is not None:
+            u = u * m.to(u.device, non_blocking=True)
+        return u
 
     def bind(self, params: dict[str, torch.Tensor], noise: Any) -> None:
         """Called by ``zoft.optim.bind``: the trainable parameters (for shapes) and the noise."""
         self._params, self._noise = params, noise
+
+    def bind_engine(self, engine: Any) -> None:
+        """Called by ``zoft.optim.bind`` after ``bind``: the module-wise units and, the first time,
+        the perturbation masks (from the weights the engine holds then)."""
+        self._build_groups(engine)
+        self._build_masks(engine)
 
     def _need_binding(self, why: str) -> None:
         if self._params is None:
@@ -174,7 +297,7 @@ class ZOSGD:
         return n
 
     def seeds(self, step: int) -> list[int]:
-        return [step_seed(self.seed, step, i) for i in range(self.config.n_queries)]
+        return [self.query_seed(step, i) for i in range(self.config.n_queries)]
 
     def lr(self, step: int) -> float:
         c = self.config
@@ -205,8 +328,8 @@ class ZOSGD:
 
     def estimate(self, step: int, grads: torch.Tensor) -> list[tuple[int, float]]:
         """G in seed form: ``G = sum_i c_i z(s_i)``."""
-        q = self.config.n_queries
-        return [(s, g / q / self.norm(s)) for s, g in zip(self.seeds(step), grads.tolist())]
+        seeds = self.seeds(step)
+        return [(s, g / d / self.norm(s)) for s, g, d in zip(seeds, grads.tolist(), self.divisors(seeds))]
 
     def update(self, step: int, losses: torch.Tensor) -> tuple[Update, dict[str, float]]:
         """Turn the probes' losses (P,) into an update and the step's metrics."""
@@ -216,8 +339,9 @@ class ZOSGD:
         return upd, {"loss": plus.mean().item(), "projected_grad": grads.mean().item(), "lr": lr}
 
     def make_update(self, step: int, grads: torch.Tensor, lr: float, decay: float) -> Update:
-        q = self.config.n_queries
-        return Update(terms=[(s, -lr * g / q / self.norm(s)) for s, g in zip(self.seeds(step), grads.tolist())],
+        seeds = self.seeds(step)
+        return Update(terms=[(s, -lr * g / d / self.norm(s)) for s, g, d in zip(seeds, grads.tolist(),
+                                                                                  self.divisors(seeds))],
                       decay=decay)
 
     # -- state ---------------------------------------------------------------------------
@@ -229,10 +353,13 @@ class ZOSGD:
         pass
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
-        return {}
+        """Per-key tensors for the checkpoint: the perturbation masks (``mask/<key>``)."""
+        return {f"mask/{k}": m for k, m in (self.masks or {}).items()}
 
     def load_tensor_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        pass
+        masks = {k[len("mask/"):]: v.to(torch.bool) for k, v in tensors.items() if k.startswith("mask/")}
+        if masks:
+            self.masks = masks
 
     def update_from_record(self, record: dict) -> Update:
         """Rebuild a step's update from its trajectory record (``update_record``), for replay."""
@@ -296,8 +423,9 @@ class ZOSGDCons(ZOSGD):
         lr = self.lr(step)
         choice = min(((l_desc, 0, -1.0), (l0, 1, 0.0), (l_asc, 2, 1.0)))[2]  # ties: descent, then w
         decay = 1.0 - lr * self.config.weight_decay
-        q = self.config.n_queries
-        upd = Update(terms=[(s, choice * lr * g / q / self.norm(s)) for s, g in zip(self.seeds(step), grads.tolist())]
+        seeds = self.seeds(step)
+        upd = Update(terms=[(s, choice * lr * g / d / self.norm(s))
+                            for s, g, d in zip(seeds, grads.tolist(), self.divisors(seeds))]
                      if choice else [], decay=decay)
         return upd, {"loss": l0, "projected_grad": grads.mean().item(), "lr": lr, "cons_choice": choice,
                      "loss_step": min(l_desc, l0, l_asc)}
@@ -406,11 +534,14 @@ class _Stateful(ZOSGD):
         self.t = int(state.get("t", 0))
 
     def tensor_state(self):
-        return {f"{n}/{k}": v for n, bufs in self.store.items() for k, v in bufs.items()}
+        return {**super().tensor_state(), **{f"{n}/{k}": v for n, bufs in self.store.items() for k, v in bufs.items()}}
 
     def load_tensor_state(self, tensors):
+        super().load_tensor_state(tensors)
         self.store = {}
         for name, v in tensors.items():
+            if name.startswith("mask/"):
+                continue
             n, k = name.split("/", 1)
             self.store.setdefault(n, {})[k] = v
         # updates already handed out keep referring to the old store; only load between steps

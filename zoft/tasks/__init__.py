@@ -16,6 +16,7 @@ from zoft.models.loading import kind_phrase
 from zoft.tasks.base import Batch, Task
 from zoft.tasks.classify import KINDS, ClassifyTask, Kind, sst2_task
 from zoft.tasks.data import Examples, builtin_sentiment, load_examples
+from zoft.tasks.head import check_head_chunk
 from zoft.tasks.lm import LMTask
 from zoft.tasks.mezo import KSHOT_TASKS, MEZO_TASKS, kshot_sample, lmbff_encode, mezo_sample
 from zoft.tasks.suite import PromptTask
@@ -128,20 +129,31 @@ def _factory(name: str, kind: Kind, options: dict) -> Callable[..., Task]:
     return factory
 
 
-def make_task(name: str, tokenizer, kind: Kind, max_length: int, **options) -> Task:
+def make_task(name: str, tokenizer, kind: Kind, max_length: int, *, head_chunk: int | None = None,
+              **options) -> Task:
     """Build task ``name`` for a model of ``kind``; options are the factory's keyword arguments
-    (e.g. ``template=``, ``verbalizers=`` for "classify"). Bad names/options: ``UsageError``."""
+    (e.g. ``template=``, ``verbalizers=`` for "classify"). Bad names/options: ``UsageError``.
+
+    ``head_chunk``: positions per LM-head call in the task's losses (``zoft.tasks.head``; None: the
+    model's full logits; an encoder has no head and ignores it), e.g. the plan's ``head_chunk``."""
     factory = _factory(name, kind, options)
     if not isinstance(max_length, int) or max_length < 2:
         raise UsageError(f"max_length must be an integer >= 2, not {max_length!r}")
-    return factory(tokenizer, kind, max_length, **options)
+    task = factory(tokenizer, kind, max_length, **options)
+    if head_chunk is not None:
+        if not hasattr(task, "head_chunk"):
+            raise UsageError(f"task {name!r} computes its loss from the model's own logits; it takes no head_chunk")
+        if kind != "encoder":
+            task.head_chunk = check_head_chunk(head_chunk)
+    return task
 
 
-def rows_per_probe(name: str, kind: Kind, batch_size: int, **options) -> int:
+def rows_per_probe(name: str, kind: Kind, batch_size: int, *, head_chunk: int | None = None, **options) -> int:
     """Rows the model runs per probe for ``batch_size`` examples of task ``name`` on a ``kind``
     model, without a tokenizer: the batch the offload planner sizes activations and logits by. A
     factory whose task runs other than one row per example says how with a ``rows(kind,
-    batch_size, **options)`` attribute (classification on a causal LM: one row per candidate)."""
+    batch_size, **options)`` attribute (classification on a causal LM: one row per candidate).
+    ``head_chunk`` (``make_task``'s) changes no row count."""
     rows = getattr(_factory(name, kind, options), "rows", None)
     return rows(kind, batch_size, **options) if rows is not None else batch_size
 

@@ -60,7 +60,9 @@ class Task(Protocol):
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> Any:
         """Run ``model`` on ``batch.inputs`` the way this task needs (causal LMs get
-        ``use_cache=False``); callers never pass model-specific keywords themselves."""
+        ``use_cache=False``); callers never pass model-specific keywords themselves. The built-in
+        tasks have a ``head_chunk`` attribute: when set, this returns the final hidden state and
+        the head (``zoft.tasks.head.HiddenOutputs``) and ``loss`` runs the head in chunks."""
         ...
 
     def collate(self, examples: list[dict]) -> Batch:

@@ -23,6 +23,7 @@ from zoft.errors import UsageError
 from zoft.models.loading import kind_phrase
 from zoft.tasks.base import Batch
 from zoft.tasks.data import check_fields, where
+from zoft.tasks.head import check_head_chunk, logits_at, logits_of, num_rows
 from zoft.tasks.lm import (IGNORE, call_model, eval_outputs, makes_token_types, option_logprob, pad_labels, pad_rows,
                            per_probe)
 
@@ -100,13 +101,17 @@ class ClassifyTask:
     encode:       masked only: example -> token ids holding one mask token (at most max_length), instead of formatting
                   ``template`` and tokenizing the string (LM-BFF's part-wise templates,
                   ``zoft.tasks.mezo.lmbff_encode``); ``text_fields`` then name the fields checked.
+    head_chunk:   positions per LM-head call (``zoft.tasks.head``; None: the model's full logits): a causal LM
+                  sends each row's candidate tokens through the head, a masked LM its mask position; an
+                  encoder has no head (ignored).
     """
 
     def __init__(self, tokenizer, kind: Kind, max_length: int, *, template: str,
                  verbalizers: Sequence[str] | Mapping[Any, str], label_field: str = "label",
                  text_fields: Sequence[str] | None = None,
                  descriptions: Sequence[str] | Mapping[Any, str] | None = None,
-                 scale: float = 20.0, name: str = "classify", encode: Callable[[dict], list[int]] | None = None):
+                 scale: float = 20.0, name: str = "classify", encode: Callable[[dict], list[int]] | None = None,
+                 head_chunk: int | None = None):
         if kind not in KINDS:
             raise UsageError(f"model kind must be one of {', '.join(KINDS)}, not {kind!r}")
         self.name, self.kind, self.tokenizer, self.max_length = name, kind, tokenizer, max_length
@@ -118,6 +123,7 @@ class ClassifyTask:
             raise UsageError(f"task {name!r} encodes a masked-LM prompt and needs a masked LM, "
                              f"not {kind_phrase(kind)}")
         self.encode = encode
+        self.head_chunk = check_head_chunk(head_chunk) if kind != "encoder" else None
 
         fields = _template_fields(template)
         if kind == "masked":
@@ -261,20 +267,20 @@ class ClassifyTask:
                 for i in range(len(examples))]
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> Any:
-        return call_model(model, batch, causal=self.kind == "causal")
+        return call_model(model, batch, causal=self.kind == "causal", head_chunk=self.head_chunk)
 
     def class_logits(self, outputs: Any, batch: Batch, num_probes: int) -> torch.Tensor:
         """Class scores (P, B, C) in fp32 from the outputs on ``batch.repeat(P)``."""
         P, B, C = num_probes, batch.size, self.num_classes
         if self.kind == "causal":
-            logits = outputs.logits  # (P*R, T, V), R = B*C
-            labels = per_probe(batch.targets["labels"], logits.shape[0] // P, P)  # (P*R, T)
+            logits = logits_of(outputs)  # (P*R, T, V), R = B*C, or the hidden state and the head
+            labels = per_probe(batch.targets["labels"], num_rows(logits) // P, P)  # (P*R, T)
             return option_logprob(logits, labels).view(P, B, C)  # mean candidate-token log-prob
         if self.kind == "masked":
-            logits = outputs.logits  # (P*B, T, V)
+            logits = logits_of(outputs)  # (P*B, T, V), or the hidden state and the head
             pos = per_probe(batch.targets["mask_pos"], B, P)  # (P*B,)
-            at_mask = logits[torch.arange(logits.shape[0], device=logits.device), pos]  # (P*B, V)
-            return at_mask[:, self.word_ids.to(logits.device)].float().view(P, B, C)
+            at_mask = logits_at(logits, pos)  # (P*B, V)
+            return at_mask[:, self.word_ids.to(at_mask.device)].float().view(P, B, C)
         h = outputs.last_hidden_state.float()  # (P*R, T, H), R = B + C
         mask = per_probe(batch.inputs["attention_mask"], B + C, P).to(h.dtype)  # (P*R, T)
         pooled = (h * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # (P*R, H)

@@ -15,8 +15,7 @@ from zoft.errors import UsageError
 from zoft.models.loading import kind_phrase
 from zoft.tasks.base import Batch
 from zoft.tasks.data import check_fields, where
-
-IGNORE = -100  # label of positions that carry no loss (Hugging Face convention)
+from zoft.tasks.head import IGNORE, HiddenOutputs, check_head_chunk, forward_hidden, labelled_nll, logits_of, num_rows
 
 
 def makes_token_types(tokenizer) -> bool:
@@ -63,12 +62,16 @@ def per_probe(t: torch.Tensor, rows: int, num_probes: int) -> torch.Tensor:
     return torch.cat([t] * num_probes, dim=0)
 
 
-def option_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def option_logprob(logits: torch.Tensor | HiddenOutputs, labels: torch.Tensor) -> torch.Tensor:
     """Mean log-probability of each row's labelled tokens (MeZO's candidate score), fp32, (R,).
 
-    logits (R, T, V); labels (R, T) aligned with the inputs: the token ids that are scored,
-    ``IGNORE`` elsewhere (token t+1 is predicted at position t). Every row needs a labelled token.
+    logits (R, T, V), or ``HiddenOutputs`` (through the head in chunks of the labelled positions);
+    labels (R, T) aligned with the inputs: the token ids that are scored, ``IGNORE`` elsewhere
+    (token t+1 is predicted at position t). Every row needs a labelled token.
     """
+    if isinstance(logits, HiddenOutputs):
+        nll, count = labelled_nll(logits, labels)
+        return -nll / count
     target = labels[:, 1:]  # (R, T-1)
     row, pos = (target != IGNORE).nonzero(as_tuple=True)  # (N,) scored tokens
     logp = logits[row, pos].float().log_softmax(-1)  # (N, V), only where needed
@@ -77,12 +80,17 @@ def option_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / (target != IGNORE).sum(1)  # (R,)
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor, num_probes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(logits: torch.Tensor | HiddenOutputs, labels: torch.Tensor,
+              num_probes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL (P,) and number of predicted tokens (P,) of each probe's rows.
 
-    logits (P*R, T, V); labels (P*R, T) aligned with the inputs, ``IGNORE`` where nothing is
-    predicted (Hugging Face's causal-LM convention)."""
+    logits (P*R, T, V), or ``HiddenOutputs`` (through the head in chunks of positions); labels
+    (P*R, T) aligned with the inputs, ``IGNORE`` where nothing is predicted (Hugging Face's
+    causal-LM convention)."""
     P = num_probes
+    if isinstance(logits, HiddenOutputs):
+        nll, count = labelled_nll(logits, labels)  # (P*R,), (P*R,)
+        return nll.view(P, -1).sum(1), count.view(P, -1).sum(1)
     # Position t predicts token t+1: shift the labels, not the logits (no copy of (P*R, T, V)).
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (P*R, T)
     nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
@@ -90,9 +98,13 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor, num_probes: int) -> tu
     return nll.view(P, -1).sum(1), (target != IGNORE).view(P, -1).sum(1)  # (P,), (P,)
 
 
-def call_model(model: torch.nn.Module, batch: Batch, causal: bool) -> Any:
+def call_model(model: torch.nn.Module, batch: Batch, causal: bool, head_chunk: int | None = None) -> Any:
     """``model(**batch.inputs)``; causal LMs without the KV cache (a shared cache object would
-    leak one probe's keys into the next, and the loss never needs it)."""
+    leak one probe's keys into the next, and the loss never needs it). With ``head_chunk``: the
+    backbone alone, its final hidden state and the head (``zoft.tasks.head.HiddenOutputs``) for
+    a loss that runs the head ``head_chunk`` positions at a time."""
+    if head_chunk is not None:
+        return forward_hidden(model, batch.inputs, causal, head_chunk)
     if causal:
         return model(**batch.inputs, use_cache=False)
     return model(**batch.inputs)
@@ -129,13 +141,14 @@ class LMTask:
 
     name = "lm"
 
-    def __init__(self, tokenizer, kind: str, max_length: int, text_field: str = "text"):
+    def __init__(self, tokenizer, kind: str, max_length: int, text_field: str = "text", head_chunk: int | None = None):
         if kind != "causal":
             raise UsageError(f"task 'lm' needs a causal language model, not {kind_phrase(kind)}; "
                              "use task 'sst2' or 'classify' for masked LMs and encoders")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.text_field = text_field
+        self.head_chunk = check_head_chunk(head_chunk)  # positions per head call (None: all logits at once)
 
     def validate(self, examples: list[dict]) -> None:
         f = self.text_field
@@ -163,12 +176,12 @@ class LMTask:
         return Batch(inputs, {"labels": labels}, size=len(examples))
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> Any:
-        return call_model(model, batch, causal=True)
+        return call_model(model, batch, causal=True, head_chunk=self.head_chunk)
 
     def token_nll(self, outputs: Any, batch: Batch, num_probes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL (P,) and number of predicted tokens (P,) of each probe's rows."""
-        logits = outputs.logits  # (P*B, T, V)
-        labels = per_probe(batch.targets["labels"], logits.shape[0] // num_probes, num_probes)  # (P*B, T)
+        logits = logits_of(outputs)  # (P*B, T, V) or the hidden state and the head
+        labels = per_probe(batch.targets["labels"], num_rows(logits) // num_probes, num_probes)  # (P*B, T)
         return token_nll(logits, labels, num_probes)
 
     def loss(self, outputs: Any, batch: Batch, num_probes: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from zoft.errors import UsageError
 from zoft.models.loading import kind_phrase
 from zoft.tasks.base import Batch
 from zoft.tasks.classify import Kind, _fit_left
+from zoft.tasks.head import check_head_chunk, logits_at, logits_of, num_rows
 from zoft.tasks.lm import (IGNORE, call_model, eval_outputs, model_device, option_logprob, pad_labels, pad_rows,
                            per_probe, token_nll)
 from zoft.tasks.mezo import MEZO_TASKS, Rendered, Spec, render, validate_rows
@@ -43,13 +44,14 @@ RowSet = Literal["all", "correct", "prompt"]  # every candidate / the correct op
 
 
 def greedy(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new: Sequence[int], stop: set[int],
-           pad: int) -> list[list[int]]:
+           pad: int, head_chunk: int | None = None) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (R token lists; row r gets at most ``max_new[r]`` tokens,
     ending at the first token in ``stop``, which is kept).
 
     Full forwards without a KV cache, right-padded: a causal model's logits at a row's real
     positions do not depend on the padding after them, and the same calls work while the ZO
     engine runs P probes on P*R rows (a shared cache would leak one probe's keys into another).
+    With ``head_chunk`` only each row's last position goes through the LM head.
     """
     R = len(prompts)
     lens = [len(p) for p in prompts]
@@ -64,8 +66,9 @@ def greedy(model: torch.nn.Module, prompts: Sequence[Sequence[int]], max_new: Se
     done = [n <= 0 for n in max_new]
     while not all(done):
         width = max(lens)
-        logits = model(input_ids=ids[:, :width], attention_mask=mask[:, :width], use_cache=False).logits
-        last = logits[torch.arange(R, device=device), torch.tensor(lens, device=device) - 1]  # (R, V)
+        res = call_model(model, Batch({"input_ids": ids[:, :width], "attention_mask": mask[:, :width]}), True,
+                         head_chunk)
+        last = logits_at(logits_of(res), torch.tensor(lens, device=device) - 1)  # (R, V)
         nxt = last.argmax(-1).tolist()
         for r in range(R):
             if done[r]:
@@ -84,10 +87,12 @@ class PromptTask:
                     (SQuAD/DROP): the last two are non-differentiable, for ZO optimizers only.
     demos:          in-context demonstrations put before every example (rows of the same task).
     max_new_tokens: generation budget (MeZO: 50).
+    head_chunk:     positions per LM-head call (``zoft.tasks.head``; None: the model's full logits): the
+                    losses send only the scored tokens through the head, generation only the last position.
     """
 
     def __init__(self, tokenizer, kind: Kind, max_length: int, *, name: str, objective: Objective = "loss",
-                 demos: Sequence[dict] = (), max_new_tokens: int = 50):
+                 demos: Sequence[dict] = (), max_new_tokens: int = 50, head_chunk: int | None = None):
         if name not in MEZO_TASKS:
             raise UsageError(f"unknown MeZO task {name!r}; choose one of: {', '.join(MEZO_TASKS)}")
         if kind != "causal":
@@ -105,6 +110,7 @@ class PromptTask:
             raise UsageError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
         self.name, self.tokenizer, self.max_length = name, tokenizer, max_length
         self.objective, self.max_new_tokens = objective, max_new_tokens
+        self.head_chunk = check_head_chunk(head_chunk)
         validate_rows(self.spec, list(demos))
         self.demos = list(demos)
         self._prefix_ids = {tokenizer.bos_token_id, tokenizer.cls_token_id} - {None}
@@ -192,14 +198,14 @@ class PromptTask:
     # -- model calls and losses -------------------------------------------------------------
     def forward(self, model: torch.nn.Module, batch: Batch) -> Any:
         if batch.targets["rows"] != "prompt":
-            return call_model(model, batch, causal=True)
+            return call_model(model, batch, causal=True, head_chunk=self.head_chunk)
         ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
         lens = mask.sum(1).tolist()
         prompts = [ids[r, :n].tolist() for r, n in enumerate(lens)]
         budget = [min(self.max_new_tokens, self.max_length - n) for n in lens]  # MeZO's max_new_tokens rule
         if batch.targets.get("cached"):
             return self._generate(model, prompts, budget)
-        return greedy(model, prompts, budget, self.stop_ids, self._pad)
+        return greedy(model, prompts, budget, self.stop_ids, self._pad, self.head_chunk)
 
     def _generate(self, model: torch.nn.Module, prompts: list[list[int]], budget: list[int]) -> list[list[int]]:
         """``greedy``'s tokens through Hugging Face's ``generate`` with its KV cache (left-padded):
@@ -224,8 +230,8 @@ class PromptTask:
 
     def scores(self, outputs: Any, batch: Batch, num_probes: int) -> torch.Tensor:
         """Mean log-probability of every row's candidate tokens, (P, R) fp32."""
-        logits = outputs.logits  # (P*R, T, V)
-        labels = per_probe(batch.targets["labels"], logits.shape[0] // num_probes, num_probes)
+        logits = logits_of(outputs)  # (P*R, T, V), or the hidden state and the head
+        labels = per_probe(batch.targets["labels"], num_rows(logits) // num_probes, num_probes)
         return option_logprob(logits, labels).view(num_probes, -1)
 
     def _groups(self, batch: Batch) -> list[slice]:
@@ -262,7 +268,8 @@ class PromptTask:
             return -self._hits(self.scores(outputs, batch, P), batch).mean(1)
         if rows == "all":
             return self._class_loss(self.scores(outputs, batch, P), batch)
-        nll, count = token_nll(outputs.logits, per_probe(batch.targets["labels"], outputs.logits.shape[0] // P, P), P)
+        logits = logits_of(outputs)
+        nll, count = token_nll(logits, per_probe(batch.targets["labels"], num_rows(logits) // P, P), P)
         return nll / count
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -279,7 +286,7 @@ class PromptTask:
                                            lambda its: self._collate(its, "all" if candidates else "correct")):
             labels = batch.targets["labels"]
             if lm:  # the LM loss of the correct options only
-                s, n = token_nll(outputs.logits, labels.masked_fill(~batch.targets["first"][:, None], IGNORE), 1)
+                s, n = token_nll(logits_of(outputs), labels.masked_fill(~batch.targets["first"][:, None], IGNORE), 1)
                 nll, tokens = nll + s.item(), tokens + int(n.item())
             if candidates:
                 scores = self.scores(outputs, batch, 1)

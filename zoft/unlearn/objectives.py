@@ -39,6 +39,7 @@ from torch import nn
 
 from zoft.errors import UsageError
 from zoft.tasks.base import Batch
+from zoft.tasks.head import HiddenOutputs, check_head_chunk, labelled_nll, logits_of, num_rows
 from zoft.tasks.lm import IGNORE, call_model
 
 ObjectiveName = Literal["ga", "graddiff", "npo", "simnpo", "rmu"]
@@ -100,10 +101,13 @@ def parse_options(cls: type, options: dict[str, Any] | None, what: str):
 
 
 # ------------------------------------------------------------------------------------ helpers
-def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_nll(logits: torch.Tensor | HiddenOutputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL (rows,) in nats and predicted-token count (rows,) of each row.
 
-    logits (rows, T, V); labels (rows, T) with -100 on padding; position t predicts token t+1."""
+    logits (rows, T, V), or ``HiddenOutputs`` (the head run in chunks of positions,
+    ``zoft.tasks.head``); labels (rows, T) with -100 on padding; position t predicts token t+1."""
+    if isinstance(logits, HiddenOutputs):
+        return labelled_nll(logits, labels)
     target = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (rows, T)
     nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
                           reduction="none").view(target.shape)  # (rows, T)
@@ -123,13 +127,17 @@ def _token_mean(nll: torch.Tensor, cnt: torch.Tensor, mask: torch.Tensor) -> tor
 
 # ------------------------------------------------------------------------------------ objectives
 class UnlearnObjective:
-    """Base: the LM forward and the per-row NLLs. Subclasses define ``combine``."""
+    """Base: the LM forward and the per-row NLLs. Subclasses define ``combine``.
+
+    head_chunk: positions per LM-head call of the log-probs (``zoft.tasks.head``; None: the
+    model's full logits). RMU's loss reads no logits: with it set, its steps skip the head."""
 
     name: str = ""
     uses_retain: bool = True
 
-    def __init__(self, options: Any):
+    def __init__(self, options: Any, head_chunk: int | None = None):
         self.options = options
+        self.head_chunk = check_head_chunk(head_chunk)
 
     def setup(self, model: nn.Module) -> None:
         """Called once with the model before unlearning (reference copies, fixed vectors)."""
@@ -143,10 +151,11 @@ class UnlearnObjective:
         return batch
 
     def forward(self, model: nn.Module, batch: Batch) -> Any:
-        return call_model(model, batch, causal=True)
+        return call_model(model, batch, causal=True, head_chunk=self.head_chunk)
 
     def _parts(self, outputs: Any, batch: Batch, P: int):
-        nll, cnt = row_nll(outputs.logits, _labels(batch, outputs.logits.shape[0]))
+        logits = logits_of(outputs)
+        nll, cnt = row_nll(logits, _labels(batch, num_rows(logits)))
         forget = _repeat_rows(batch.targets["forget"], nll.shape[0])
         return _per_probe(nll, P), _per_probe(cnt, P), _per_probe(forget, P)
 
@@ -226,8 +235,9 @@ class NPO(_WithReference):
         if self.reference is None:
             raise RuntimeError("NPO needs setup(model) (the frozen reference) before prepare")
         with torch.no_grad():
-            out = call_model(self.reference, batch.to(_device(self.reference)), causal=True)
-            nll, _ = row_nll(out.logits, batch.targets["labels"].to(out.logits.device))
+            device = _device(self.reference)
+            out = call_model(self.reference, batch.to(device), causal=True, head_chunk=self.head_chunk)
+            nll, _ = row_nll(logits_of(out), batch.targets["labels"].to(device))
         return Batch(batch.inputs, {**batch.targets, "ref_logp": (-nll).to(batch.targets["labels"].device)},
                      batch.size)
 
@@ -268,7 +278,7 @@ def mlp_out_names(model: nn.Module, layers: list[int]) -> list[str]:
 
 @dataclass
 class RMUOutputs:
-    logits: torch.Tensor  # (rows, T, V)
+    logits: torch.Tensor | HiddenOutputs  # (rows, T, V), or the final hidden state and the head
     hidden: torch.Tensor  # (rows, T, D): output of block ``layer``
 
 
@@ -278,8 +288,8 @@ class RMU(_WithReference):
 
     name = "rmu"
 
-    def __init__(self, options):
-        super().__init__(options)
+    def __init__(self, options, head_chunk: int | None = None):
+        super().__init__(options, head_chunk)
         self._blocks: dict[int, nn.Module] = {}
 
     def setup(self, model):
@@ -317,10 +327,10 @@ class RMU(_WithReference):
 
         handle = self._blocks[key].register_forward_hook(hook)
         try:
-            out = call_model(model, batch, causal=True)
+            out = call_model(model, batch, causal=True, head_chunk=self.head_chunk)
         finally:
             handle.remove()
-        return RMUOutputs(out.logits, caught["h"])
+        return RMUOutputs(logits_of(out), caught["h"])
 
     def _hidden(self, outputs):
         return outputs.hidden  # (rows, T, D)
@@ -355,12 +365,13 @@ def _device(model: nn.Module) -> torch.device:
 OBJECTIVES: dict[str, type] = {"ga": GA, "graddiff": GradDiff, "npo": NPO, "simnpo": SimNPO, "rmu": RMU}
 
 
-def make_objective(name: str, options: dict[str, Any] | None = None) -> UnlearnObjective:
-    """Objective ``name`` with ``options`` (fields of its options dataclass; unknown keys: error)."""
+def make_objective(name: str, options: dict[str, Any] | None = None, head_chunk: int | None = None) -> UnlearnObjective:
+    """Objective ``name`` with ``options`` (fields of its options dataclass; unknown keys: error);
+    ``head_chunk``: positions per LM-head call (None: the model's full logits)."""
     if name not in OBJECTIVES:
         raise UsageError(f"unknown objective '{name}'; choose one of {', '.join(OBJECTIVES)}")
     opts = parse_options(OPTIONS[name], options, f"objective '{name}'")
     for key in ("beta",):
         if hasattr(opts, key) and getattr(opts, key) <= 0:
             raise UsageError(f"objective '{name}': {key} must be > 0")
-    return OBJECTIVES[name](opts)
+    return OBJECTIVES[name](opts, head_chunk)
