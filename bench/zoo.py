@@ -52,27 +52,39 @@ RESULTS = ROOT / "bench" / "results" / "zoo.json"
 # Learning-rate centres of the sweep (GRID x centre). demo: MeZO-SGD at the recipe's 2e-3; LOZO /
 # SubZero directions have MeZO's expected norm, so the same; scale-free updates (sign, Adam, R-AdaZO,
 # RankSGD, FZOO: about lr per coordinate and step) 1e-4, the recipe's typical per-coordinate MeZO
-# step; momentum lr (1 - momentum). lm: MeZO-SGD 1e-3 and the same rules.
+# step; momentum lr (1 - momentum); MeZO-SGD's rate for the methods whose update is a MeZO
+# estimate times lr (HiZOO: H starts at 1; MeZO-SVRG's minibatch rate; Sparse MeZO, the module-wise
+# and gradient-sparsity variants, Forward-Grad). lm: MeZO-SGD 1e-3 and the same rules.
+_MEZO_LIKE = ("lozo", "subzero", "zo-sgd-cons", "hizoo", "mezo-svrg", "sparse-mezo", "forward-grad",
+              "mezo-sgd/module-wise", "mezo-sgd/grad-sparse")
 LR = {
-    "demo": {"mezo-sgd": 2e-3, "lozo": 2e-3, "subzero": 2e-3, "zo-sgd-cons": 2e-3, "zo-sgd-mmt": 2e-4,
+    "demo": {"mezo-sgd": 2e-3, **dict.fromkeys(_MEZO_LIKE, 2e-3), "zo-sgd-mmt": 2e-4,
              "zo-sgd-sign": 1e-4, "zo-adam": 1e-4, "r-adazo": 1e-4, "zo-ranksgd": 1e-4, "fzoo": 1e-4},
-    "lm": {"mezo-sgd": 1e-3, "lozo": 1e-3, "subzero": 1e-3, "zo-sgd-cons": 1e-3, "zo-sgd-mmt": 1e-4,
+    "lm": {"mezo-sgd": 1e-3, **dict.fromkeys(_MEZO_LIKE, 1e-3), "zo-sgd-mmt": 1e-4,
            "zo-sgd-sign": 1e-3, "zo-adam": 1e-3, "r-adazo": 1e-4, "zo-ranksgd": 1e-3, "fzoo": 1e-3},
 }
 GRID = (1 / 3, 1.0, 3.0)
 EPS = {"demo": 1e-3, "lm": 1e-2}
 BUDGET = {"demo": 300, "lm": 2000}  # forward passes per run (why: README "ZO methods at equal forward passes")
 EVALS = {"demo": 3, "lm": 4}  # held-out evaluations per run (the plot's points)
-# per-method option overrides for short runs: the lazy factors are refreshed within the budget
-OPTIONS = {"lozo": {"interval": 50}, "subzero": {"interval": 50}}
+# per-method option overrides for short runs: the lazy factors are refreshed within the budget;
+# MeZO-SVRG's anchor estimate on 64 examples (default: the whole training set, 300 demo / 2048 lm
+# examples, i.e. 37.5 / 256 forwards per anchor step: a handful of steps in the budget)
+OPTIONS = {"lozo": {"interval": 50}, "subzero": {"interval": 50}, "mezo-svrg": {"anchor_batch": 64}}
 # methods not run on a problem, and why (printed under its table)
 SKIP = {"demo": {m: "on the demo's BitFit parameters (all 1-D) its low-rank directions are plain Gaussian z: "
                     "bit-identical to mezo-sgd (0/0 discordant in a 200-forward run, 2026-12-01)"
                  for m in ("lozo", "subzero")}}
 # option variants benchmarked as methods of their own: label -> (registry name, options)
-VARIANTS: dict[str, tuple[str, dict]] = {}
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "mezo-sgd/module-wise": ("mezo-sgd", {"module_wise": True}),  # ZO-Bench's module-wise perturbation
+    "mezo-sgd/grad-sparse": ("mezo-sgd", {"gradient_sparsity": 0.75}),  # ZO-Bench's value: 77% of z zeroed
+}
 LM_PRETRAIN = {"steps": 300, "lr": 1e-2, "batch_size": 32, "sequences": 4096}
 V, T = 320, 16  # lm vocabulary and sequence length
+
+
+_SET = ("optimizer", "lr", "eps", "steps", "seed", "eval_every", "save_every", "optimizer_options", "output_dir")
 
 
 class Job(NamedTuple):
@@ -94,10 +106,18 @@ class Job(NamedTuple):
         return {**OPTIONS.get(self.optimizer, {}), **(VARIANTS[self.method][1] if self.method in VARIANTS else {})}
 
     def config(self) -> dict:
-        """Everything the result depends on besides (method, lr, seed): hashed into the cache key."""
-        opts = {**describe(self.optimizer)["options"], **self.options()}
-        prob = {"demo": {"config": (ROOT / "configs" / "demo.yaml").read_text(), "train": 300, "val": 100},
-                "lm": {"V": V, "T": T, "pretrain": LM_PRETRAIN}}[self.problem]
+        """Everything the result depends on besides (method, lr, seed): hashed into the cache key.
+        Options at an off value (None, False) are left out, so a new option that is off by default
+        keeps the cache; so are the demo recipe's keys the bench sets itself."""
+        opts = {k: v for k, v in {**describe(self.optimizer)["options"], **self.options()}.items()
+                if v is not None and v is not False}
+        if self.problem == "demo":
+            from zoft.config import load_config_file
+
+            recipe = {k: v for k, v in load_config_file(str(ROOT / "configs" / "demo.yaml")).items() if k not in _SET}
+            prob = {"recipe": recipe, "train": 300, "val": 100}
+        else:
+            prob = {"V": V, "T": T, "pretrain": LM_PRETRAIN}
         return {"eps": EPS[self.problem], "budget": self.budget, "evals": self.evals, "options": opts, **prob}
 
     def key(self) -> str:
@@ -107,12 +127,10 @@ class Job(NamedTuple):
 
 def step_forwards(opt, step: int, n_train: int, batch_size: int) -> float:
     """Forward passes (of ``batch_size`` examples) that step ``step`` of ``opt`` costs: one per
-    probe; zo-sgd-cons's second phase 2 more; forward-grad's q jvp passes count one each; an
-    anchor step (MeZO-SVRG) its probes on its whole large batch."""
-    anchor = getattr(opt, "anchor_examples", None)
-    big = anchor(step, n_train) if anchor is not None else None
-    if big is not None:
-        return 2 * opt.config.n_queries * len(big) / batch_size
+    probe; zo-sgd-cons's second phase 2 more; forward-grad's q jvp passes count one each; a
+    MeZO-SVRG anchor step (t mod q = 0, Algorithm 2) its 2 probes per query on the large batch."""
+    if hasattr(opt, "anchor_examples") and step % opt.config.interval == 0:
+        return 2 * opt.config.n_queries * min(opt.config.anchor_batch or n_train, n_train) / batch_size
     return {"zo-sgd-cons": opt.num_probes() + 2, "forward-grad": opt.config.n_queries}.get(opt.name, opt.num_probes())
 
 
