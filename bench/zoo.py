@@ -190,7 +190,7 @@ def _demo_trainer(job: Job, workdir: Path, steps: int):
 
     train, _, held = demo_splits()
     cfg = load_config_file(str(ROOT / "configs" / "demo.yaml"))
-    cfg.update(optimizer=job.method, lr=job.lr, eps=EPS["demo"], steps=steps, seed=job.seed, eval_every=0,
+    cfg.update(optimizer=job.optimizer, lr=job.lr, eps=EPS["demo"], steps=steps, seed=job.seed, eval_every=0,
                save_every=0, optimizer_options=job.options(), progress=False,
                train=_write_jsonl(workdir / "train.jsonl", train), eval=_write_jsonl(workdir / "held.jsonl", held),
                output_dir=str(workdir / "run"))
@@ -564,7 +564,8 @@ def plot(results: dict, zero_shot: dict | None, path: str, title: str) -> None:
                 pts += [(c[0], 100 * statistics.mean(cv[k][1] for cv in curves)) for k, c in enumerate(curves[0])]
             else:
                 pts = [(c[0], statistics.mean(cv[k][2] for cv in curves)) for k, c in enumerate(curves[0])]
-            ax.plot(*zip(*pts), marker="o", ms=3, label=name, linestyle="-" if i < 10 else "--")
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name, color=plt.cm.tab20(i % 20),
+                    linewidth=2.5 if name == "mezo-sgd" else 1.2)
         ax.set_xlabel("forward passes")
         ax.set_ylabel("held-out accuracy (%), mean over seeds" if problem == "demo" else "held-out NLL, mean over seeds")
         ax.set_title(f"{problem}: {title}")

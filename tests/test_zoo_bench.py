@@ -37,6 +37,22 @@ def test_discordant_counts_and_the_win_rule():
     assert zoo.winners(done, min_points=13) == []
 
 
+def test_forward_budget_per_step_and_schedule():
+    zoo = load_bench("zoo")
+    from zoft.optim import make_optimizer
+
+    def cost(method, budget, n_train=300):
+        return zoo.cost_schedule(zoo.Job("demo", method, 1e-3, 0, budget, 1), n_train, 16)
+
+    assert cost("mezo-sgd", 9) == [2, 4, 6, 8]  # two probes a step; the fifth would pass the budget
+    assert cost("zo-sgd-cons", 10) == [5, 10]  # L(w) and a +-eps pair, then the two candidates
+    # MeZO-SVRG with the bench's anchor on 64 examples: anchor steps (t mod 2 = 0) evaluate 2 probes
+    # on 64 examples = 8 forwards of 16, minibatch steps 4 probes on 16
+    assert cost("mezo-svrg", 30) == [8, 12, 20, 24]
+    full = make_optimizer("mezo-svrg", {}, seed=0, total_steps=1)  # the default anchor: the whole set
+    assert zoo.step_forwards(full, 0, 300, 16) == 2 * 300 / 16 and zoo.step_forwards(full, 1, 300, 16) == 4
+
+
 def test_zoo_lm_smoke_sweep_seeds_and_cache(tmp_path, capsys):
     zoo = load_bench("zoo")
     results = tmp_path / "zoo.json"
