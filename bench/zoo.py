@@ -389,33 +389,6 @@ def zero_shot_key() -> str:
     return f"demo|zero-shot|{Job('demo', 'mezo-sgd', 0.0, 0, 0, 0).key().rsplit('|', 1)[1]}"
 
 
-def _run_all(jobs: list, path: Path, threads: int, workers: int) -> None:
-    """Run the jobs whose key is not cached, ``workers`` processes at a time; cache each result."""
-    done = load_results(path)["runs"]
-    todo = [j for j in jobs if (zero_shot_key() if j == "demo-zero-shot" else j.key()) not in done]
-    if not todo:
-        return
-    print(f"{len(todo)} run(s) to compute, {len(jobs) - len(todo)} cached", flush=True)
-
-    def record(key: str, rec: dict) -> None:
-        save_result(path, "runs", key, rec)
-        tail = f"final {rec['curve'][-1]}, val loss {rec['val_loss']:.4f}" if "curve" in rec else "zero-shot"
-        print(f"  {key}: {tail} ({rec['wall_s']:.0f} s)", flush=True)
-
-    if workers <= 1:
-        for j in todo:
-            record(*_execute(j, threads))
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        futures = {pool.submit(_execute, j, threads): j for j in todo}
-        for fut in concurrent.futures.as_completed(futures):
-            try:
-                record(*fut.result())
-            except Exception as e:  # one failing method must not lose the others' runs; not cached
-                print(f"  {futures[fut]}: FAILED: {type(e).__name__}: {e}", flush=True)
-
-
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else math.inf
 
@@ -432,16 +405,66 @@ def chosen_lr(runs: dict, problem: str, method: str, budget: int, evals: int) ->
 
 def run(problems: list[str], methods: list[str], seeds: list[int], budgets: dict, evals: dict, path: Path,
         threads: int = 1, workers: int = 1) -> None:
-    """The sweep (seed 0, every grid rate), then the other seeds at each method's chosen rate."""
-    sweep = [Job(p, m, LR[p][m] * f, 0, budgets[p], evals[p]) for p in problems for m in methods for f in GRID
-             if m not in SKIP.get(p, {})]
-    _run_all((["demo-zero-shot"] if "demo" in problems else []) + sweep, path, threads, workers)
-    runs = load_results(path)["runs"]
-    lrs = {(p, m): chosen_lr(runs, p, m, budgets[p], evals[p]) for p in problems for m in methods}
-    final = [Job(p, m, lrs[p, m], s, budgets[p], evals[p])
-             for p in problems for m in methods for s in seeds
-             if s != 0 and m not in SKIP.get(p, {}) and lrs[p, m] is not None]  # None: a sweep run failed
-    _run_all(final, path, threads, workers)
+    """Per method, in the given order: its sweep (seed 0 at every grid rate), then, once that is
+    complete, its other seeds at the chosen rate, ahead of later methods' sweeps (methods complete
+    in order). ``workers`` processes at a time; cached runs are skipped; each result is cached as
+    it comes; a failing run is reported and not cached."""
+    queue: list = ["demo-zero-shot"] if "demo" in problems else []
+    queue += [Job(p, m, LR[p][m] * f, 0, budgets[p], evals[p]) for m in methods for p in problems
+              if m not in SKIP.get(p, {}) for f in GRID]
+    ready: list[Job] = []  # finals of complete sweeps: before any further sweep
+    expanded: set[tuple[str, str]] = set()
+    counts = {"computed": 0, "cached": 0, "failed": 0}
+
+    def key(j) -> str:
+        return zero_shot_key() if j == "demo-zero-shot" else j.key()
+
+    def after(j) -> None:  # a sweep run is in the cache: are the method's finals due?
+        if j == "demo-zero-shot" or j.seed != 0 or (j.problem, j.method) in expanded:
+            return
+        lr = chosen_lr(load_results(path)["runs"], j.problem, j.method, j.budget, j.evals)
+        if lr is not None:
+            expanded.add((j.problem, j.method))
+            ready.extend(Job(j.problem, j.method, lr, s, j.budget, j.evals) for s in seeds if s != 0)
+
+    def next_job():
+        while ready or queue:
+            j = ready.pop(0) if ready else queue.pop(0)
+            if key(j) not in load_results(path)["runs"]:
+                return j
+            counts["cached"] += 1
+            after(j)
+        return None
+
+    def finish(j, result) -> None:
+        try:
+            k, rec = result()
+        except Exception as e:  # one failing method must not lose the others' runs
+            counts["failed"] += 1
+            print(f"  {j}: FAILED: {type(e).__name__}: {e}", flush=True)
+            return
+        save_result(path, "runs", k, rec)
+        counts["computed"] += 1
+        tail = f"final {rec['curve'][-1]}, val loss {rec['val_loss']:.4f}" if "curve" in rec else "zero-shot"
+        print(f"  {k}: {tail} ({rec['wall_s']:.0f} s)", flush=True)
+        after(j)
+
+    if workers <= 1:
+        while (j := next_job()) is not None:
+            finish(j, functools.partial(_execute, j, threads))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            flying: dict = {}
+            while True:
+                while len(flying) < workers and (j := next_job()) is not None:
+                    flying[pool.submit(_execute, j, threads)] = j
+                if not flying:
+                    break
+                done, _ = concurrent.futures.wait(flying, return_when=concurrent.futures.FIRST_COMPLETED)
+                for fut in done:
+                    finish(flying.pop(fut), fut.result)
+    print(f"computed {counts['computed']} run(s), {counts['cached']} cached, {counts['failed']} failed", flush=True)
 
 
 # -- step time, one process -----------------------------------------------------------------------
@@ -508,7 +531,13 @@ def winners(done: dict, min_points: float = 3.0, alpha: float = 0.05) -> list[st
     return out
 
 
-def table(results: dict, timing: dict, zero_shot: dict | None) -> str:
+def _lr_cell(problem: str, name: str, lr: float) -> str:
+    """The chosen rate, starred when it is at an end of the grid (the best may lie outside it)."""
+    edge = min(abs(lr - LR[problem][name] * f) for f in (GRID[0], GRID[-1])) < 1e-12 * lr
+    return f"{lr:.3g}{'*' if edge else ''}"
+
+
+def table(results: dict, timing: dict, zero_shot: dict | None, methods: list[str]) -> str:
     lines = []
     for problem, done in results.items():
         tm = timing.get(problem, {}).get("s_per_step", {})
@@ -521,6 +550,9 @@ def table(results: dict, timing: dict, zero_shot: dict | None) -> str:
                       "McNemar b/c p per seed | state B/param | step time x mezo-sgd |",
                       "|---|---:|---:|---:|---:|---|---:|---:|"]
         else:
+            start = next(iter(next(iter(done.values()))["seeds"].values()))["curve"][0][2] if done else None
+            if start is not None:
+                lines.append(f"pretrained start: held-out NLL {start:.4f}\n")
             lines += ["| method | lr (swept) | steps | held-out NLL | state B/param | step time x mezo-sgd |",
                       "|---|---:|---:|---:|---:|---:|"]
         ref = done.get("mezo-sgd")
@@ -541,11 +573,14 @@ def table(results: dict, timing: dict, zero_shot: dict | None) -> str:
                         b, c = discordant(recs[s]["correct"], ref["seeds"][s]["correct"])
                         per_seed.append(f"{b}/{c} {mcnemar_exact(b, c):.2f}")
                     sig = f"{gain:+.1f}: " + "; ".join(per_seed)
-                lines.append(f"| `{name}` | {d['lr']:.3g} | {steps} | {acc} | {loss} | {sig} | {mem} | {st} |")
+                lines.append(f"| `{name}` | {_lr_cell(problem, name, d['lr'])} | {steps} | {acc} | {loss} | {sig} | {mem} "
+                             f"| {st} |")
             else:
                 nll = mean_sd([r["final_loss"] for r in recs.values()])
-                lines.append(f"| `{name}` | {d['lr']:.3g} | {steps} | {nll} | {mem} | {st} |")
-        lines += [f"`{m}` not run: {why}" for m, why in SKIP.get(problem, {}).items()] + [""]
+                lines.append(f"| `{name}` | {_lr_cell(problem, name, d['lr'])} | {steps} | {nll} | {mem} | {st} |")
+        lines += [f"`{m}` not run: {why}" for m, why in SKIP.get(problem, {}).items() if m in methods]
+        lines += [f"`{m}`: not complete in the cache" for m in methods if m not in done and m not in SKIP.get(problem, {})]
+        lines.append("(* the chosen rate is at an end of the sweep's grid)\n")
     return "\n".join(lines)
 
 
@@ -612,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     dates = sorted(r["date"] for r in res["runs"].values())
     title = f"runs {dates[0][:10]} to {dates[-1][:10]}" if dates else ""
     print(f"{title}; budgets {budgets} forward passes; seeds {seeds}; lr grid {GRID} x centre\n")
-    print(table(results, res.get("timing", {}), zero_shot))
+    print(table(results, res.get("timing", {}), zero_shot, methods))
     if "demo" in results:
         wins = winners(results["demo"])
         print("beats mezo-sgd on the demo (>= 3 points, McNemar p < 0.05 on every seed):", ", ".join(wins) or "none")

@@ -67,8 +67,9 @@ def test_zoo_lm_smoke_sweep_seeds_and_cache(tmp_path, capsys):
         second = capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
-    assert "6 run(s) to compute" in first and "2 run(s) to compute" in first  # sweep 2 x 3 rates, then seed 1
-    assert "to compute" not in second and json.loads(results.read_text()) == cached
+    assert "computed 8 run(s), 0 cached, 0 failed" in first  # per method: 3 sweep rates, then seed 1
+    assert first.index("lm|mezo-sgd|") < first.index("|seed=1|") < first.index("lm|zo-sgd-cons|")  # methods in order
+    assert "computed 0 run(s), 8 cached" in second and json.loads(results.read_text()) == cached
     assert len(cached["runs"]) == 8
     # equal forward passes: 10 // 2 and 10 // 5 steps
     assert "| `mezo-sgd` |" in first and " | 5 | " in first.split("`mezo-sgd`")[1].splitlines()[0]
