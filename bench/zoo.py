@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -44,7 +45,7 @@ from typing import NamedTuple
 
 import torch
 
-from zoft.optim import OPTIMIZERS, describe, make_optimizer
+from zoft.optim import OPTIMIZERS, ZOConfig, describe, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "zoo.json"
@@ -107,10 +108,12 @@ class Job(NamedTuple):
 
     def config(self) -> dict:
         """Everything the result depends on besides (method, lr, seed): hashed into the cache key.
-        Options at an off value (None, False) are left out, so a new option that is off by default
-        keeps the cache; so are the demo recipe's keys the bench sets itself."""
+        Options at an off value (None, False) or at the ZO-SGD family's default are left out, so a
+        new option that keeps the old behaviour by default keeps the cache; so are the demo recipe's
+        keys the bench sets itself."""
+        base = {f.name: f.default for f in dataclasses.fields(ZOConfig)}
         opts = {k: v for k, v in {**describe(self.optimizer)["options"], **self.options()}.items()
-                if v is not None and v is not False}
+                if v is not None and v is not False and not (k in base and base[k] == v)}
         if self.problem == "demo":
             from zoft.config import load_config_file
 
