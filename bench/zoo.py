@@ -21,8 +21,9 @@ stated overrides). Every run is cached in ``--results`` under (problem, method, 
 hash); a rerun computes only what is missing. Step times come from one timing pass over all
 methods in one process (``--timing``), reported as a ratio to MeZO-SGD's.
 
-    nice -n 10 env PYTHONPATH=. python bench/zoo.py --jobs 2 --timing          # compute what is missing
-    PYTHONPATH=. python bench/zoo.py --report --plot docs/zoo.png              # tables only, no runs
+    nice -n 10 env PYTHONPATH=. python bench/zoo.py --jobs 2        # compute the runs the cache lacks
+    nice -n 10 env PYTHONPATH=. python bench/zoo.py --timing        # step times, one process
+    PYTHONPATH=. python bench/zoo.py --report --plot docs/zoo.png   # tables and plot, no runs
 """
 from __future__ import annotations
 
@@ -302,7 +303,7 @@ def _lm_model():
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def run_lm(job: Job, workdir: Path | None = None, batch_size: int = 16) -> dict:
+def run_lm(job: Job, workdir: Path | None = None, batch_size: int = 16, step_times: list | None = None) -> dict:
     from zoft.engine import ZOEngine
     from zoft.optim import step as zo_step
     from zoft.tasks.base import Batch
@@ -341,6 +342,8 @@ def run_lm(job: Job, workdir: Path | None = None, batch_size: int = 16) -> dict:
             engine.flush()
             curve.append((cost[t], None, nll(held)))
     engine.flush()
+    if step_times is not None:
+        step_times += times
     val_loss = nll(val)
     engine.close()
     return {"steps": steps, "forwards": cost[-1], "curve": curve, "final_loss": curve[-1][2],
@@ -471,30 +474,35 @@ def run(problems: list[str], methods: list[str], seeds: list[int], budgets: dict
 
 
 # -- step time, one process -----------------------------------------------------------------------
-def time_steps(problems: list[str], methods: list[str], path: Path, steps: int = 6, threads: int = 1) -> None:
-    """Median s/step of every method, measured in this one process (two rounds, the second in
-    reverse order; the first two steps of each measurement are warm-up), cached per problem."""
+def time_steps(problems: list[str], methods: list[str], path: Path, steps: int = 4, threads: int = 1) -> None:
+    """Mean s/step of each method and of mezo-sgd, measured in this one process (two rounds, the
+    second in reverse order; two warm-up steps first; even counts, so MeZO-SVRG's anchor and
+    minibatch steps are balanced); cached per (problem, method) as the ratio to mezo-sgd's."""
     torch.set_num_threads(threads)
     for problem in problems:
-        ms = [m for m in methods if m not in SKIP.get(problem, {})]
+        ms = ["mezo-sgd"] + [m for m in methods if m not in SKIP.get(problem, {}) and m != "mezo-sgd"]
         times: dict[str, list[float]] = {m: [] for m in ms}
         for order in (ms, ms[::-1]):
             for m in order:
                 job = Job(problem, m, LR[problem][m], 0, 0, 1)
                 n_train = 300 if problem == "demo" else 2048
-                job = job._replace(budget=sum(step_forwards(make_optimizer(job.optimizer, job.options(), 0, 1), t,
-                                                            n_train, 16) for t in range(steps + 2)))
+                opt = make_optimizer(job.optimizer, job.options(), 0, 1)
+                job = job._replace(budget=sum(step_forwards(opt, t, n_train, 16) for t in range(steps + 2)))
                 with tempfile.TemporaryDirectory() as tmp:
                     if problem == "demo":
                         tr = _demo_trainer(job, Path(tmp), steps + 2)
                         times[m] += [tr.step(t)["step_time_s"] for t in range(steps + 2)][2:]
                         tr.engine.close()
                     else:
-                        times[m].append(run_lm(job._replace(evals=1))["step_time_s"])
-        med = {m: statistics.median(v) for m, v in times.items()}
-        save_result(path, "timing", problem, {"s_per_step": med, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                              "load": os.getloadavg()[0], "threads": threads})
-        print(f"timing {problem}: " + ", ".join(f"{m} {v:.3f}" for m, v in med.items()), flush=True)
+                        run_lm(job, step_times=times[m])
+                        del times[m][-steps - 2:-steps]  # the warm-up steps
+        ref = statistics.mean(times["mezo-sgd"])
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        for m, v in times.items():
+            save_result(path, "timing", f"{problem}|{m}", {"ratio": statistics.mean(v) / ref, "s_per_step": statistics.mean(v),
+                                                             "date": date, "load": os.getloadavg()[0], "threads": threads})
+        print(f"timing {problem} (s/step): " + ", ".join(f"{m} {statistics.mean(v):.3f}" for m, v in times.items()),
+              flush=True)
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -543,8 +551,7 @@ def _lr_cell(problem: str, name: str, lr: float) -> str:
 def table(results: dict, timing: dict, zero_shot: dict | None, methods: list[str]) -> str:
     lines = []
     for problem, done in results.items():
-        tm = timing.get(problem, {}).get("s_per_step", {})
-        ref_t = tm.get("mezo-sgd")
+        tm = {k.split("|", 1)[1]: v["ratio"] for k, v in timing.items() if k.startswith(f"{problem}|")}
         if problem == "demo":
             if zero_shot:
                 lines.append(f"zero-shot: accuracy {100 * zero_shot['final_accuracy']:.1f}%, loss "
@@ -562,7 +569,7 @@ def table(results: dict, timing: dict, zero_shot: dict | None, methods: list[str
         for name, d in done.items():
             recs = d["seeds"]
             mem = describe(Job(problem, name, 0, 0, 0, 0).optimizer)["state_bytes_per_param"]
-            st = f"{tm[name] / ref_t:.2f}" if name in tm and ref_t else "n/a"
+            st = f"{tm[name]:.2f}" if name in tm else "n/a"
             steps = next(iter(recs.values()))["steps"]
             if problem == "demo":
                 acc = mean_sd([100 * r["final_accuracy"] for r in recs.values()], 1)
@@ -622,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--jobs", type=int, default=1, help="runs computed in parallel processes")
     ap.add_argument("--results", default=str(RESULTS), help="the cache (JSON), read and extended")
-    ap.add_argument("--timing", action="store_true", help="re-measure step times of all methods in this process")
+    ap.add_argument("--timing", action="store_true",
+                    help="no runs: measure the methods' step times (and mezo-sgd's) in this process, then the tables")
     ap.add_argument("--report", action="store_true", help="compute nothing: tables of what is cached")
     ap.add_argument("--plot", help="write the held-out metric vs forward passes plot here (PNG)")
     args = ap.parse_args(argv)
@@ -640,10 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     budgets = {p: args.budget or BUDGET[p] for p in problems}
     evals = {p: args.evals or EVALS[p] for p in problems}
     path = Path(args.results)
-    if not args.report:
+    if args.timing:
+        time_steps(problems, methods, path, threads=args.threads)
+    elif not args.report:
         run(problems, methods, seeds, budgets, evals, path, args.threads, args.jobs)
-        if args.timing:
-            time_steps(problems, methods, path, threads=args.threads)
     res = load_results(path)
     results = {p: collect(res["runs"], p, methods, seeds, budgets[p], evals[p]) for p in problems}
     zero_shot = res["runs"].get(zero_shot_key())

@@ -60,8 +60,10 @@ def test_zoo_lm_smoke_sweep_seeds_and_cache(tmp_path, capsys):
             "--evals", "1", "--results", str(results)]
     threads = torch.get_num_threads()
     try:
-        assert zoo.main([*argv, "--timing", "--plot", str(tmp_path / "z.png")]) == 0
+        assert zoo.main([*argv, "--plot", str(tmp_path / "z.png")]) == 0
         first = capsys.readouterr().out
+        assert zoo.main([*argv, "--timing"]) == 0
+        assert "timing lm (s/step): mezo-sgd " in capsys.readouterr().out
         cached = json.loads(results.read_text())
         assert zoo.main(argv) == 0  # everything cached: nothing recomputed, the same file
         second = capsys.readouterr().out
@@ -74,7 +76,7 @@ def test_zoo_lm_smoke_sweep_seeds_and_cache(tmp_path, capsys):
     # equal forward passes: 10 // 2 and 10 // 5 steps
     assert "| `mezo-sgd` |" in first and " | 5 | " in first.split("`mezo-sgd`")[1].splitlines()[0]
     assert " | 2 | " in first.split("`zo-sgd-cons`")[1].splitlines()[0]
-    assert set(cached["timing"]["lm"]["s_per_step"]) == {"mezo-sgd", "zo-sgd-cons"}
+    assert set(cached["timing"]) == {"lm|mezo-sgd", "lm|zo-sgd-cons"} and cached["timing"]["lm|mezo-sgd"]["ratio"] == 1
     for key, rec in cached["runs"].items():
         assert rec["curve"][0][0] == 0 and rec["curve"][-1][0] <= 10, key
         assert rec["val_loss"] > 0 and rec["final_loss"] > 0
