@@ -54,6 +54,8 @@ SCENARIOS = {
     "ranksgd": {"optimizer": "zo-ranksgd", "lr": 1e-2, "optimizer_options": {"m": 4}},
     "lozo": {"optimizer": "lozo", "n_queries": 2, "lr": 1e-3, "optimizer_options": {"rank": 2, "interval": 2}},
     "subzero": {"optimizer": "subzero", "lr": 1e-3, "optimizer_options": {"rank": 2, "interval": 2}},
+    "sparse-mezo": {"optimizer": "sparse-mezo", "n_queries": 2, "lr": 1e-2},
+    "module-wise": {"optimizer": "mezo-sgd", "n_queries": 2, "optimizer_options": {"module_wise": True}},
 }
 
 
@@ -229,7 +231,8 @@ def test_ranksgd_spreads_its_candidates_over_ranks_on_one_shared_batch(spawned):
 def test_bytes_sent_per_step_are_o_ranks_scalars(spawned, name):
     """Measured at the all-gather wrapper: one collective per step, each rank sending its P fp64
     losses to the R-1 peers; the model (30k parameters, 120 kB) never travels."""
-    P = {"mezo": 4, "adam-onesided": 2, "ranksgd": 2, "lozo": 4, "subzero": 2}[name]  # this rank's probes per step
+    P = {"mezo": 4, "adam-onesided": 2, "ranksgd": 2, "lozo": 4, "subzero": 2, "sparse-mezo": 4,
+         "module-wise": 4}[name]  # this rank's probes per step
     metrics = [json.loads(x) for x in (spawned / name / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "comm_bytes" in m]
     assert len(steps) == STEPS and all(m["comm_bytes"] == (R - 1) * P * 8 for m in steps)

@@ -62,15 +62,17 @@ def close(a, b):
 
 # --- every family the layout knows, resident and streamed ------------------------------------
 
-@pytest.mark.parametrize("placement", ["resident", "streamed"])
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family,placement", [*((f, "resident") for f in CAUSAL),  # the loss code is the same
+                                              *((f, "streamed") for f in ("opt", "llama", "gpt2"))])  # tied, untied
 def test_lm_loss_in_chunks_equals_full_logits_for_every_causal_family(family, placement):
     """LM loss (P = 3 probes, the head perturbed per probe) with chunks of 1 and of 3 positions
-    (3 divides no row's count of predicted tokens here: 3, 9, 6 -> uneven last chunks)."""
+    (T = 23; the rows predict 4, 22 and 20 tokens: 3 divides none, the last chunk is short)."""
     tok = make_tiny_tokenizer()
     model = tiny_model(family)
     full = make_task("lm", tok, "causal", 32)
     b = full.collate(TEXTS)
+    assert b.inputs["input_ids"].shape[1] == 23
+    assert (b.targets["labels"][:, 1:] != -100).sum(1).tolist() == [4, 22, 20]
     for chunk in (1, 3):
         ref, got = both(model, placement, full, make_task("lm", tok, "causal", 32, head_chunk=chunk), b)
         assert ref.unique().numel() == 3  # the probes differ: each call perturbed the head per probe
@@ -167,8 +169,7 @@ OBJECTIVES = [("ga", {}), ("ga", {"reduction": "sequence"}), ("graddiff", {}), (
               ("rmu", {"layer": 0})]
 
 
-@pytest.mark.parametrize("placement", ["resident", "streamed"])
-@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("family,placement", [("opt", "resident"), ("llama", "resident"), ("llama", "streamed")])
 @pytest.mark.parametrize("name,opts", OBJECTIVES)
 def test_unlearning_objectives_in_chunks_equal_full_logits(name, opts, family, placement):
     """ZO losses through the engine, the FO loss and its gradient, and the logged metrics."""
@@ -223,6 +224,10 @@ def test_bad_head_chunks_and_unknown_families_are_refused_in_one_line():
     task = make_task("lm", tok, "causal", 32, head_chunk=4)
     with pytest.raises(UsageError, match=r"head_chunk: LlamaForCausalLM \(gemma2\) is not among the families"):
         task.forward(model, task.collate(TEXTS))
+    from zoft.models.adapters import apply_peft
+
+    with pytest.raises(UsageError, match="head_chunk: prompt/prefix tuning adds its virtual tokens in peft's own"):
+        split_head(apply_peft(tiny_model("llama"), "prefix", {}, seed=0))
 
 
 # --- the transient: measured live storages <= head_chunk_bytes << all logits -------------------

@@ -261,9 +261,46 @@ def test_refusals_are_one_line():
             make_optimizer(name, {"one_sided": True}, 0, 1)
         with pytest.raises(UsageError, match="sphere is not supported"):
             make_optimizer(name, {"sphere": True}, 0, 1)
+        with pytest.raises(UsageError, match="module_wise is not supported"):
+            make_optimizer(name, {"module_wise": True}, 0, 1)
     with pytest.raises(UsageError, match="alpha must be in"):
         make_optimizer("hizoo", {"alpha": 2.0}, 0, 1)
     with pytest.raises(UsageError, match="anchor_batch"):
         make_optimizer("mezo-svrg", {"anchor_batch": 0}, 0, 1)
     with pytest.raises(UsageError, match="interval"):
         make_optimizer("mezo-svrg", {"interval": 0}, 0, 1)
+
+
+def test_a_draw_waits_for_its_key_and_a_failed_update_releases_it_with_an_error():
+    """The direction of key k waits until the pending update of k landed; an update whose apply
+    raised releases the waiting draw with an error at once (no hang)."""
+    import threading
+
+    opt = make_optimizer("hizoo", {"alpha": 0.5}, seed=0, total_steps=4)
+    upd, _ = opt.update(0, torch.tensor([1.0, 1.1, 0.95], dtype=torch.float64))
+    opt.probes(1)  # step 1's directions need update 0
+    got = {}
+
+    def draw(key):
+        try:
+            opt.clock.wait(key, opt._need)
+            got[key] = "drawn"
+        except RuntimeError as e:
+            got[key] = str(e)
+
+    w = torch.zeros(4)
+    for key, fails in (("a", False), ("b", True)):
+        th = threading.Thread(target=draw, args=(key,))
+        th.start()
+        th.join(0.2)
+        assert th.is_alive()  # waiting for the update of key
+        if fails:
+            opt.raw_direction = lambda *a: (_ for _ in ()).throw(MemoryError("boom"))
+            with pytest.raises(MemoryError):
+                upd.apply(key, w, make_noise(), True)
+        else:
+            upd.apply(key, w, make_noise(), True)
+        th.join(5)
+        assert not th.is_alive()
+    assert got["a"] == "drawn" and "update of 'b' failed" in got["b"]
+

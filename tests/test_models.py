@@ -32,15 +32,15 @@ def test_tied_embedding_appears_in_two_units_with_one_key():
     assert p1 is p2 and k1 == k2 == "model.decoder.embed_tokens.weight"
 
 
-def test_unreadable_architecture_names_what_is_missing():
+def test_unreadable_architecture_names_what_is_missing_and_flat_models_are_generic():
     class Flat(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Linear(2, 2)
             self.b = nn.Linear(2, 2)
 
-    with pytest.raises(ZoftError, match="no stack of repeated blocks"):
-        discover_layout(Flat())
+    layout = discover_layout(Flat())  # no block stack: the generic layout, one unit per Linear
+    assert [u.name for u in layout.units] == ["a", "b"] and layout.blocks == ()
 
     class Stray(nn.Module):
         def __init__(self):

@@ -78,6 +78,9 @@ def check_supported(cfg: Any, world_size: int) -> None:
     if cfg.optimizer == "fzoo":
         raise UsageError("--optimizer fzoo scales its step by the spread of one batch's losses around L(w); a "
                          "data-parallel step would mix the ranks' shards; use another optimizer or --nproc 1")
+    if cfg.optimizer == "forward-grad":
+        raise UsageError("--optimizer forward-grad runs torch.func.jvp passes, not probe losses the ranks could "
+                         "all-gather; use --nproc 1")
     if cfg.optimizer in ("hizoo", "mezo-svrg"):
         from zoft.optim import OPTIMIZERS
 

@@ -111,6 +111,7 @@ class ZOEngine:
         self.no_decay = tuple(no_decay)
         self._probes: list[Probe] | None = None
         self._rows = 0
+        self._fan_out: int | None = None  # feature reuse: id of the unit not yet reached (``evaluate``)
         self._pending: Update | None = None
         self._applied: set[str] = set()
         self._live: dict[int, _Residency] = {}
@@ -396,7 +397,9 @@ class ZOEngine:
             self.offload.acquire(module)  # weights now in a device slot (its master's version)
             self._acquired[id(module)] = [module, False]  # nothing changed yet: nothing to write
         self._live_in = tensor_bytes(args) + tensor_bytes(kwargs)
-        if not probes or not params:
+        if self._fan_out == id(module):
+            self._fan_out = None  # this unit fans the R rows out: each probe takes them whole
+        if not probes or not params or self._fan_out is not None:  # (before the fan-out: once, unperturbed)
             self._update_unit(module, params)
             self.meter.observe(self._live_in)
             return None
@@ -462,12 +465,21 @@ class ZOEngine:
             self.offload.release(module, held[1])
 
     # -- public step API ------------------------------------------------------------------
-    def evaluate(self, probes: Sequence[Probe], batch: Any, objective: Objective) -> torch.Tensor:
+    def evaluate(self, probes: Sequence[Probe], batch: Any, objective: Objective,
+                 fan_out_at: str | None = None) -> torch.Tensor:
         """Losses of P probes on one batch, in one pass over the units; shape (P,), fp64 on CPU.
 
         ``batch`` needs ``repeat(P)`` and ``inputs`` (see ``zoft.tasks.Batch``). The pending
         update is fully applied when this returns, and every weight is back at its unperturbed
         value even if the forward raised.
+
+        ``fan_out_at`` (feature reuse): the name of a unit that no probe's perturbation precedes,
+        i.e. every unit that runs before it is unperturbed for all P probes (the caller's promise).
+        The model then gets the batch's R rows once: the units before it run once, unperturbed,
+        and at that unit each probe takes the R-row input whole (``combine_outputs``); from there
+        on rows are P*R as usual, and the objective's ``loss`` sees the repeated batch. Tensors
+        computed before the fan-out must reach later code only through it (a chain there, as in
+        ``nn.Sequential``); a residual around it meets P*R rows with R and fails with a shape error.
         """
         probes = list(probes)
         if not probes:
@@ -478,13 +490,21 @@ class ZOEngine:
         first = next(v for v in rep.inputs.values() if isinstance(v, torch.Tensor))
         self._rows = first.shape[0]
         self._probes = probes
+        if fan_out_at is not None:
+            unit = next((u for u in self.layout.units if u.name == fan_out_at), None)
+            if unit is None:
+                raise ValueError(f"fan_out_at: no unit named {fan_out_at!r}")
+            self._fan_out = id(unit.module)
         self._release_stale()
         self.meter.reset_peak()
         try:
             with torch.no_grad():
-                out = objective.forward(self.model, rep)
+                out = objective.forward(self.model, rep if fan_out_at is None else batch)
+                if self._fan_out is not None:
+                    raise ValueError(f"fan_out_at: unit {fan_out_at!r} did not run in the forward")
                 losses = objective.loss(out, rep, len(probes))
         finally:
+            self._fan_out = None
             for res in self._live.values():  # a unit whose forward raised
                 with torch.no_grad():
                     self._restore(res)

@@ -94,12 +94,13 @@ def combine_outputs(outs: Sequence[Any], rows: int, was_split: bool, unit: str) 
 
     When no input was split (e.g. a position embedding called on (1, T) ids), each probe's
     (1, ...) output is expanded to its ``rows`` rows so that probe p's rows see probe p's value
-    (micro-batches are only run for split inputs).
+    (micro-batches are only run for split inputs); a probe's ``rows``-row output (feature reuse:
+    each probe took the R-row input whole) is its rows as they are.
     """
     first = outs[0]
     if isinstance(first, torch.Tensor):
         if not was_split:
-            if first.shape[0] != 1:
+            if first.shape[0] not in (1, rows):
                 raise ZoftError(
                     f"unit '{unit}' got no batch-shaped input but returned dim 0 = {first.shape[0]}; "
                     "zoft cannot tell which rows belong to which probe"

@@ -100,7 +100,8 @@ class _ProbeLosses:
 
     def loss(self, outputs: Any, batch: Batch, num_probes: int) -> torch.Tensor:
         parts = split_candidates(outputs, num_probes, self.rows)
-        return torch.stack([self.loss_fn(o).detach().float().reshape(()) for o in parts])  # (P,)
+        # not detached: forward-grad differentiates this (under the engine it runs without autograd)
+        return torch.stack([self.loss_fn(o).float().reshape(()) for o in parts])  # (P,)
 
 
 class ZOTrainingMixin:

@@ -1,4 +1,4 @@
-"""The unit view of an unmodified Hugging Face model.
+"""The unit view of an unmodified model (Hugging Face or any ``nn.Module``).
 
 A model is an ordered list of *units*: embedding(s), the blocks (decoder/encoder layers), then
 whatever runs after them (final norm, pooler, head). A unit is a module that is called with
@@ -6,7 +6,9 @@ batch-leading tensors and owns a set of parameters; the engine perturbs a unit's
 while it runs. Discovery is generic (the longest ``nn.ModuleList`` of same-class layers is the
 block stack; every maximal sub-module outside it that owns parameters is a unit); a small
 per-family table (``FAMILY_PRE``) only says which non-block units run *before* the blocks where
-names do not tell. Nothing here knows the engine.
+names do not tell. A model with no block stack (a CNN, an MLP) gets the *generic* layout: the
+outermost modules that own parameters directly, in registration order (``_generic_layout``).
+Nothing here knows the engine.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ class Unit:
 
 @dataclass(frozen=True)
 class Layout:
-    """Units in execution order plus where the block stack lives."""
+    """Units in execution order plus where the block stack lives (``""``: the generic layout,
+    no blocks)."""
 
     units: tuple[Unit, ...]
     blocks_path: str
@@ -74,7 +77,7 @@ class Layout:
         return list(seen)
 
 
-def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     best: tuple[str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
@@ -85,11 +88,6 @@ def _find_block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if best is None or len(mod) > len(best[1]):
             best = (name, mod)
-    if best is None:
-        raise ZoftError(
-            f"cannot read {type(model).__name__}: no stack of repeated blocks "
-            "(an nn.ModuleList of same-class layers with parameters) was found"
-        )
     return best
 
 
@@ -104,14 +102,47 @@ def _kind_of(name: str, module: nn.Module, head: nn.Module | None) -> UnitKind:
     return "other"
 
 
-def discover_layout(model: nn.Module) -> Layout:
-    """Read the unit layout of ``model`` without modifying it.
+def _generic_layout(model: nn.Module, canonical: dict[int, str]) -> Layout:
+    """Units of a model without a block stack: every outermost module that owns parameters
+    directly (``Conv2d``, ``Linear``, a norm, ``Embedding``; a module with a parameter of its own
+    takes its children's parameters with it, so units never nest), in registration order.
 
-    Raises ``ZoftError`` naming what was not found when the model cannot be read: no block
-    stack, or parameters owned directly by a module that also contains the blocks.
+    Registration order is the execution order of ``nn.Sequential`` and of any model whose
+    ``forward`` calls its children in the order it assigned them; nothing in the engine relies on
+    it (feature reuse names its fan-out unit, ``ZOEngine.evaluate``). A model whose root owns a
+    parameter is one unit.
     """
-    blocks_path, blocks = _find_block_list(model)
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        head = None
+    units: list[Unit] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if any(True for _ in module.parameters(recurse=False)):
+            params = tuple((canonical[id(p)], p) for _, p in module.named_parameters(remove_duplicate=False))
+            name = prefix.rstrip(".")
+            units.append(Unit(name, module, params, _kind_of(name, module, head)))
+            return
+        for child_name, child in module.named_children():
+            visit(f"{prefix}{child_name}.", child)
+
+    visit("", model)
+    return Layout(tuple(units), blocks_path="")
+
+
+def discover_layout(model: nn.Module) -> Layout:
+    """Read the unit layout of ``model`` without modifying it: the block-stack layout when the
+    model has a stack of repeated blocks, else the generic layout (``_generic_layout``).
+
+    Raises ``ZoftError`` naming what was not found when a model with a block stack cannot be
+    read: parameters owned directly by a module that also contains the blocks.
+    """
     canonical = {id(p): n for n, p in model.named_parameters()}
+    found = _find_block_list(model)
+    if found is None:
+        return _generic_layout(model, canonical)
+    blocks_path, blocks = found
     try:
         head = model.get_output_embeddings()
     except (AttributeError, NotImplementedError):

@@ -11,6 +11,7 @@ from typing import Any
 from zoft.errors import UsageError
 from zoft.optim.api import StepResult, evaluate_step, split_candidates, step
 from zoft.optim.directions import CompositeNoise, bind
+from zoft.optim.forward_grad import ForwardGrad, ForwardGradConfig
 from zoft.optim.fzoo import FZOO, FZOOConfig
 from zoft.optim.hizoo import HiZOO, HiZOOConfig
 from zoft.optim.mezo import MeZOConfig, MeZOSGD
@@ -25,7 +26,7 @@ from zoft.optim.rank import (
     greedy_generate,
 )
 from zoft.optim.schedule import lr_at
-from zoft.optim.sparse import SparseMeZO, SparseMeZOConfig, magnitude_mask
+from zoft.optim.sparse import SparseMeZO, SparseMeZOConfig, magnitude_threshold
 from zoft.optim.subspace import LOZO, LOZOConfig, SubZero, SubZeroConfig
 from zoft.optim.svrg import MeZOSVRG, SVRGConfig
 from zoft.optim.zo_sgd import (
@@ -55,6 +56,7 @@ OPTIMIZERS: dict[str, tuple[type, type]] = {
     "subzero": (SubZeroConfig, SubZero),
     "fzoo": (FZOOConfig, FZOO),
     "sparse-mezo": (SparseMeZOConfig, SparseMeZO),
+    "forward-grad": (ForwardGradConfig, ForwardGrad),
     "hizoo": (HiZOOConfig, HiZOO),
     "mezo-svrg": (SVRGConfig, MeZOSVRG),
 }
@@ -95,6 +97,8 @@ __all__ = [
     "Comparison",
     "CompositeNoise",
     "FZOO",
+    "ForwardGrad",
+    "ForwardGradConfig",
     "FZOOConfig",
     "HiZOO",
     "HiZOOConfig",
@@ -127,7 +131,7 @@ __all__ = [
     "greedy_generate",
     "lr_at",
     "describe",
-    "magnitude_mask",
+    "magnitude_threshold",
     "make_optimizer",
     "split_candidates",
     "step",

@@ -14,9 +14,13 @@
   ``zoft.optim.rank``): only for ranking optimizers (``zo-ranksgd``).
 
 Optimizers follow one protocol: ``probes(step)``; optionally ``more_probes(step, losses,
-comparisons)`` giving a further phase on the same batch (``zo-sgd-cons``, the RankSGD line search);
-``update(step, losses[, comparisons])``. ``evaluate_step`` runs all phases and returns the losses
-(what ``Trainer.step`` needs).
+comparisons)`` giving a further phase on the same batch (``zo-sgd-cons``, the RankSGD line search,
+CGE's per-unit phases); optionally ``fan_out_at(step, phase)``, the unit before which a phase's
+probes perturb nothing (feature reuse, ``ZOEngine.evaluate``; ``zoft.optim.cge``);
+``update(step, losses[, comparisons])``. An optimizer whose step is not a set of probe losses
+(``forward-grad``) has ``evaluate(engine, step, batch, objective)`` instead, returning what its
+``update`` reads. ``evaluate_step`` runs all phases and returns the losses (what ``Trainer.step``
+needs).
 """
 from __future__ import annotations
 
@@ -88,6 +92,9 @@ def _evaluate_pieces(engine, probes, batch, objective) -> torch.Tensor:
 
 
 def _evaluate(engine, optimizer, step: int, batch, objective, forward: Callable | None):
+    own = getattr(optimizer, "evaluate", None)  # a step that is not probe losses (forward-grad's jvps)
+    if own is not None:
+        return own(engine, step, batch, objective), None
     kind = _kind(objective)
     if isinstance(batch, (list, tuple)) and kind != "objective":
         raise UsageError("a batch in pieces needs an engine objective (forward + loss)")
@@ -102,6 +109,7 @@ def _evaluate(engine, optimizer, step: int, batch, objective, forward: Callable 
                                   lambda cands: torch.tensor([float(fn(c, batch)) for c in cands]), rows)
     comps: list[Comparison] | None = [] if kind == "oracle" else None
     losses: list[torch.Tensor] = []
+    fan_out = getattr(optimizer, "fan_out_at", None)  # feature reuse per phase (zoft.optim.cge)
     probes, phase = optimizer.probes(step), 0
     while probes:
         if kind == "oracle":
@@ -114,6 +122,8 @@ def _evaluate(engine, optimizer, step: int, batch, objective, forward: Callable 
                 return torch.tensor([-w for c in found for w in c.weights()], dtype=torch.float64)
 
             losses.append(engine.evaluate(probes, batch, _PerCandidate(oracle.forward, score, rows)))
+        elif fan_out is not None:
+            losses.append(engine.evaluate(probes, batch, objective, fan_out_at=fan_out(step, phase)))
         else:
             losses.append(_evaluate_pieces(engine, probes, batch, objective))
         cat = torch.cat(losses)

@@ -15,7 +15,8 @@ family needs are expressed on top of that without touching the engine:
   evaluates ``w + t sum_i c_i z(s_i)`` exactly (from the engine's backup copy, restored exactly).
   Virtual seeds only ever appear in probes, never in an applied ``Update``.
 * **Shaped directions**: an optimizer whose ``direction_shaper()`` returns a function
-  ``(noise, seed, key, like) -> tensor`` (LOZO's low-rank ``U V^T``, ZO-Bench's sparse z) replaces
+  ``(noise, seed, key, like) -> tensor`` (LOZO's low-rank ``U V^T``, ZO-Bench's sparse z and module-wise
+  units, perturbation masks) replaces
   ``z(seed, key)`` by that keyed tensor for every real seed, in
   probes and in applied updates alike (``axpy`` then runs one pass per term). It must be a pure
   function of (seed, key, shape): the engine draws it on a worker thread, per unit, in any order.

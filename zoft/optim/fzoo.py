@@ -17,7 +17,7 @@ Rademacher for any backend), no state. Deviations: a step whose N losses are all
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,6 +33,7 @@ class FZOOConfig(ZOConfig):
 
     lr: float = 1e-5
     n: int = 8
+    module_wise_applies: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -40,8 +41,6 @@ class FZOOConfig(ZOConfig):
             raise ValueError("n must be >= 2 (the step size divides by the spread of the n losses)")
         if self.sphere:
             raise ValueError("fzoo perturbs along Rademacher directions; sphere is not supported")
-        if self.module_wise:
-            raise ValueError("module_wise is for the ZO-SGD family; fzoo's N directions are all-parameter")
 
 
 class FZOO(ZOSGD):

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from zoft.engine.probes import Probe, Update
-from zoft.optim.landing import KeyClock
+from zoft.engine.probes import Probe
+from zoft.optim.landing import KeyClock, LandingUpdate
 from zoft.optim.zo_sgd import ZOSGD, ZOConfig, _Stateful
 
 
@@ -44,9 +44,11 @@ class HiZOOConfig(ZOConfig):
             raise ValueError("hizoo estimates curvature from L(w) and both L(w +- eps u); one_sided is not supported")
         if self.sphere:
             raise ValueError("hizoo scales its directions by the diagonal Hessian; sphere is not supported")
+        if self.module_wise:
+            raise ValueError("hizoo averages its q queries' curvature over every parameter; module_wise is not supported")
 
 
-class HiZOOUpdate(Update):
+class HiZOOUpdate(LandingUpdate):
     """Step t's HiZOO update: ``terms`` are (s_i, g_i / q) (the projected gradients, not yet times
     lr), ``curv`` the (1/q) |l_i+ + l_i- - 2 l0| / (2 eps^2) of the same queries."""
 
@@ -54,10 +56,7 @@ class HiZOOUpdate(Update):
         super().__init__(terms=terms, decay=decay)
         self.curv, self.lr, self.alpha, self.opt = curv, lr, alpha, opt
 
-    def is_noop(self) -> bool:
-        return False  # H advances even when the step is 0
-
-    def apply(self, key, w, noise, decays):
+    def _apply(self, key, w, noise, decays):
         sdtype = torch.promote_types(w.dtype, torch.float32)
         hs = self.opt.store.setdefault("hessian", {})
         h = hs.get(key)
@@ -73,7 +72,6 @@ class HiZOOUpdate(Update):
             w.mul_(self.decay)
         for z, (_, g) in zip(zs, self.terms):
             w.add_((z * rs).to(w.dtype), alpha=-self.lr * g)
-        self.opt.clock.land(key)
 
     def record(self) -> dict:
         return {"terms": [[s, c] for s, c in self.terms], "decay": self.decay, "lr": self.lr,

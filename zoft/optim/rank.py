@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Literal, Protocol, Sequence
 
 import torch
 
@@ -185,6 +185,7 @@ class RankSGDConfig(ZOConfig):
     rank_oracle: Literal["loss"] = "loss"
     line_search: int = 0
     gamma: float = 0.5
+    module_wise_applies: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()  # eps, n_queries, sphere_norm
@@ -199,8 +200,6 @@ class RankSGDConfig(ZOConfig):
                              "through the Python API (zoft.optim.step)")
         if self.line_search < 0 or not 0 < self.gamma < 1:
             raise ValueError("line_search must be >= 0 and gamma in (0, 1)")
-        if self.module_wise:
-            raise ValueError("module_wise is for the ZO-SGD family; zo-ranksgd's candidates are all-parameter")
 
 
 class ZORankSGD(ZOSGD):

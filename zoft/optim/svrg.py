@@ -28,13 +28,12 @@ directions read delta, so their draw waits for the key's pending update (``zoft.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from zoft.engine.probes import Probe, Update
+from zoft.engine.probes import Probe
 from zoft.noise import mix, step_seed
-from zoft.optim.landing import KeyClock
+from zoft.optim.landing import KeyClock, LandingUpdate
 from zoft.optim.schedule import lr_at
 from zoft.optim.zo_sgd import ZOSGD, ZOConfig, _Stateful
 
@@ -64,9 +63,12 @@ class SVRGConfig(ZOConfig):
             raise ValueError("mezo-svrg uses two-sided estimates (as published); one_sided is not supported")
         if self.sphere:
             raise ValueError("mezo-svrg probes the anchor through a stored offset; sphere is not supported")
+        if self.module_wise:
+            raise ValueError("mezo-svrg averages each estimate's directions over every parameter; module_wise is not "
+                             "supported")
 
 
-class SVRGUpdate(Update):
+class SVRGUpdate(LandingUpdate):
     """A seed-form step (``terms`` with lr folded in) that also moves the anchor offset: delta <-
     delta - (w_new - w) for the same arithmetic (an anchor step first sets delta = 0)."""
 
@@ -74,10 +76,7 @@ class SVRGUpdate(Update):
         super().__init__(terms=terms, decay=decay)
         self.lr, self.anchor, self.opt = lr, anchor, opt
 
-    def is_noop(self) -> bool:
-        return False  # the anchor offset moves with every applied step
-
-    def apply(self, key, w, noise, decays):
+    def _apply(self, key, w, noise, decays):
         deltas = self.opt.store.setdefault("anchor_delta", {})
         d = deltas.get(key)
         if self.anchor or d is None:
@@ -90,7 +89,6 @@ class SVRGUpdate(Update):
                 z = noise.sample(s, key, w)
                 w.add_(z.to(w.dtype), alpha=c)
                 d.add_(z.to(d.dtype), alpha=-c)
-        self.opt.clock.land(key)
 
     def record(self) -> dict:
         return {"terms": [[s, c] for s, c in self.terms], "decay": self.decay, "lr": self.lr, "anchor": self.anchor}

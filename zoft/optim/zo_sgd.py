@@ -21,7 +21,7 @@ applies only to parameters that take decay):
 Two options restrict the directions for every member (``shaped_direction``): a **perturbation
 mask** ``u = m * z`` (``set_mask``: a fixed key -> 0/1 tensor dict, or a rule ``fn(key, w)`` evaluated
 once on the weights at the first ``bind``; stored as one bool per trained parameter, 1 B/param;
-Sparse MeZO's magnitude mask is such a rule) and ZO-Bench's **module-wise perturbation**
+Sparse MeZO's magnitude mask builds on it, re-derived every step) and ZO-Bench's **module-wise perturbation**
 (``module_wise``: query i of step t perturbs only the parameters of layout unit ``(t + i) mod B``,
 B = the units holding trainable parameters; each unit's coefficients are averaged over the queries
 that perturbed it, so ``n_queries = B`` is ZO-Bench's all-modules-per-step estimate).
@@ -35,13 +35,13 @@ the unit (``buffers(key)``), and the result does not depend on the order units a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 
 from zoft.engine.probes import Probe, Update
 from zoft.errors import UsageError
-from zoft.noise import step_seed
+from zoft.noise import mix, step_seed
 from zoft.optim.directions import z_norm
 from zoft.optim.schedule import Schedule, lr_at
 
@@ -58,6 +58,10 @@ class ZOConfig:
     gradient_sparsity: ZO-Bench's sparse perturbation: each direction's entries where a second
                  keyed N(0, 1) draw is below this value are zeroed (a fraction Phi(value): 0.75
                  zeroes 77%), a fresh mask per direction; None: dense.
+    sparse_gradient_group: ZO-Bench's ``layer`` (one threshold ``gradient_sparsity`` everywhere) or
+                 ``global``: ``gradient_sparsity`` is a quantile level; the magnitude at that quantile of
+                 all the model's weights at the first bind gives each parameter its own threshold,
+                 the fraction of its |w| below that magnitude.
     module_wise: ZO-Bench's module-wise perturbation: query i of step t perturbs only layout unit
                  ``(t + i) mod B`` (B units hold trainable parameters); a unit's update averages
                  the queries that perturbed it.
@@ -73,7 +77,9 @@ class ZOConfig:
     sphere: bool = False
     sphere_norm: SphereNorm = "exact"
     gradient_sparsity: float | None = None
+    sparse_gradient_group: Literal["layer", "global"] = "layer"
     module_wise: bool = False
+    module_wise_applies: ClassVar[bool] = True  # False: a member with its own directions / averaging
 
     def __post_init__(self):
         if self.eps <= 0:
@@ -84,6 +90,14 @@ class ZOConfig:
             raise ValueError(f"sphere_norm must be 'exact' or 'sqrt_d', not {self.sphere_norm!r}")
         if self.gradient_sparsity is not None and not isinstance(self.gradient_sparsity, (int, float)):
             raise ValueError(f"gradient_sparsity must be a number or null, not {self.gradient_sparsity!r}")
+        if self.module_wise and not self.module_wise_applies:
+            raise ValueError("module_wise is for the ZO-SGD family (mezo-sgd, zo-sgd-*, zo-adam, r-adazo, lozo, "
+                             "subzero, sparse-mezo, forward-grad), not this optimizer")
+        if self.sparse_gradient_group not in ("layer", "global"):
+            raise ValueError(f"sparse_gradient_group must be 'layer' or 'global', not {self.sparse_gradient_group!r}")
+        if self.sparse_gradient_group == "global" and (self.gradient_sparsity is None
+                                                       or not 0.0 <= self.gradient_sparsity <= 1.0):
+            raise ValueError("sparse_gradient_group 'global' reads gradient_sparsity as a quantile level in [0, 1]")
 
 
 @dataclass
@@ -147,16 +161,16 @@ class ZOSGD:
         self._fixed_keys: set[str] = set()
         self.masks: dict[str, torch.Tensor] | None = None  # key -> bool (parameter's shape); absent: dense
         self._groups: dict[str, int] | None = None  # module_wise: key -> its unit's index
+        self._sparsity: dict[str, float] | None = None  # sparse_gradient_group global: key -> threshold
         self._n_groups = 0
 
     @classmethod
     def state_kind(cls) -> str:
         """How the optimizer keeps its state (``zoft optimizers``)."""
-        mask = (f"; a bool perturbation mask per parameter ({cls.mask_bytes} B/param), from the initial weights"
+        mask = (f"; a bool perturbation mask per parameter ({cls.mask_bytes} B/param), streamed with its unit"
                 if cls.mask_bytes else "")
         if cls.memory_copies == 0:
-            return ("seed form: nothing else stored per parameter" if mask else
-                    "seed form: nothing stored per parameter") + mask
+            return ("seed form" if mask else "seed form: nothing stored per parameter") + mask
         return f"{cls.memory_copies} fp32 buffer(s) per parameter key, streamed with its unit" + mask
 
     # -- perturbation masks ----------------------------------------------------------------
@@ -265,6 +279,7 @@ class ZOSGD:
         u = self.base_direction(noise, seed, key, like)
         s = self.config.gradient_sparsity
         if s is not None:
+            s = self._sparsity[key] if self._sparsity is not None else s
             u = u.masked_fill(noise.sample(seed, key + "/grad-mask", like) < s, 0.0)
         m = self.masks.get(key) if self.masks else None
         if m is not None:
@@ -280,6 +295,30 @@ class ZOSGD:
         the perturbation masks (from the weights the engine holds then)."""
         self._build_groups(engine)
         self._build_masks(engine)
+        self._build_sparsity(engine)
+
+    def _build_sparsity(self, engine: Any) -> None:
+        """ZO-Bench's ``global`` group (``estimate_pretrained_model_magnitude_pruning_threshold``,
+        ``compute_named_parameters_to_sparsity``): h = the ``gradient_sparsity`` quantile of |w| over
+        every floating-point weight of the model (exact up to 1e7 of them, else a keyed sample of
+        1e7), and per trained key the fraction of its |w| <= h (kept: ``state_dict``)."""
+        c = self.config
+        if c.gradient_sparsity is None or c.sparse_gradient_group != "global" or self._sparsity is not None:
+            return
+        engine.flush()
+        ws = [(n, p.detach()) for n, p in engine.model.named_parameters() if p.dtype.is_floating_point]
+        total = sum(p.numel() for _, p in ws)
+        cap = 10_000_000
+        parts = []
+        for n, p in ws:
+            a = p.reshape(-1).abs().float().cpu()
+            if total > cap:
+                g = torch.Generator().manual_seed(mix(self.seed, n + "/grad-threshold"))
+                a = a[torch.randint(0, a.numel(), (max(1, round(cap * a.numel() / total)),), generator=g)]
+            parts.append(a)
+        h = torch.quantile(torch.cat(parts), float(c.gradient_sparsity)).item()
+        with torch.no_grad():
+            self._sparsity = {k: p.detach().abs().le(h).double().mean().item() for k, p in engine.params.items()}
 
     def _need_binding(self, why: str) -> None:
         if self._params is None:
@@ -346,11 +385,12 @@ class ZOSGD:
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """JSON-able scalars (tensor buffers: ``tensor_state``)."""
-        return {}
+        """JSON-able scalars (tensor buffers: ``tensor_state``): the ``global`` sparsity thresholds."""
+        return {"grad_sparsity": self._sparsity} if self._sparsity is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if state.get("grad_sparsity") is not None:
+            self._sparsity = {k: float(v) for k, v in state["grad_sparsity"].items()}
 
     def tensor_state(self) -> dict[str, torch.Tensor]:
         """Per-key tensors for the checkpoint: the perturbation masks (``mask/<key>``)."""
@@ -528,9 +568,10 @@ class _Stateful(ZOSGD):
         return {n: self.store[n][key] for n in self.store if key in self.store[n]}
 
     def state_dict(self):
-        return {"t": self.t}
+        return {**super().state_dict(), "t": self.t}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.t = int(state.get("t", 0))
 
     def tensor_state(self):
