@@ -58,7 +58,7 @@ RESULTS = ROOT / "bench" / "results" / "zoo.json"
 # estimate times lr (HiZOO: H starts at 1; MeZO-SVRG's minibatch rate; Sparse MeZO, the module-wise
 # and gradient-sparsity variants, Forward-Grad). lm: MeZO-SGD 1e-3 and the same rules.
 _MEZO_LIKE = ("lozo", "subzero", "zo-sgd-cons", "hizoo", "mezo-svrg", "sparse-mezo", "forward-grad",
-              "mezo-sgd/module-wise", "mezo-sgd/grad-sparse")
+              "mezo-sgd/module-wise", "mezo-sgd/grad-sparse", "sparse-mezo/fixed-mask")
 LR = {
     "demo": {"mezo-sgd": 2e-3, **dict.fromkeys(_MEZO_LIKE, 2e-3), "zo-sgd-mmt": 2e-4,
              "zo-sgd-sign": 1e-4, "zo-adam": 1e-4, "r-adazo": 1e-4, "zo-ranksgd": 1e-4, "fzoo": 1e-4},
@@ -81,6 +81,7 @@ SKIP = {"demo": {m: "on the demo's BitFit parameters (all 1-D) its low-rank dire
 VARIANTS: dict[str, tuple[str, dict]] = {
     "mezo-sgd/module-wise": ("mezo-sgd", {"module_wise": True}),  # ZO-Bench's module-wise perturbation
     "mezo-sgd/grad-sparse": ("mezo-sgd", {"gradient_sparsity": 0.75}),  # ZO-Bench's value: 77% of z zeroed
+    "sparse-mezo/fixed-mask": ("sparse-mezo", {"remask": False}),  # the mask of the pretrained weights, kept
 }
 LM_PRETRAIN = {"steps": 300, "lr": 1e-2, "batch_size": 32, "sequences": 4096}
 V, T = 320, 16  # lm vocabulary and sequence length
