@@ -46,6 +46,8 @@ def test_forward_budget_per_step_and_schedule():
 
     assert cost("mezo-sgd", 9) == [2, 4, 6, 8]  # two probes a step; the fifth would pass the budget
     assert cost("zo-sgd-cons", 10) == [5, 10]  # L(w) and a +-eps pair, then the two candidates
+    assert cost("forward-grad", 3) == [1, 2, 3]  # one jvp pass per query, counted as one forward
+    assert cost("hizoo", 7) == [3, 6]  # L(w) for the Hessian estimate and a +-eps pair
     # MeZO-SVRG with the bench's anchor on 64 examples: anchor steps (t mod 2 = 0) evaluate 2 probes
     # on 64 examples = 8 forwards of 16, minibatch steps 4 probes on 16
     assert cost("mezo-svrg", 30) == [8, 12, 20, 24]
