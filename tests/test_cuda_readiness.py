@@ -43,6 +43,9 @@ class HostStreamDiffers:
         z = self.inner.sample(seed, key, like, out=out)
         return z * 1.5 if self._on_host(like) else z
 
+    def perturb_into(self, out, w0, seed, key, scale):  # from ``sample``: a host w0 would see 1.5x
+        torch.add(w0, self.sample(seed, key, w0).to(w0.dtype), alpha=scale, out=out)
+
     def axpy(self, w, terms, key, decay=1.0):
         self.inner.axpy(w, terms, key, decay)
 

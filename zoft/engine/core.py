@@ -688,14 +688,14 @@ class ZOEngine:
         parameters' storage; resident units and buffers come back from the device), so whatever
         reads it next sees one device; ``model.to(device)`` puts it back where it fits."""
         self.flush()
+        for arena in self._arena.values():  # before the scheduler's close, which clears the shared meter
+            self.meter.free(arena.numel() * arena.element_size(), "scratch")
+        self._arena = {}
         if self.offload is not None:
             self.offload.close()
         for h in self._handles:
             h.remove()
         self._handles = []
-        for arena in self._arena.values():
-            self.meter.free(arena.numel() * arena.element_size(), "scratch")
-        self._arena = {}
 
     def __enter__(self) -> "ZOEngine":
         return self
