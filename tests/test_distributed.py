@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_tokenizer
@@ -151,7 +152,7 @@ def test_streaming_on_every_rank_equals_the_resident_data_parallel_run(spawned):
     bit-identical to each other and to the same data-parallel run with every block resident, and
     every step's accounted device peak is within the budget."""
     ref = rank_weights(spawned, "deep-resident", 0)
-    cfg = json.loads(json.dumps(__import__("yaml").safe_load((spawned / "deep-streamed" / "config.yaml").read_text())))
+    cfg = json.loads(json.dumps(yaml.safe_load((spawned / "deep-streamed" / "config.yaml").read_text())))
     for rank in range(R):
         w = rank_weights(spawned, "deep-streamed", rank)
         for k in ref:
@@ -159,6 +160,11 @@ def test_streaming_on_every_rank_equals_the_resident_data_parallel_run(spawned):
     recs = [json.loads(x) for x in (spawned / "deep-streamed" / "metrics.jsonl").read_text().splitlines()]
     peaks = [r["device_peak_bytes"] for r in recs if "device_peak_bytes" in r]
     assert len(peaks) == STEPS and max(peaks) <= int(cfg["gpu_mem"])
+
+
+def run_noise(run: Path):
+    """The noise backend the run resolved (its config.yaml): the reference draws the same z."""
+    return make_noise(yaml.safe_load((run / "config.yaml").read_text())["noise"], "gaussian")
 
 
 def _reference(assets: Path, name: str) -> tuple[dict[str, torch.Tensor], list[list[list[float]]]]:
@@ -171,7 +177,7 @@ def _reference(assets: Path, name: str) -> tuple[dict[str, torch.Tensor], list[l
     lm = load_model(cfg.model, dtype="fp32")
     task = make_task("lm", lm.tokenizer, lm.kind, cfg.max_length)
     train = list(load_examples(cfg.train))
-    engine = ZOEngine(lm.model, noise=make_noise("torch", "gaussian"))
+    engine = ZOEngine(lm.model, noise=run_noise(assets / name))
     q, B, losses_seen = cfg.n_queries, cfg.batch_size, []
     for t in range(STEPS):
         rows = batch_indices(len(train), R * B, t, cfg.seed)
@@ -211,7 +217,7 @@ def test_ranksgd_spreads_its_candidates_over_ranks_on_one_shared_batch(spawned):
     lm = load_model(cfg.model, dtype="fp32")
     task = make_task("lm", lm.tokenizer, lm.kind, cfg.max_length)
     train = list(load_examples(cfg.train))
-    engine = ZOEngine(lm.model, noise=make_noise("torch", "gaussian"))
+    engine = ZOEngine(lm.model, noise=run_noise(spawned / "ranksgd"))
     opt = make_optimizer("zo-ranksgd", {"lr": cfg.lr, "eps": cfg.eps, "m": 4}, seed=cfg.seed, total_steps=STEPS)
     recs = trajectory(spawned / "ranksgd")
     torch.set_num_threads(1)

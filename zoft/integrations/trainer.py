@@ -43,7 +43,7 @@ from transformers import Trainer
 
 from zoft.engine import Streaming, ZOEngine
 from zoft.errors import UsageError
-from zoft.noise import make_noise
+from zoft.noise import default_noise, make_noise
 from zoft.optim import make_optimizer, split_candidates
 from zoft.optim import step as zo_step
 from zoft.tasks import Batch, infer_kind
@@ -111,14 +111,16 @@ class ZOTrainingMixin:
     zo_optimizer:    a name in ``zoft.optim.OPTIMIZERS`` ("mezo-sgd", "zo-adam", "zo-ranksgd", ...).
     zo_options:      that optimizer's config fields (eps, n_queries, one_sided, momentum, ...), but
                      not lr / weight_decay / schedule / warmup_steps (TrainingArguments has them).
-    zo_noise, zo_distribution: the direction backend ("torch", "table", "triton") and distribution.
+    zo_noise, zo_distribution: the direction backend ("torch", "table", "triton") and distribution;
+                     zo_noise "auto" (the default): ``zoft.noise.default_noise`` of ``args.device``, as
+                     ``zoft finetune`` resolves ``--noise auto``, so both take the same steps.
     zo_gpu_mem:      stream under this device budget ("18GB" = 18e9 bytes, "16GiB" = 16 * 2^30).
     zo_max_length:   tokens per row the planner sizes activations for (with ``zo_gpu_mem``;
                      default: ``args.max_length`` where the arguments have one, as TRL's do).
     """
 
     def __init__(self, *args, zo_optimizer: str = "mezo-sgd", zo_options: dict[str, Any] | None = None,
-                 zo_noise: str = "torch", zo_distribution: str = "gaussian", zo_gpu_mem: str | int | None = None,
+                 zo_noise: str = "auto", zo_distribution: str = "gaussian", zo_gpu_mem: str | int | None = None,
                  zo_max_length: int | None = None, **kwargs):
         self._zo_gpu_mem = zo_gpu_mem  # read by _move_model_to_device inside Trainer.__init__
         super().__init__(*args, **kwargs)
@@ -151,7 +153,7 @@ class ZOTrainingMixin:
         if zo_gpu_mem is not None:
             offload = Streaming.from_plan(self._zo_plan(zo_gpu_mem, zo_max_length), a.device)
         try:
-            noise = make_noise(zo_noise, zo_distribution)
+            noise = make_noise(default_noise(a.device) if zo_noise == "auto" else zo_noise, zo_distribution)
         except ValueError as e:
             raise UsageError(f"zo_noise: {e}") from None
         self.engine = ZOEngine(self.model, noise=noise, offload=offload)
