@@ -149,20 +149,21 @@ class ZOTrainingMixin:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._zo_base = base  # the transformers model under a peft wrapper: its loss_function, config
         self._zo_causal = infer_kind(base) == "causal"
-        offload = None
-        if zo_gpu_mem is not None:
-            offload = Streaming.from_plan(self._zo_plan(zo_gpu_mem, zo_max_length), a.device)
+        noise_name = default_noise(a.device) if zo_noise == "auto" else zo_noise
         try:
-            noise = make_noise(default_noise(a.device) if zo_noise == "auto" else zo_noise, zo_distribution)
+            noise = make_noise(noise_name, zo_distribution)
         except ValueError as e:
             raise UsageError(f"zo_noise: {e}") from None
+        offload = None
+        if zo_gpu_mem is not None:  # planned with the noise it runs (a device-resident table counts)
+            offload = Streaming.from_plan(self._zo_plan(zo_gpu_mem, zo_max_length, noise_name), a.device)
         self.engine = ZOEngine(self.model, noise=noise, offload=offload)
         if not self.engine.params:
             raise UsageError("ZOTrainer: no parameter of the model requires grad, so nothing would train; "
                              "unfreeze some (requires_grad_) or add a peft adapter")
         self._zo_logs: dict[str, list[float]] = {}  # step metrics since the last log line
 
-    def _zo_plan(self, gpu_mem, max_length: int | None):
+    def _zo_plan(self, gpu_mem, max_length: int | None, noise: str):
         from zoft.engine.plan import make_plan
 
         max_length = max_length or getattr(self.args, "max_length", None)  # TRL's SFTConfig has one
@@ -175,7 +176,8 @@ class ZOTrainingMixin:
             "8bit" if getattr(base, "is_loaded_in_8bit", False) else "none")
         return make_plan(base.config, gpu_mem, batch_size=self.args.per_device_train_batch_size,
                          max_length=max_length, num_probes=self.zo.num_probes(), dtype=_DTYPES.get(dtype, "fp32"),
-                         adapters=base is not self.model, quant=quant)
+                         adapters=base is not self.model, quant=quant, noise=noise,
+                         device="cuda" if self.args.device.type == "cuda" else "cpu")
 
     # -- Trainer's placement and optimizer --------------------------------------------------
     def _move_model_to_device(self, model, device):
