@@ -12,6 +12,11 @@ LM head that reads the head's weight outside the head module's call, where the e
 hooks would not perturb it; evaluation keeps TRL's route (the pending update is flushed first).
 Packed padding-free batches stack P copies of their rows; the model rebuilds each row's
 block-diagonal document mask from ``position_ids`` (sdpa and eager attention).
+
+``SFTConfig`` defaults to ``bf16=True``: the probes' forwards then run under bf16 autocast, whose
+rounding of a loss (~1e-3 on a small model) can be as large as the difference a perturbation at
+``eps=1e-3`` makes; take a larger ``eps`` or set ``bf16=False`` (and load the model in the
+precision the loss differences should be taken in).
 """
 from __future__ import annotations
 
