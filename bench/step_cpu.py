@@ -17,7 +17,9 @@ hyper-parameters, 2 threads, one process. Each repetition times, in a rotating o
                 timed step is a steady-state one (the first, update-free step is the warm-up);
   forward-only  two plain forward passes of the batch: the physical floor of a two-sided ZO step.
 
-Reports medians, the ratios of each zoft backend and of forward-only to the reference and to the
+Reports medians of wall-clock and of process CPU seconds (all threads; on a shared machine the
+CPU seconds leave out time spent waiting for a core, and with ``--threads 1`` they are the work
+figure: with 2 threads an OpenMP thread spinning for a descheduled partner counts), the ratios of each zoft backend and of forward-only to the reference and to the
 in-place loop, parameter-granular over unit-granular (same backend, same run) (the CPU's default backend, ``zoft.noise.default_noise``, on its own line), the z
 draws per step (counted, in units of one full-model draw; for ``table`` these are windows read,
 not generated), and a sanity check that all compute the same unperturbed loss of the same model
@@ -80,8 +82,8 @@ class MeZOReference:
             loss = self.model(**inputs).loss
         return loss.detach()
 
-    def step(self, inputs: dict[str, torch.Tensor]) -> tuple[float, float, float]:
-        """One ``zo_step`` + ``zo_update``; returns (L+, L-, projected_grad)."""
+    def zo_step(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """MeZO's ``zo_step``: +eps, -2eps, +eps passes around two forwards; returns (L+, L-)."""
         self.zo_random_seed = self.np_rng.randint(1000000000)
         self.zo_perturb_parameters(scaling_factor=1)
         loss1 = self.zo_forward(inputs)
@@ -89,7 +91,11 @@ class MeZOReference:
         loss2 = self.zo_forward(inputs)
         self.projected_grad = ((loss1 - loss2) / (2 * self.zo_eps)).item()
         self.zo_perturb_parameters(scaling_factor=1)  # back to the weights at the start of the step
-        # zo_update: regenerate z a 4th time and take the SGD step (no decay on bias / layer norm).
+        return loss1, loss2
+
+    def zo_update(self) -> None:
+        """MeZO's ``zo_update``: regenerate z a 4th time and take the SGD step (no decay on bias /
+        layer norm)."""
         torch.manual_seed(self.zo_random_seed)
         for name, param in self.named_parameters_to_optim:
             z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
@@ -98,6 +104,11 @@ class MeZOReference:
                 param.data = param.data - self.lr * (self.projected_grad * z + self.weight_decay * param.data)
             else:
                 param.data = param.data - self.lr * (self.projected_grad * z)
+
+    def step(self, inputs: dict[str, torch.Tensor]) -> tuple[float, float, float]:
+        """One ``zo_step`` + ``zo_update``; returns (L+, L-, projected_grad)."""
+        loss1, loss2 = self.zo_step(inputs)
+        self.zo_update()
         return loss1.item(), loss2.item(), self.projected_grad
 
 
@@ -122,21 +133,13 @@ class MeZOInPlace(MeZOReference):
         for name, param in self.named_parameters_to_optim:
             param.data.add_(self._z(param), alpha=scaling_factor * self.zo_eps)
 
-    def step(self, inputs: dict[str, torch.Tensor]) -> tuple[float, float, float]:
-        self.zo_random_seed = self.np_rng.randint(1000000000)
-        self.zo_perturb_parameters(scaling_factor=1)
-        loss1 = self.zo_forward(inputs)
-        self.zo_perturb_parameters(scaling_factor=-2)
-        loss2 = self.zo_forward(inputs)
-        self.projected_grad = ((loss1 - loss2) / (2 * self.zo_eps)).item()
-        self.zo_perturb_parameters(scaling_factor=1)
+    def zo_update(self) -> None:
         self.gen.manual_seed(self.zo_random_seed)
         for name, param in self.named_parameters_to_optim:
             z = self._z(param)
             if self.weight_decay and "bias" not in name and "layer_norm" not in name and "layernorm" not in name:
                 param.data.mul_(1 - self.lr * self.weight_decay)
             param.data.add_(z, alpha=-self.lr * self.projected_grad)
-        return loss1.item(), loss2.item(), self.projected_grad
 
 
 class CountingNoise:
@@ -237,12 +240,14 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
     for fn in fns.values():  # warm-up; zoft's first step has no pending update to apply
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}  # process CPU seconds (all threads)
     names = list(fns)
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no method always first
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fns[name]()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
 
     # z generations per step, counted on one more (steady-state) step of each.
     ref.z_elements = 0
@@ -259,13 +264,14 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
         e.close()
 
     med = {k: median(v) for k, v in times.items()}
+    cmed = {k: median(v) for k, v in cpu.items()}
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "model": "opt-125m shape (random init)" if not quick else "tiny opt (quick)",
         "params": n_params, "batch": [BATCH, SEQ], "dtype": "fp32", "threads": threads,
         "torch": torch.__version__, "reps": reps, "lr": lr, "eps": eps, "weight_decay": weight_decay,
         "build_s": build_s, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "median_s": med, "times_s": times,
+        "median_s": med, "times_s": times, "cpu_median_s": cmed, "cpu_s": cpu,
         "noise": list(noises),
         "ratio_over_reference": {k: med[k] / med["reference"] for k in names if k != "reference"},
         "ratio_zoft_over_reference": med["zoft"] / med["reference"],
@@ -275,6 +281,9 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
         "ratio_forward_only_over_reference": med["forward_only"] / med["reference"],
         # every zoft backend against MeZO's loop written with in-place updates (same run)
         "ratio_over_inplace": {label[v]: med[label[v]] / med["mezo_inplace"] for v in variants},
+        # the same ratios by CPU seconds: time waiting for a core (other processes) left out
+        "cpu_ratio_over_inplace": {label[v]: cmed[label[v]] / cmed["mezo_inplace"] for v in variants},
+        "cpu_param_over_unit": cmed["zoft"] / cmed["zoft[unit]"],
         "default_noise": default_noise("cpu"),
         "default_label": label.get((default_noise("cpu"), "param")),
         # Median of per-repetition ratios (each ran next to the reference): less sensitive to load drift.
@@ -293,25 +302,28 @@ def report(res: dict) -> str:
         f"{res['model']}: {res['params'] / 1e6:.1f}M params, {res['dtype']}, batch {res['batch'][0]}x{res['batch'][1]}, "
         f"{res['threads']} threads, {res['reps']} reps, torch {res['torch']}, "
         f"load avg {res['loadavg_before'][0]:.2f} -> {res['loadavg_after'][0]:.2f}",
-        f"{'':24s}{'median s/step':>14s}{'min':>9s}{'max':>9s}{'x reference':>13s}{'paired':>8s}",
+        f"{'':24s}{'median s/step':>14s}{'min':>9s}{'max':>9s}{'x reference':>13s}{'paired':>8s}"
+        f"{'x in-place':>12s}{'cpu s/step':>12s}{'cpu x in-place':>16s}",
     ]
-    lines[-1] += f"{'x in-place':>12s}"
+    cmed = res["cpu_median_s"]
     paired, inplace = res["paired_ratio_median"], med["mezo_inplace"]
     for name in med:
         label = {"reference": "MeZO reference", "mezo_inplace": "MeZO in-place",
                  "forward_only": "forward-only (2 fwd)"}.get(name, name)
         pr = f"{paired[name]:8.3f}" if name in paired else f"{'':8s}"
         lines.append(f"{label:24s}{med[name]:14.3f}{min(t[name]):9.3f}{max(t[name]):9.3f}{med[name] / ref:13.3f}{pr}"
-                     f"{med[name] / inplace:12.3f}")
+                     f"{med[name] / inplace:12.3f}{cmed[name]:12.3f}{cmed[name] / cmed['mezo_inplace']:16.3f}")
     z, l0 = res["z_per_step"], res["loss0"]
     lines += [
         f"ratio zoft/reference = {res['ratio_zoft_over_reference']:.3f} (zoft: noise '{res['noise'][0]}')   "
         f"forward-only/reference = {res['ratio_forward_only_over_reference']:.3f}   "
         "(paired: median of per-repetition ratios to the reference)",
         f"parameter-granular / unit-granular = {res['ratio_param_over_unit']:.3f} "
-        f"(paired {res['paired_param_over_unit']:.3f}; noise '{res['noise'][0]}')",
+        f"(paired {res['paired_param_over_unit']:.3f}; by CPU seconds {res['cpu_param_over_unit']:.3f}; "
+        f"noise '{res['noise'][0]}')",
         (f"default noise on the CPU: '{res['default_noise']}': "
-         + (f"{res['ratio_over_inplace'][res['default_label']]:.3f} x MeZO in-place" if res["default_label"]
+         + (f"{res['ratio_over_inplace'][res['default_label']]:.3f} x MeZO in-place "
+            f"(by CPU seconds {res['cpu_ratio_over_inplace'][res['default_label']]:.3f})" if res["default_label"]
             else "not timed (add it to --noise)")),
         "z draws per step (full-model units; 'table' reads windows, draws nothing): "
         + ", ".join(f"{k} {v:.2f}" for k, v in z.items()),
