@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, BloomConfig, MixtralConfig, OPTConfig
 
 from test_engine import TokenNLL, make_batch, reference_losses
-from test_offload import L, RTOL, assert_same_weights, deep_model, optimizer_steps, run_steps
+from test_offload import L, RTOL, assert_same_weights, deep_model, optimizer_steps, raise_inside, run_steps
 from tiny_models import QUANT_WIDTH, V, tiny_model
 from zoft.engine import Probe, Streaming, Update, ZOEngine
 from zoft.errors import UsageError
@@ -190,25 +190,9 @@ def test_groups_and_micro_batches_are_refused_together():
 def test_a_raising_forward_inside_a_group_loses_no_update():
     """A forward raising between two groups of a streamed block: held groups are released with
     their pending update completed, the next steps equal an uninterrupted run's."""
-    family = "llama"
-    ref_model, model = deep_model(family), deep_model(family)
-    ref = ZOEngine(ref_model, granularity="unit")
-    eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, prefetch=2, writeback_every=3, group_bytes=3000))
-    obj, batch = TokenNLL(True), make_batch(family)
-    for e in (ref, eng):
-        e.evaluate([Probe(1, 1e-3), Probe(1, -1e-3)], batch, obj)
-        e.set_update(Update([(1, -0.5)], decay=0.99))
-
-    class Boom(Exception):
-        pass
-
-    def boom(module, args, kwargs):
-        raise Boom
-
-    h = model.model.layers[3].mlp.up_proj.register_forward_pre_hook(boom, with_kwargs=True)
-    with pytest.raises(Boom):
-        eng.evaluate([Probe(2, 1e-3), Probe(2, -1e-3)], batch, obj)
-    h.remove()
+    ref_model, model, ref, eng, batch, obj = raise_inside(
+        {"granularity": "unit"}, Streaming("cpu", resident_blocks=0, prefetch=2, writeback_every=3, group_bytes=3000),
+        lambda m: m.model.layers[3].mlp.up_proj)
     assert not eng._held and not eng._live
     for e in (ref, eng):
         e.set_update(Update([(2, -0.3)], decay=0.99))

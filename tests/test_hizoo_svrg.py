@@ -12,7 +12,7 @@ import torch
 from test_engine import make_batch
 from test_optim_family import BASE, TokenNLL64, assert_matches_reference, one_thread, plain_loss  # noqa: F401  (autouse fixture)
 from test_train_cli import finetune_args, lm_data, tiny_dir  # noqa: F401  (fixtures)
-from test_zo_methods import loss_at
+from test_zo_methods import engine_steps, loss_at
 from tiny_models import tiny_batch, tiny_model
 from zoft.engine import ZOEngine
 from zoft.noise import make_noise, step_seed
@@ -57,13 +57,7 @@ def test_hizoo_matches_hand_written_reference(q):
     the losses, divided by 2 eps^2 in the curvature) and (1-a)H + aH c z^2 evaluated as
     H ((1-a) + a c z^2): atol 1e-11 on the weights, rtol 1e-9 on H."""
     cfg = {**BASE, "lr": 1e-2, "n_queries": q, "alpha": 0.5}
-    model = tiny_model("opt", dtype=torch.float64)
-    init, ref = copy.deepcopy(model), copy.deepcopy(model)
-    batch, obj = make_batch("opt"), TokenNLL64(True)
-    opt = make_optimizer("hizoo", cfg, seed=3, total_steps=10)
-    with ZOEngine(model) as engine:
-        for t in range(3):
-            step(engine, opt, batch, obj, t)
+    model, init, ref, batch, obj, opt = engine_steps("hizoo", cfg)
     H = hizoo_reference(cfg, ref, batch, obj, seed=3, steps=3)
     assert_matches_reference(model, ref, init)
     for k, h in opt.store["hessian"].items():

@@ -152,15 +152,14 @@ def test_frozen_streamed_units_are_never_written_back():
             assert torch.equal(p, frozen[n]), n
 
 
-@pytest.mark.parametrize("every", [1, 3])
-def test_a_raising_forward_loses_no_update(every):
-    """A forward that raises inside a streamed block: the block is released, its already-applied
-    pending update is written back (or, deferred, stays re-appliable from the log), and the next
-    steps equal an uninterrupted run."""
+def raise_inside(ref_kw: dict, offload: Streaming, where):
+    """Two deep Llama copies, a resident reference ``ZOEngine(**ref_kw)`` and an engine streamed
+    with ``offload``, one step (with a queued update) each; then the streamed one's next forward
+    raises at the pre-hook of ``where(model)``. Returns (ref_model, model, ref, eng, batch,
+    objective) with the raising hook already removed."""
     family = "llama"
     ref_model, model = deep_model(family), deep_model(family)
-    ref = ZOEngine(ref_model)
-    eng = ZOEngine(model, offload=Streaming("cpu", resident_blocks=0, prefetch=2, writeback_every=every))
+    ref, eng = ZOEngine(ref_model, **ref_kw), ZOEngine(model, offload=offload)
     obj, batch = TokenNLL(True), make_batch(family)
     for e in (ref, eng):
         e.evaluate([Probe(1, 1e-3), Probe(1, -1e-3)], batch, obj)
@@ -172,10 +171,20 @@ def test_a_raising_forward_loses_no_update(every):
     def boom(module, args, kwargs):
         raise Boom
 
-    h = model.model.layers[3].mlp.register_forward_pre_hook(boom, with_kwargs=True)
+    h = where(model).register_forward_pre_hook(boom, with_kwargs=True)
     with pytest.raises(Boom):
         eng.evaluate([Probe(2, 1e-3), Probe(2, -1e-3)], batch, obj)
     h.remove()
+    return ref_model, model, ref, eng, batch, obj
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_a_raising_forward_loses_no_update(every):
+    """A forward that raises inside a streamed block: the block is released, its already-applied
+    pending update is written back (or, deferred, stays re-appliable from the log), and the next
+    steps equal an uninterrupted run."""
+    ref_model, model, ref, eng, batch, obj = raise_inside(
+        {}, Streaming("cpu", resident_blocks=0, prefetch=2, writeback_every=every), lambda m: m.model.layers[3].mlp)
     ref.flush()
     eng.flush()
     assert_same_weights(model, ref_model)

@@ -16,6 +16,20 @@ from zoft.noise import make_noise, mix, step_seed
 from zoft.optim import make_optimizer, step
 
 
+def engine_steps(name: str, cfg: dict, steps: int = 3):
+    """``steps`` engine steps of optimizer ``name`` on a tiny fp64 OPT and the make_batch("opt")
+    batch; returns (trained model, untouched initial copy, a second copy for the hand reference,
+    batch, objective, optimizer)."""
+    model = tiny_model("opt", dtype=torch.float64)
+    init, ref = copy.deepcopy(model), copy.deepcopy(model)
+    batch, obj = make_batch("opt"), TokenNLL64(True)
+    opt = make_optimizer(name, cfg, seed=3, total_steps=10)
+    with ZOEngine(model) as engine:
+        for t in range(steps):
+            step(engine, opt, batch, obj, t)
+    return model, init, ref, batch, obj, opt
+
+
 def loss_at(model, batch, obj, direction):
     """The plain model's loss at ``w + direction`` ({name: tensor})."""
     m = copy.deepcopy(model)
@@ -68,13 +82,7 @@ def test_lowrank_step_matches_hand_written_reference(name):
     tiny OPT in fp64. What differs is the reduction order of batched vs plain matmuls (~1e-16)
     times 1/(2 eps): atol 1e-11 (as the ZO-SGD family's reference test)."""
     cfg = {**BASE, "lr": 1e-2, "n_queries": 2, "rank": 2, "interval": 2}
-    model = tiny_model("opt", dtype=torch.float64)
-    init, ref = copy.deepcopy(model), copy.deepcopy(model)
-    batch, obj = make_batch("opt"), TokenNLL64(True)
-    opt = make_optimizer(name, cfg, seed=3, total_steps=10)
-    with ZOEngine(model) as engine:
-        for t in range(3):
-            step(engine, opt, batch, obj, t)
+    model, init, ref, batch, obj, opt = engine_steps(name, cfg)
     lowrank_reference(name, cfg, ref, batch, obj, seed=3, steps=3)
     assert_matches_reference(model, ref, init)
 
@@ -105,13 +113,7 @@ def test_fzoo_matches_hand_written_reference():
     lr (sum_i (l_i - l0) / (N sigma) u_i + wd w). Three steps, N = 4, tiny OPT in fp64; atol 1e-11
     (batched vs plain matmul reduction order, ~1e-16, divided by sigma)."""
     cfg = {**BASE, "lr": 1e-2, "n": 4}
-    model = tiny_model("opt", dtype=torch.float64)
-    init, ref = copy.deepcopy(model), copy.deepcopy(model)
-    batch, obj = make_batch("opt"), TokenNLL64(True)
-    opt = make_optimizer("fzoo", cfg, seed=3, total_steps=10)
-    with ZOEngine(model) as engine:
-        for t in range(3):
-            step(engine, opt, batch, obj, t)
+    model, init, ref, batch, obj, opt = engine_steps("fzoo", cfg)
     noise, params = make_noise(), dict(ref.named_parameters())
     for t in range(3):
         seeds = [step_seed(3, t, i) for i in range(cfg["n"])]
