@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from eval_helpers import one_torch_thread  # noqa: F401  (tiny convolutions: one intra-op thread)
+from test_train_cli import lm_data, tiny_dir  # noqa: F401  (fixtures)
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.flop_counter import FlopCounterMode
@@ -236,6 +237,66 @@ def test_cge_feature_reuse_counts_fewer_flops_per_step():
     torch.testing.assert_close(flops[True][1], flops[False][1], rtol=1e-13, atol=0)
     assert flops[True][0] < 0.75 * flops[False][0]
 
+
+@pytest.mark.parametrize("family,gran", [("opt", "param"), ("opt", "unit"), ("llama", "param"), ("llama", "unit"),
+                                         ("bloom", "param"), ("bert", "param")])
+def test_cge_defaults_on_a_padded_lm_batch_equal_no_feature_reuse(family, gran):
+    """CGE's default feature reuse on a Hugging Face model with a padded batch (the last row ends in
+    2 pad tokens): the model builds its attention mask (BLOOM: and ALiBi) from the R rows before the
+    first block and hands it to every block, so a phase fanned out at block 0 ran block 1 (nothing
+    of it trained: the engine runs it whole) on P*R hidden rows with the R-row mask, a shape error
+    on either granularity. Now only the last block and the units after it fan out, and the estimate
+    equals ``feature_reuse=False``'s over every norm weight but block 1's (units before, in and after
+    the blocks) and BERT's head bias (its head unit holds it twice, as ``decoder.bias``: queried
+    once). Not bitwise: the phases run other row counts than the one no-reuse forward, so matmuls
+    may round differently (fp64, 1e-10 as above)."""
+    from test_engine import TokenNLL, make_batch
+    from tiny_models import ENCODERS, tiny_model
+
+    grads, fans = {}, {}
+    for reuse in (True, False):
+        model = tiny_model(family, dtype=torch.float64, layers=3)
+        for n, p in model.named_parameters():
+            norm = "norm" in n.lower() or "ln_" in n
+            p.requires_grad_(p.ndim == 1 and ".1." not in n and (norm or n == "cls.predictions.bias"))
+        with ZOEngine(model, granularity=gran) as eng:
+            opt = CGE(CGEConfig()) if reuse else CGE(CGEConfig(feature_reuse=False))  # defaults: reuse
+            res = step(eng, opt, make_batch(family), TokenNLL(causal=family not in ENCODERS), 0)
+            assert len(res.losses) == sum(p.numel() for p in eng.params.values()) + 1  # each coordinate once
+            grads[reuse] = opt.gradient(res.losses)
+            fans[reuse] = [opt.fan_out_at(0, i) for i in range(len(opt._phases))]
+            blocks = [u.name for u in eng.layout.blocks]
+    assert blocks[2] in fans[True] and blocks[0] not in fans[True] and fans[False] == [None]
+    assert grads[True].keys() == grads[False].keys()
+    for k, (idx, g) in grads[False].items():
+        assert torch.equal(grads[True][k][0], idx)
+        torch.testing.assert_close(grads[True][k][1], g, rtol=1e-10, atol=1e-10, msg=k)
+
+
+
+def test_cge_finetune_on_padded_lm_batches_equals_no_feature_reuse(tiny_dir, lm_data, tmp_path):
+    """``zoft finetune --optimizer cge`` (feature reuse on) on the tiny OPT's padded LM batches,
+    training a norm of block 0 (its phase runs whole) and one of block 1 (the last: fanned out):
+    it stopped with a shape error; now it trains the weights of ``feature_reuse: false`` (bitwise
+    equal on this CPU; held to 1e-6, as the two runs' forwards have other row counts)."""
+    from safetensors.torch import load_file
+    from zoft.cli import main
+
+    off = tmp_path / "off.yaml"
+    off.write_text("optimizer_options:\n  feature_reuse: false\n")
+    w = {}
+    for name, extra in (("reuse", []), ("off", ["--config", str(off)])):
+        out = tmp_path / name
+        assert main(["finetune", "--model", str(tiny_dir), "--task", "lm", "--train", str(lm_data), "--steps", "2",
+                     "--batch-size", "2", "--max-length", "16", "--output-dir", str(out), "--no-progress",
+                     "--optimizer", "cge", "--trainable", "layers.0.final_layer_norm,layers.1.final_layer_norm",
+                     *extra]) == 0
+        w[name] = load_file(str(out / "checkpoint" / "model.safetensors"))
+    init = load_file(str(tiny_dir / "model.safetensors"))
+    moved = [k for k in init if not torch.equal(w["reuse"][k], init[k])]
+    assert len(moved) == 4  # weight and bias of both norms
+    for k in init:
+        torch.testing.assert_close(w["reuse"][k], w["off"][k], rtol=0, atol=1e-6, msg=k)
 
 # -- ZO-GraSP ------------------------------------------------------------------------------------
 def test_zo_grasp_scores_match_a_hand_computation():

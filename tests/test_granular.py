@@ -97,10 +97,9 @@ def test_each_group_crosses_the_link_once_per_step_in_call_order():
 
 
 # cge queries every trained coordinate (76k here, over its max_queries): blocks of 1024 coordinates
-# keep every parameter in its set at 94 queries a step (multi-block and partial-block probes). Its
-# feature reuse is off: fanned out on a padded LM batch, the model's R-row attention mask meets
-# P*R hidden rows (an IndexError on either granularity; known, not what this test is about)
-EXTRA = {"cge": {"block": 1024, "feature_reuse": False}}
+# keep every parameter in its set at 94 queries a step (multi-block and partial-block probes); its
+# default feature reuse fans out at the last block and the units after it (zoft/optim/cge.py)
+EXTRA = {"cge": {"block": 1024}}
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

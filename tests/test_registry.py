@@ -19,10 +19,11 @@ from zoft.config import TrainConfig
 from zoft.distributed import check_supported
 from zoft.engine import Streaming, ZOEngine
 from zoft.errors import UsageError
+from zoft.models.adapters import apply_peft
 from zoft.optim import OPTIMIZERS, bind, describe, make_optimizer
 from zoft.resolve import resolve_run
 
-# cge queries every trained coordinate: the default (all ~63k of the tiny model's) is refused
+# cge queries every trained coordinate: the default (all ~32k of the tiny model's) is refused
 # (test below), so its run trains one LayerNorm (64 coordinates, 65 queries per step)
 TRAINABLE = {"cge": ["--trainable", "layers.1.final_layer_norm"]}
 
@@ -63,13 +64,38 @@ def test_finetune_with_its_defaults_replays_resumes_and_keeps_the_printed_state(
 
 def test_cge_over_a_whole_model_is_refused_in_one_line(tiny_dir, lm_data, tmp_path, capsys):
     """A CGE step queries every trained coordinate once: above ``max_queries`` (10 000 by default;
-    the tiny model has 63k) the run stops before loading data, with what to do."""
+    the tiny model has 31.5k) the run stops before loading the model, with what to do."""
     assert main(run_args(tiny_dir, lm_data, tmp_path / "run", "cge", 2, "--trainable", "model")) == 2
     queries = sum(p.numel() for p in tiny_model("opt").parameters()) + 1  # one-sided: one per coordinate + L(w)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{queries} forward queries per step" in err and "--trainable" in err
     with pytest.raises(UsageError, match="n_queries does not apply"):
         make_optimizer("cge", {"n_queries": 2}, 0, 1)
+
+
+def test_cge_dry_run_refuses_what_the_run_refuses(tiny_dir, lm_data, tmp_path, capsys):
+    """``--dry-run`` applies the run's ``max_queries`` check (``CGE.check_size``) to the trained
+    parameters read from the model's config on the meta device: exit 2 with the run's own line,
+    nothing loaded or written; a run under the bound would start. The counts are the loaded model's
+    (the whole model's; a LoRA adapter's: r 8 on q and v, 2048 coordinates)."""
+    whole = run_args(tiny_dir, lm_data, tmp_path / "run", "cge", 2, "--trainable", "model")
+    assert main([*whole, "--dry-run"]) == 2
+    dry = capsys.readouterr()
+    queries = sum(p.numel() for p in tiny_model("opt").parameters()) + 1
+    assert dry.out == "" and dry.err.strip() == (
+        f"zoft: error: cge queries each block of trained coordinates separately: {queries} forward queries "
+        "per step here, above max_queries 10000; train fewer parameters (--trainable, --peft), raise block, or "
+        "raise optimizer_options max_queries")
+    assert not (tmp_path / "run").exists()
+    assert main([*run_args(tiny_dir, lm_data, tmp_path / "run", "cge", 2), "--dry-run"]) == 0  # one LayerNorm
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("dry run: the run would start")
+    config = tmp_path / "cge.yaml"
+    config.write_text("optimizer_options:\n  max_queries: 2048\n")
+    lora = ["finetune", "--model", str(tiny_dir), "--optimizer", "cge", "--peft", "lora", "--config", str(config)]
+    assert main([*lora, "--dry-run"]) == 2
+    assert "2049 forward queries per step here, above max_queries 2048" in capsys.readouterr().err
+    adapter = apply_peft(tiny_model("opt"), "lora")  # what the run trains
+    assert sum(p.numel() for p in adapter.parameters() if p.requires_grad) == 2048
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

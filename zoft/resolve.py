@@ -92,6 +92,22 @@ def build_optimizer(cfg: TrainConfig):
     return make_optimizer(cfg.optimizer, opts, seed=cfg.seed, total_steps=cfg.steps)
 
 
+def trained_sizes(cfg: TrainConfig, config: Any) -> dict[str, int]:
+    """Coordinates per trained parameter of ``cfg``'s run (name -> numel), from the model's
+    ``config`` built on the meta device (no weights, no memory): the ``--peft`` adapter's or the
+    model's parameters, selected by ``--trainable`` / ``--freeze`` as the run selects them."""
+    from zoft.models.adapters import apply_peft
+    from zoft.models.loading import _auto_class
+    from zoft.train import select_trainable
+
+    with torch.device("meta"):
+        model = _auto_class(model_kind(config)).from_config(config)
+        if cfg.peft != "none":
+            model = apply_peft(model, cfg.peft, cfg.peft_options, seed=cfg.seed)
+    select_trainable(cfg, model)
+    return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad and p.dtype.is_floating_point}
+
+
 def plan_for(cfg: TrainConfig, num_probes: int = 2, **options: Any) -> Plan | None:
     """The plan of ``resolve_run(cfg, num_probes, **options)`` (None without ``cfg.gpu_mem``)."""
     return resolve_run(cfg, num_probes, **options).plan
@@ -104,9 +120,10 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
     ``cfg.batch_size x cfg.max_length`` (the task's rows) in the resolved dtype; adapter runs plan
     the base and write nothing back. Raises ``UsageError`` with one line when the run could not start: an unknown model
     or optimizer, a budget below the smallest plan (naming that plan's budget and the model as the
-    user named it). ``num_probes`` overrides the optimizer's count (``zoft plan --num-probes``, a
-    what-if); ``plan_options`` are the planner's what-if knobs (``h2d_gbps``, ``tflops``,
-    ``attention``, ``scratch``).
+    user named it), a cge step over its ``max_queries`` (counted on ``trained_sizes``).
+    ``num_probes`` overrides the optimizer's count (``zoft plan --num-probes``, a what-if);
+    ``plan_options`` are the planner's what-if knobs (``h2d_gbps``, ``tflops``, ``attention``,
+    ``scratch``).
     """
     name = cfg.model or EMBEDDED_DEFAULT
     source, config = resolve(cfg.model)
@@ -131,6 +148,8 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
     if cfg.gpu_mem is not None and not getattr(opt, "streams", True):  # zoft optimizers: "streams: no"
         raise UsageError(f"--optimizer {cfg.optimizer} does not stream blocks (zoft optimizers: streams: no); "
                          "drop --gpu-mem")
+    if hasattr(opt, "check_size"):  # cge queries every trained coordinate: refused above max_queries
+        opt.check_size(trained_sizes(resolved, config))
     probes = num_probes if num_probes is not None else opt.num_probes()
     # a stateful optimizer's update (momentum, Adam moments) is not seed-form: the engine writes
     # a streamed block back in the residency that applied it, so its plan has k_wb = 1
@@ -166,4 +185,5 @@ def format_run(run: ResolvedRun) -> str:
     return "\n".join([*head, tail])
 
 
-__all__ = ["ResolvedRun", "auto_dtype", "build_optimizer", "device_type", "format_run", "plan_for", "resolve_run"]
+__all__ = ["ResolvedRun", "auto_dtype", "build_optimizer", "device_type", "format_run", "plan_for", "resolve_run",
+           "trained_sizes"]

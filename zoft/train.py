@@ -157,13 +157,11 @@ def _check_max_length(cfg: TrainConfig, lm: LoadedModel) -> None:
                          f"give --max-length {limit} or less")
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, num_probes: int = 2,
-                 device: torch.device | None = None, plan: Any = None) -> ZOEngine:
-    """The engine over ``model``. With ``cfg.trainable`` only parameters whose names contain one of
-    its entries are trained; then those containing a ``cfg.freeze`` entry are frozen. Frozen means
-    ``requires_grad=False``: never perturbed nor written. With ``cfg.gpu_mem`` the planner places
-    the model under that budget for ``num_probes`` probes of ``cfg.batch_size x cfg.max_length``
-    and blocks that do not fit stream through ``device`` (CUDA, or the CPU twin on ``cpu``)."""
+def select_trainable(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """With ``cfg.trainable`` only parameters whose names contain one of its entries are trained;
+    then those containing a ``cfg.freeze`` entry are frozen. Frozen means ``requires_grad=False``:
+    never perturbed nor written. One-line refusals: a pattern that matches no parameter name,
+    nothing left to train."""
     for what, patterns in (("trainable", cfg.trainable), ("freeze", cfg.freeze)):
         if patterns and not any(s in n for n, _ in model.named_parameters() for s in patterns):
             raise UsageError(f"--{what} {','.join(patterns)} matches no parameter name")
@@ -176,6 +174,15 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, num_probes: int = 2,
         raise UsageError("nothing to train: every parameter is frozen (--trainable "
                          f"{','.join(cfg.trainable) or '(all)'}, --freeze {','.join(cfg.freeze) or '(none)'}); "
                          "leave some parameter names out of --freeze")
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, num_probes: int = 2,
+                 device: torch.device | None = None, plan: Any = None) -> ZOEngine:
+    """The engine over ``model``, training what ``select_trainable`` leaves trainable. With
+    ``cfg.gpu_mem`` the planner places the model under that budget for ``num_probes`` probes of
+    ``cfg.batch_size x cfg.max_length`` and blocks that do not fit stream through ``device`` (CUDA,
+    or the CPU twin on ``cpu``)."""
+    select_trainable(cfg, model)
     offload = None
     if cfg.gpu_mem is not None:
         offload = Streaming.from_plan(plan or plan_for(cfg, num_probes), device or resolve_device(cfg.device))

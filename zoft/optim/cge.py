@@ -30,7 +30,9 @@ are grouped by the engine's units (``bind_engine``) and each unit's blocks form 
 once on the R rows and fans the result out to the phase's probes (``ZOEngine.evaluate``). The
 base query rides in the first phase. Each phase recomputes its prefix once (R rows), against
 P_k * R rows of the suffix: DeepZero reuses stored features instead; the difference is one
-forward of the prefix per unit and step.
+forward of the prefix per unit and step. With a block stack (a Hugging Face model: the attention
+mask, built before the first block, reaches every block at R rows) only the last block and the
+units after it fan out; an earlier unit's phase runs through the whole model (``_plan``).
 
 **Updates are not seed form.** G is a value per coordinate, not a function of a few seeds, so
 the update (``CoordinateUpdate``) carries its coordinates and their applied change explicitly:
@@ -40,9 +42,9 @@ re-applies exactly the stored values (bitwise, tested).
 
 **In the registry** (``zoft finetune --optimizer cge``): over every trained coordinate (no mask
 from the command line), refused in one line when a step would exceed ``max_queries`` forward
-queries (an LLM has billions of coordinates: train fewer with ``--trainable`` / ``--peft``, or
-raise ``block``), under ``--gpu-mem`` (not tested streamed) and data-parallel. Masks
-(ZO-GraSP) go through the Python API (``docs/deepzero.md``).
+queries (``check_size``, also under ``--dry-run``; an LLM has billions of coordinates: train
+fewer with ``--trainable`` / ``--peft``, or raise ``block``), under ``--gpu-mem`` (not tested
+streamed) and data-parallel. Masks (ZO-GraSP) go through the Python API (``docs/deepzero.md``).
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ class CGEConfig:
 
     block:         coordinates perturbed together by one probe (within one parameter).
     feature_reuse: one phase per unit, fanned out where the unit's perturbation starts
-                   (needs the engine's ``layout`` when the optimizer is built).
+                   (needs the engine's ``layout`` when the optimizer is built; in a block stack
+                   only from the last block on).
     max_queries:   the most forward queries a step may take (blocks + base); a larger
                    coordinate set is refused at ``bind`` (a phase's probes share one forward of
                    P x batch rows, so this also bounds a step's activation memory).
@@ -178,10 +181,15 @@ class CGE:
         first = self.layout is None
         self.layout = engine.layout
         if first and not callable(self.mask):  # refused before step 0 (a per-step mask: when each step is planned)
-            self._check_size(self.coordinates(0))
+            self.check_size({k: idx.numel() for k, idx in self.coordinates(0).items()})
 
-    def _check_size(self, coords: dict[str, torch.Tensor]) -> None:
-        n = sum(-(-idx.numel() // self.config.block) for idx in coords.values())
+    def check_size(self, sizes: dict[str, int]) -> None:
+        """Refuse in one line (``UsageError``) a coordinate set of ``sizes`` (key -> coordinates of
+        that parameter in the set) whose step would take more than ``max_queries`` forward queries.
+        Called on the set when bound and planned, and by ``zoft.resolve.resolve_run`` on the trained
+        parameters read from the model's config, so ``zoft finetune`` and its ``--dry-run`` refuse
+        before loading anything."""
+        n = sum(-(-k // self.config.block) for k in sizes.values())
         queries = n + 1 if self.config.one_sided else 2 * n
         if queries > self.config.max_queries:
             raise UsageError(f"cge queries each block of trained coordinates separately: {queries} forward queries "
@@ -238,20 +246,30 @@ class CGE:
 
     def _plan(self, step: int) -> None:
         coords = self.coordinates(step)
-        self._check_size(coords)
+        self.check_size({k: idx.numel() for k, idx in coords.items()})
         b = self.config.block
         if self.config.feature_reuse and self.layout is not None:
             groups: list[tuple[str | None, list[str]]] = []
+            units = self.layout.units
             units_of: dict[str, int] = {}
-            for u in self.layout.units:
+            for u in units:
                 for k in {k for k, _ in u.params}:
                     units_of[k] = units_of.get(k, 0) + 1
+            # a block stack (a Hugging Face model) is no chain: the model builds the attention mask
+            # (and positions, ALiBi) from the batch's R rows before its first block and hands it to
+            # every block, so a fan-out at a block leaves the later blocks' at R rows against P*R
+            # hidden rows (a shape error on either granularity; eager attention: unpadded too). The
+            # last block (whose own inputs the fan-out repeats) and the units after it (final norm,
+            # head: the hidden state alone) fan out; an earlier unit's phase runs the whole model.
+            last = max((i for i, u in enumerate(units) if u.kind == "block"), default=0)
             seen: set[str] = set()
-            for u in self.layout.units:
-                keys = [k for k, _ in u.params if k in coords and k not in seen]
+            for i, u in enumerate(units):
+                # a key once, also one a unit holds twice (BERT's head: ``bias`` is ``decoder.bias``)
+                keys = list(dict.fromkeys(k for k, _ in u.params if k in coords and k not in seen))
                 seen.update(keys)
                 if keys:  # a key in two units (tied) may run first in either: no fan-out for it
-                    groups.append((u.name if all(units_of[k] == 1 for k in keys) else None, keys))
+                    fans = i >= last and all(units_of[k] == 1 for k in keys)
+                    groups.append((u.name if fans else None, keys))
         else:
             groups = [(None, list(coords))]
         self._blocks, self._phases = [], []
