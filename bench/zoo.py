@@ -14,8 +14,9 @@ Two problems (``PROBLEMS``):
 
 Protocol (``run``): every method gets the same forward-pass budget (the steps whose forwards,
 ``step_forwards``, fit in it) and, per seed, the same batches (``zoft.train.batch_indices``). First a sweep: seed 0 at each
-learning rate of ``GRID`` x the method's centre ``LR``; the rate with the lowest *validation* loss
-(MeZO's dev-selection criterion) is kept, and seeds 1.. run at it (seed 0's run at that rate is
+learning rate of ``GRID`` x the method's centre ``LR``, and while the best is at an end of the
+rates swept, one more x3 past it (``EXTEND`` times at most per side); the rate with the lowest
+*validation* loss (MeZO's dev-selection criterion) is kept, and seeds 1.. run at it (seed 0's run at that rate is
 reused: it saw no held-out example). All other options are registry defaults (``OPTIONS``:
 stated overrides). Every run is cached in ``--results`` under (problem, method, lr, seed, config
 hash); a rerun computes only what is missing. Step times come from one timing pass over all
@@ -66,6 +67,7 @@ LR = {
            "zo-sgd-sign": 1e-3, "zo-adam": 1e-3, "r-adazo": 1e-4, "zo-ranksgd": 1e-3, "fzoo": 1e-3},
 }
 GRID = (1 / 3, 1.0, 3.0)
+EXTEND = 2  # while the best rate is at an end of the swept rates, sweep one more x3 past it, at most this often
 EPS = {"demo": 1e-3, "lm": 1e-2}
 BUDGET = {"demo": 300, "lm": 2000}  # forward passes per run (why: README "ZO methods at equal forward passes")
 EVALS = {"demo": 3, "lm": 4}  # held-out evaluations per run (the plot's points)
@@ -404,14 +406,31 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else math.inf
 
 
+def sweep(runs: dict, problem: str, method: str, budget: int, evals: int) -> tuple[float | None, list[float], bool]:
+    """The sweep's state: (pick, rates still to run, pick at an end). The pick is the swept rate
+    whose seed-0 run has the lowest validation loss; the sweep starts at ``GRID`` x the centre and,
+    while the best is at an end, adds the rate x3 past that end (``EXTEND`` times at most per
+    side). Pick None while a needed seed-0 run is missing (listed); "at an end" is True only when
+    the extensions ran out with the best still at the end (the best may lie further out)."""
+    factors = list(GRID)
+    while True:
+        grid = [LR[problem][method] * f for f in factors]
+        vals = [runs.get(Job(problem, method, lr, 0, budget, evals).key()) for lr in grid]
+        missing = [lr for lr, v in zip(grid, vals) if v is None]
+        if missing:
+            return None, missing, False
+        best = min(range(len(grid)), key=lambda i: _finite(vals[i]["val_loss"]))
+        if best == 0 and factors[0] > GRID[0] / 3 ** EXTEND * (1 + 1e-9):
+            factors.insert(0, factors[0] / 3)
+        elif best == len(grid) - 1 and factors[-1] < GRID[-1] * 3 ** EXTEND * (1 - 1e-9):
+            factors.append(factors[-1] * 3)
+        else:
+            return grid[best], [], best in (0, len(grid) - 1)
+
+
 def chosen_lr(runs: dict, problem: str, method: str, budget: int, evals: int) -> float | None:
-    """The sweep's pick: the grid learning rate whose seed-0 run has the lowest validation loss
-    (None while a sweep run is missing)."""
-    grid = [LR[problem][method] * f for f in GRID]
-    vals = [runs.get(Job(problem, method, lr, 0, budget, evals).key()) for lr in grid]
-    if any(v is None for v in vals):
-        return None
-    return min(zip(grid, vals), key=lambda gv: _finite(gv[1]["val_loss"]))[0]
+    """The sweep's pick (``sweep``), None while it is incomplete."""
+    return sweep(runs, problem, method, budget, evals)[0]
 
 
 def run(problems: list[str], methods: list[str], seeds: list[int], budgets: dict, evals: dict, path: Path,
@@ -424,6 +443,7 @@ def run(problems: list[str], methods: list[str], seeds: list[int], budgets: dict
     queue += [Job(p, m, LR[p][m] * f, 0, budgets[p], evals[p]) for m in methods for p in problems
               if m not in SKIP.get(p, {}) for f in GRID]
     ready: list[Job] = []  # finals of complete sweeps: before any further sweep
+    scheduled = {j.key() for j in queue if j != "demo-zero-shot"}  # sweep runs ever queued
     expanded: set[tuple[str, str]] = set()
     counts = {"computed": 0, "cached": 0, "failed": 0}
 
@@ -433,10 +453,16 @@ def run(problems: list[str], methods: list[str], seeds: list[int], budgets: dict
     def after(j) -> None:  # a sweep run is in the cache: are the method's finals due?
         if j == "demo-zero-shot" or j.seed != 0 or (j.problem, j.method) in expanded:
             return
-        lr = chosen_lr(load_results(path)["runs"], j.problem, j.method, j.budget, j.evals)
+        lr, more, _ = sweep(load_results(path)["runs"], j.problem, j.method, j.budget, j.evals)
         if lr is not None:
             expanded.add((j.problem, j.method))
             ready.extend(Job(j.problem, j.method, lr, s, j.budget, j.evals) for s in seeds if s != 0)
+        else:  # the grid's best at an end: one rate further (once, even while a sibling run is in flight)
+            for x in more:
+                nxt = Job(j.problem, j.method, x, 0, j.budget, j.evals)
+                if nxt.key() not in scheduled:
+                    scheduled.add(nxt.key())
+                    ready.append(nxt)
 
     def next_job():
         while ready or queue:
@@ -521,10 +547,10 @@ def collect(runs: dict, problem: str, methods: list[str], seeds: list[int], budg
     """{method: {"lr": chosen, "seeds": {seed: record}}} of the cached final runs (complete methods only)."""
     out = {}
     for m in methods:
-        lr = chosen_lr(runs, problem, m, budget, evals)
+        lr, _, edge = sweep(runs, problem, m, budget, evals)
         recs = {s: runs.get(Job(problem, m, lr, s, budget, evals).key()) for s in seeds} if lr is not None else {}
         if recs and all(recs.values()):
-            out[m] = {"lr": lr, "seeds": recs}
+            out[m] = {"lr": lr, "edge": edge, "seeds": recs}
     return out
 
 
@@ -547,10 +573,10 @@ def winners(done: dict, min_points: float = 3.0, alpha: float = 0.05) -> list[st
     return out
 
 
-def _lr_cell(problem: str, name: str, lr: float) -> str:
-    """The chosen rate, starred when it is at an end of the grid (the best may lie outside it)."""
-    edge = min(abs(lr - LR[problem][name] * f) for f in (GRID[0], GRID[-1])) < 1e-12 * lr
-    return f"{lr:.3g}{'*' if edge else ''}"
+def _lr_cell(d: dict) -> str:
+    """The chosen rate, starred when it is still at an end of the extended sweep (the best may lie
+    outside it)."""
+    return f"{d['lr']:.3g}{'*' if d['edge'] else ''}"
 
 
 def table(results: dict, timing: dict, zero_shot: dict | None, methods: list[str]) -> str:
@@ -588,15 +614,15 @@ def table(results: dict, timing: dict, zero_shot: dict | None, methods: list[str
                         b, c = discordant(recs[s]["correct"], ref["seeds"][s]["correct"])
                         per_seed.append(f"{b}/{c} {mcnemar_exact(b, c):.2f}")
                     sig = f"{gain:+.1f}: " + "; ".join(per_seed)
-                lines.append(f"| `{name}` | {_lr_cell(problem, name, d['lr'])} | {steps} | {acc} | {loss} | {sig} | {mem} "
+                lines.append(f"| `{name}` | {_lr_cell(d)} | {steps} | {acc} | {loss} | {sig} | {mem} "
                              f"| {st} |")
             else:
                 nll = mean_sd([r["final_loss"] for r in recs.values()])
-                lines.append(f"| `{name}` | {_lr_cell(problem, name, d['lr'])} | {steps} | {nll} | {mem} | {st} |")
+                lines.append(f"| `{name}` | {_lr_cell(d)} | {steps} | {nll} | {mem} | {st} |")
         lines += [f"`{m}` not run: {why}" for m, why in SKIP.get(problem, {}).items() if m in methods]
         lines += [f"`{m}`: not complete in the cache" for m in methods if m not in done and m not in SKIP.get(problem, {})]
         lines += [f"`{m}` not run: {why}" for m, why in EXCLUDED.items()]
-        lines.append("(* the chosen rate is at an end of the sweep's grid)\n")
+        lines.append(f"(* the chosen rate is at an end of the sweep, {EXTEND} x3 steps past the grid)\n")
     return "\n".join(lines)
 
 
@@ -664,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     zero_shot = res["runs"].get(zero_shot_key())
     dates = sorted(r["date"] for r in res["runs"].values())
     title = f"runs {dates[0][:10]} to {dates[-1][:10]}" if dates else ""
-    print(f"{title}; budgets {budgets} forward passes; seeds {seeds}; lr grid {GRID} x centre\n")
+    print(f"{title}; budgets {budgets} forward passes; seeds {seeds}; lr grid {GRID} x centre, extended "
+          f"x3 past an end (at most {EXTEND} times per side) while the best rate is there\n")
     print(table(results, res.get("timing", {}), zero_shot, methods))
     if "demo" in results:
         wins = winners(results["demo"])

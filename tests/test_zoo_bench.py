@@ -1,6 +1,7 @@
 """``bench/zoo.py``: the statistics against hand-computed values, the win rule, and a smoke run of
 the causal-LM problem at a tiny budget (sweep, seeds, cache, timing, table, plot)."""
 import json
+import math
 
 import pytest
 import torch
@@ -71,10 +72,10 @@ def test_zoo_lm_smoke_sweep_seeds_and_cache(tmp_path, capsys):
         second = capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
-    assert "computed 8 run(s), 0 cached, 0 failed" in first  # per method: 3 sweep rates, then seed 1
+    n = len(cached["runs"])  # per method: 3 sweep rates (+ extensions past an end), then seed 1
+    assert 8 <= n <= 8 + 2 * 2 * zoo.EXTEND and f"computed {n} run(s), 0 cached, 0 failed" in first
     assert first.index("lm|mezo-sgd|") < first.index("|seed=1|") < first.index("lm|zo-sgd-cons|")  # methods in order
-    assert "computed 0 run(s), 8 cached" in second and json.loads(results.read_text()) == cached
-    assert len(cached["runs"]) == 8
+    assert f"computed 0 run(s), {n} cached" in second and json.loads(results.read_text()) == cached
     # equal forward passes: 10 // 2 and 10 // 5 steps
     assert "| `mezo-sgd` |" in first and " | 5 | " in first.split("`mezo-sgd`")[1].splitlines()[0]
     assert " | 2 | " in first.split("`zo-sgd-cons`")[1].splitlines()[0]
@@ -84,11 +85,35 @@ def test_zoo_lm_smoke_sweep_seeds_and_cache(tmp_path, capsys):
         assert rec["val_loss"] > 0 and rec["final_loss"] > 0
     # the seed-1 runs use the learning rate whose seed-0 run had the lowest validation loss
     for m in ("mezo-sgd", "zo-sgd-cons"):
-        lr = zoo.chosen_lr(cached["runs"], "lm", m, 10, 1)
+        lr, more, _ = zoo.sweep(cached["runs"], "lm", m, 10, 1)
+        assert more == [] and lr == zoo.chosen_lr(cached["runs"], "lm", m, 10, 1)
         sweep = {k: r["val_loss"] for k, r in cached["runs"].items() if f"|{m}|" in k and "|seed=0|" in k}
+        assert 3 <= len(sweep) <= 3 + zoo.EXTEND
         assert sweep[min(sweep, key=sweep.get)] == cached["runs"][zoo.Job("lm", m, lr, 0, 10, 1).key()]["val_loss"]
         assert zoo.Job("lm", m, lr, 1, 10, 1).key() in cached["runs"]
     assert (tmp_path / "z.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("best,ran,expect", [
+    (1.0, (), (1.0, [], False)),                     # interior: no extension
+    (3.0, (), (None, [9.0], False)),                 # best at the top of the grid: one rate further
+    (27.0, (9.0, 27.0), (27.0, [], True)),           # still at the end after EXTEND (2) extensions: starred
+    (1 / 9, (1 / 9, 1 / 27), (1 / 9, [], False)),    # the extension below won, the next one lost
+])
+def test_sweep_extends_past_an_end_while_the_best_is_there(best, ran, expect):
+    """The sweep on hand-made validation losses |log3(lr / best)| (lowest at ``best``) of the grid's
+    runs plus the extensions already run (``ran``, x centre): its pick, the rates it still needs,
+    and the end flag."""
+    zoo = load_bench("zoo")
+    centre = zoo.LR["lm"]["mezo-sgd"]
+    runs = {zoo.Job("lm", "mezo-sgd", centre * f, 0, 10, 1).key(): {"val_loss": abs(math.log(f / best, 3))}
+            for f in (*zoo.GRID, *ran)}
+    lr, more, edge = zoo.sweep(runs, "lm", "mezo-sgd", 10, 1)
+    want_lr, want_more, want_edge = expect
+    assert (lr is None) == (want_lr is None) and edge == want_edge
+    if want_lr is not None:
+        assert lr == pytest.approx(centre * want_lr, rel=1e-12)
+    assert more == pytest.approx([centre * f for f in want_more], rel=1e-12)
 
 
 def test_demo_validation_split_is_disjoint_balanced_and_fixed():
