@@ -67,7 +67,7 @@ LR = {
            "zo-sgd-sign": 1e-3, "zo-adam": 1e-3, "r-adazo": 1e-4, "zo-ranksgd": 1e-3, "fzoo": 1e-3},
 }
 GRID = (1 / 3, 1.0, 3.0)
-EXTEND = 2  # while the best rate is at an end of the swept rates, sweep one more x3 past it, at most this often
+EXTEND = 4  # while the best rate is at an end of the swept rates, sweep one more x3 past it, at most this often
 EPS = {"demo": 1e-3, "lm": 1e-2}
 BUDGET = {"demo": 300, "lm": 2000}  # forward passes per run (why: README "ZO methods at equal forward passes")
 EVALS = {"demo": 3, "lm": 4}  # held-out evaluations per run (the plot's points)

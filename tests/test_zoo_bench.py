@@ -97,7 +97,7 @@ def test_zoo_lm_smoke_sweep_seeds_and_cache(tmp_path, capsys):
 @pytest.mark.parametrize("best,ran,expect", [
     (1.0, (), (1.0, [], False)),                     # interior: no extension
     (3.0, (), (None, [9.0], False)),                 # best at the top of the grid: one rate further
-    (27.0, (9.0, 27.0), (27.0, [], True)),           # still at the end after EXTEND (2) extensions: starred
+    ("top", "top", ("top", [], True)),              # still at the end after EXTEND extensions: starred
     (1 / 9, (1 / 9, 1 / 27), (1 / 9, [], False)),    # the extension below won, the next one lost
 ])
 def test_sweep_extends_past_an_end_while_the_best_is_there(best, ran, expect):
@@ -105,6 +105,10 @@ def test_sweep_extends_past_an_end_while_the_best_is_there(best, ran, expect):
     runs plus the extensions already run (``ran``, x centre): its pick, the rates it still needs,
     and the end flag."""
     zoo = load_bench("zoo")
+    if best == "top":  # the grid's top rate x3 EXTEND times, each extension run
+        ran = tuple(zoo.GRID[-1] * 3 ** i for i in range(1, zoo.EXTEND + 1))
+        best = ran[-1]
+        expect = (best, [], True)
     centre = zoo.LR["lm"]["mezo-sgd"]
     runs = {zoo.Job("lm", "mezo-sgd", centre * f, 0, 10, 1).key(): {"val_loss": abs(math.log(f / best, 3))}
             for f in (*zoo.GRID, *ran)}
