@@ -272,7 +272,10 @@ def test_accounted_peak_within_the_plan_over_a_budget_sweep(dtype, noise):
     boundary activations, an update's transients) is <= the plan's prediction <= the budget, and
     its weights and slots are the plan's to the byte. The model's embedding (V x H) is its largest
     parameter and the batch is one short row, so applying an fp16 update (an fp32 piece, z and
-    rounding temporaries) is the largest transient: left out of the plan, the peak exceeds it."""
+    rounding temporaries) is the largest transient: left out of the plan, the peak exceeds it.
+    The first step has no update pending: its peak is made by the embedding's perturbed copy, whose
+    z piece and cast (``perturb_bytes``, 6 bytes per element) the meter counts beside the bytes
+    it holds; left out of the meter, that peak is below them."""
     import copy
 
     import torch
@@ -280,6 +283,7 @@ def test_accounted_peak_within_the_plan_over_a_budget_sweep(dtype, noise):
     from transformers import AutoModelForCausalLM
 
     from zoft.engine import Probe, Streaming, Update, ZOEngine
+    from zoft.engine.precision import perturb_bytes
     from zoft.noise import NoiseTable, make_noise
 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -308,6 +312,9 @@ def test_accounted_peak_within_the_plan_over_a_budget_sweep(dtype, noise):
             eng.set_update(Update([(t, -1e-3)]))
             peak = eng.device_peak_bytes
             assert peak <= plan.peak_device_bytes <= budget, (i, t, peak, plan)
+            if t == 0:  # held bytes + the embedding's (V x H, the largest parameter) z piece and cast
+                z = perturb_bytes(4096 * H, 2)
+                assert peak >= sum(eng.meter.by_kind.values()) + z, (i, peak, eng.meter.by_kind, z)
         by = eng.meter.by_kind
         assert by["resident"] + by.get("noise", 0) == plan.resident_weights_bytes - plan.noise_bytes + (
             4 * nb.size if noise == "table" else 0)

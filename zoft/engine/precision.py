@@ -51,6 +51,17 @@ def perturb_bytes(numel: int, element_size: int, z: str = "pieces", chunk: int =
     return {"pieces": 4 * piece + cast, "fused": 0, "whole": 4 * numel + cast}[z]
 
 
+def perturb_z_mode(noise, w0: torch.Tensor, seed: int) -> str:
+    """How ``noise.perturb_into`` makes z for ``w0`` under ``seed`` (``perturb_bytes``'s ``z``):
+    the backend's way (``noise.z_mode``; a shaped direction, ``zoft.optim.directions``, is
+    "whole"), or "whole" for a virtual seed (a composite direction, drawn whole), a strided ``w0``
+    or a backend that does not say."""
+    mode = getattr(noise, "z_mode", None)
+    if mode is None or seed < 0 or not w0.is_contiguous():
+        return "whole"
+    return mode(w0)
+
+
 def apply_update_(update, key: str, w: torch.Tensor, noise, decays: bool, sround_seed: int) -> None:
     """Apply ``update`` (``zoft.engine.Update``) to the weight ``w`` in place. A bf16/fp16 weight
     is updated in fp32 and stochastically rounded back, keyed by ``sround_seed`` (round to nearest

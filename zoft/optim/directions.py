@@ -83,7 +83,10 @@ class CompositeNoise:
         return self.shaper is None and getattr(self.inner, "rounds_in_place", False)
 
     def z_mode(self, like: torch.Tensor) -> str:
-        return self.inner.z_mode(like) if self.shaper is None else "whole"
+        """``zoft.noise``'s ``z_mode``: the backend's; "whole" for shaped directions or a backend
+        that does not say."""
+        inner = getattr(self.inner, "z_mode", None)
+        return inner(like) if self.shaper is None and inner is not None else "whole"
 
     def perturb_into(self, out: torch.Tensor, w0: torch.Tensor, seed: int, key: str, scale: float) -> None:
         if seed >= 0 and self.shaper is None:
