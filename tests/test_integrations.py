@@ -217,21 +217,32 @@ def test_resume_from_a_trainer_checkpoint_continues_the_same_trajectory(model_di
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_streaming_under_zo_gpu_mem_on_the_cpu_twin_equals_resident(tmp_path):
+@pytest.mark.parametrize("name", ["mezo-sgd", "sparse-mezo", "r-adazo"])
+def test_streaming_under_zo_gpu_mem_on_the_cpu_twin_equals_resident(tmp_path, name):
     """``zo_gpu_mem`` just above the smallest plan streams blocks through the CPU twin: the
     weights equal the resident run's (the engine's equivalence tolerance, rtol 1e-5) and the
-    logged device peak stays within the budget."""
+    logged device peak stays within the budget. The plan (``trainer.zo_plan``) is the planner's
+    for the optimizer's statefulness: Sparse MeZO (re-masking) and R-AdaZO hand out updates that
+    are not seed-form, planned with write-back every step and their whole fp32 copy
+    (``make_plan(stateful=True)``); MeZO-SGD defers write-back."""
     from zoft.engine.plan import make_plan
+    from zoft.optim import make_optimizer
 
     d = tmp_path / "deep"
     tiny_model("opt", layers=6).save_pretrained(d)
-    budget = make_plan(AutoModelForCausalLM.from_pretrained(d).config, "1GB", batch_size=B, max_length=MAXLEN,
-                       num_probes=2, dtype="fp32").min_budget_bytes + 2000
+    stateful = make_optimizer(name, {}, seed=0, total_steps=1).stateful
+    assert stateful == (name != "mezo-sgd")
+    kw = dict(batch_size=B, max_length=MAXLEN, num_probes=2, dtype="fp32", noise="torch", device="cpu",
+              stateful=stateful)
+    cfg = AutoModelForCausalLM.from_pretrained(d).config
+    budget = make_plan(cfg, "1GB", **kw).min_budget_bytes + 2000
     # torch noise: the CPU default 'table' puts a 268 MB table on the device, above this kB budget
-    resident = zo_trainer(AutoModelForCausalLM.from_pretrained(d), tmp_path / "r", zo_noise="torch")
+    resident = zo_trainer(AutoModelForCausalLM.from_pretrained(d), tmp_path / "r", zo_noise="torch", zo_optimizer=name)
     resident.train()
     streamed = zo_trainer(AutoModelForCausalLM.from_pretrained(d), tmp_path / "s", zo_gpu_mem=str(budget),
-                          zo_max_length=MAXLEN, zo_noise="torch")
+                          zo_max_length=MAXLEN, zo_noise="torch", zo_optimizer=name)
+    assert streamed.zo_plan == make_plan(cfg, budget, **kw)
+    assert (streamed.zo_plan.writeback_every == 1) == stateful
     assert streamed.engine.offload is not None and len(streamed.engine.offload.streamed) > 0
     streamed.train()
     peaks = [h["device_peak_bytes"] for h in streamed.state.log_history if "loss" in h]

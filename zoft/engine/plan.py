@@ -399,7 +399,9 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     unit's, ``ZOEngine(granularity="unit")``). ``noise`` (on ``device``, "cuda" or "cpu"): how z
     is made (``zoft.noise``): the torch generator draws a CUDA z whole, Philox is fused on CUDA,
     and a noise table (268 MB in fp32) is resident on the device. ``stateful``: the optimizer's
-    update is not seed-form (momentum, Adam moments): a 2-byte weight takes a whole fp32 copy.
+    update is not seed-form (``optimizer.stateful``: momentum, Adam moments, re-derived masks):
+    its z is drawn whole and a 2-byte weight takes a whole fp32 copy, and the engine writes a
+    streamed block back in the residency that applied it (``writeback_every`` None means 1).
     ``writeback_every``: write a streamed block back once per that many updates (None: the ``k``
     in 1..64 with the lowest step-time bound, the smallest on ties; see ``_writeback_every``);
     ``regen_gbps`` is the rate at which the device re-applies one update to a block's weights
@@ -463,7 +465,8 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     upload = streamed * (_encoded_bytes(s.block_numel, transfer, b) if quant == "none" else _block_bytes(s, b, quant))
     full_writeback = streamed * b * s.block_numel if write_back else 0
     t_compute = num_probes * 2 * s.n_params * rows * max_length / (tflops * 1e12)
-    every = writeback_every or _writeback_every(t_compute, upload, full_writeback, h2d_gbps, regen_gbps)
+    every = writeback_every or (1 if stateful else _writeback_every(t_compute, upload, full_writeback, h2d_gbps,
+                                                                    regen_gbps))
     if not full_writeback:
         every = 1  # nothing is written back: nothing to defer
     writeback = full_writeback // every  # per step, averaged over a write-back interval

@@ -114,7 +114,8 @@ class ZOTrainingMixin:
     zo_noise, zo_distribution: the direction backend ("torch", "table", "triton") and distribution;
                      zo_noise "auto" (the default): ``zoft.noise.default_noise`` of ``args.device``, as
                      ``zoft finetune`` resolves ``--noise auto``, so both take the same steps.
-    zo_gpu_mem:      stream under this device budget ("18GB" = 18e9 bytes, "16GiB" = 16 * 2^30).
+    zo_gpu_mem:      stream under this device budget ("18GB" = 18e9 bytes, "16GiB" = 16 * 2^30); the
+                     plan (``trainer.zo_plan``) is made for the optimizer's ``stateful``.
     zo_max_length:   tokens per row the planner sizes activations for (with ``zo_gpu_mem``;
                      default: ``args.max_length`` where the arguments have one, as TRL's do).
     """
@@ -155,8 +156,12 @@ class ZOTrainingMixin:
         except ValueError as e:
             raise UsageError(f"zo_noise: {e}") from None
         offload = None
-        if zo_gpu_mem is not None:  # planned with the noise it runs (a device-resident table counts)
-            offload = Streaming.from_plan(self._zo_plan(zo_gpu_mem, zo_max_length, noise_name), a.device)
+        # the placement under zo_gpu_mem (``zoft.engine.plan.Plan``; None without one), planned
+        # with the noise it runs (a device-resident table counts) and the optimizer's statefulness
+        self.zo_plan = None
+        if zo_gpu_mem is not None:
+            self.zo_plan = self._zo_plan(zo_gpu_mem, zo_max_length, noise_name)
+            offload = Streaming.from_plan(self.zo_plan, a.device)
         self.engine = ZOEngine(self.model, noise=noise, offload=offload)
         if not self.engine.params:
             raise UsageError("ZOTrainer: no parameter of the model requires grad, so nothing would train; "
@@ -177,7 +182,7 @@ class ZOTrainingMixin:
         return make_plan(base.config, gpu_mem, batch_size=self.args.per_device_train_batch_size,
                          max_length=max_length, num_probes=self.zo.num_probes(), dtype=_DTYPES.get(dtype, "fp32"),
                          adapters=base is not self.model, quant=quant, noise=noise,
-                         device="cuda" if self.args.device.type == "cuda" else "cpu")
+                         device="cuda" if self.args.device.type == "cuda" else "cpu", stateful=self.zo.stateful)
 
     # -- Trainer's placement and optimizer --------------------------------------------------
     def _move_model_to_device(self, model, device):

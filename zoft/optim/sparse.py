@@ -91,6 +91,12 @@ class SparseMeZO(ZOSGD):
         self.clock = KeyClock()
         self._need = 0  # updates the current step's directions must see
 
+    @property
+    def stateful(self) -> bool:
+        """With ``remask`` each update re-derives its keys' masks from the new weights
+        (``RemaskUpdate.apply``): not seed-form (``ZOSGD.stateful``); without, plain MeZO updates."""
+        return self.config.remask
+
     def set_mask(self, mask):
         raise TypeError("sparse-mezo builds its own magnitude mask; pass a mask to mezo-sgd instead")
 
