@@ -229,6 +229,22 @@ def test_fp16_update_transients_are_counted(tiny):
     assert make_plan(big, 10**12, batch_size=1, max_length=2, dtype="fp16", noise="triton").update_bytes == 36 * n
 
 
+def test_a_loss_that_needs_all_logits_is_planned_without_head_chunks():
+    """``head_chunks=False`` (a loss that cannot run the LM head in chunks, e.g. a custom loss
+    under ZOTrainer) never plans a head chunk, and its smallest plan counts all logits
+    (P*R*T*V*(b+8) bytes): OPT-1.3B at 8 x 2048 tokens fits 4 GB with 128-position chunks (2.40 GB
+    at the least), all logits at once 17.82 GB (rounded up), so 4 GB is refused."""
+    kw = dict(batch_size=8, max_length=2048)
+    chunked = make_plan("opt-1.3b", "4GB", **kw)
+    assert chunked.head_chunk == 128
+    smallest = make_plan("opt-1.3b", "1TB", head_chunks=False, **kw).min_budget_bytes
+    assert smallest > 4 * 10**9 > chunked.min_budget_bytes
+    whole = make_plan("opt-1.3b", smallest, head_chunks=False, **kw)
+    assert whole.head_chunk is None and whole.logits_bytes == 2 * 8 * 2048 * 50272 * (2 + 8)
+    with pytest.raises(UsageError, match="smallest plan needs 17.82 GB"):
+        make_plan("opt-1.3b", "4GB", head_chunks=False, **kw)
+
+
 def test_writeback_every_minimises_the_bound():
     """OPT-30B at 18 GB (fp16, 16 x 256, 25 GB/s, 312 TFLOP/s, 800 GB/s re-apply): the planned
     write-back interval is the k in 1..64 with the lowest ``max(compute + (k-1)/2 re-applied
