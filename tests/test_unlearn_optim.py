@@ -275,7 +275,7 @@ def test_zo_phases_under_gpu_mem_are_planned_for_a_stateful_optimizer(tok, batch
 
     planner_make = planner.make_plan
     monkeypatch.setattr(planner, "make_plan", spy)
-    # Sparse MeZO re-derives its masks as updates land: its sphere norm cannot be taken before them
+    # Sparse MeZO re-derives its masks as updates land: sphere (the ZO phases' default) is refused with it
     sphere = zo_optimizer != "sparse-mezo"
     opts = parse_optimizer_options("zo", {"q": 1, "mu": 1e-2, "zo_optimizer": zo_optimizer, "sphere": sphere})
     rows, length = 3, 16
