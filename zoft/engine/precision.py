@@ -5,7 +5,10 @@ Round-to-nearest drops a ZO update whose size is below half an ulp of the weight
 of |w|: a MeZO step of lr=1e-6 on |w|~0.05 is ~1e-4 of an ulp), so a low-precision weight would
 never move. Stochastic rounding picks the lower or the upper neighbour with probabilities that
 make the result unbiased, ``E[round(x)] = x``, so small updates accumulate in expectation.
-The random draws come from a keyed ``torch.Generator`` (``seed``): replay rounds identically.
+The random draws come from a keyed ``torch.Generator`` (``seed``) on the weight's device: replay
+rounds identically on the same device type (CPU and CUDA generators draw different streams, so a
+bf16/fp16 trajectory is bit-replayable only there; ``zoft.kernels.sround``'s Philox rounding,
+alike on both, is not what the engine uses).
 
 Rounding runs over chunks of ``SROUND_CHUNK`` elements written straight into the weight, so its
 temporaries are bounded (``SROUND_TEMP_BYTES`` per element of one chunk), whatever the parameter's
