@@ -115,7 +115,8 @@ class _ChunkedCausalLoss:
     Face's ``ForCausalLMLoss``: the next-token NLL of the labelled tokens, their mean, or their sum
     over ``num_items``) with the LM head run ``chunk`` positions at a time over all P*R rows
     (``zoft.tasks.head``), so no (P*R, T, V) logits exist. ``autocast``: the accelerator's
-    (mixed precision), which the backbone and head calls bypass ``model.forward`` to miss."""
+    mixed-precision context, entered here because accelerate applies it by wrapping
+    ``model.forward``, which the backbone and head calls do not go through."""
 
     def __init__(self, chunk: int, num_items: Any, autocast):
         self.chunk, self.num_items, self.autocast = chunk, num_items, autocast
