@@ -7,7 +7,10 @@ bitsandbytes tries to import.
   philox   Philox4x32-10 counter-based z (Triton's ``tl.randn`` / ``tl.randint`` stream) and its
            bit-exact integer re-implementation in torch (``randint4x_ref``)
   axpy     one pass ``w <- a*w + sum_k c_k z(seed_k)``, z generated in registers, never stored
-  sround   stochastic-rounding write-back fp32 -> bf16 (Philox bits, so CPU and GPU round alike)
+  sround   stochastic rounding fp32 -> bf16 from Philox bits (the kernel and its reference round
+           alike on CPU and GPU); the engine does not use it: it rounds with a keyed torch.Generator
+           per device (``zoft.engine.precision.KeyedRounder``), whose CPU and CUDA streams differ,
+           so a bf16/fp16 run replays bit for bit only on the same device type
   codec8   8-bit transfer codec: per-block absmax int8; dequantisation kernel
 
 Each public function dispatches on the tensor: CUDA (with ``triton`` installed) runs the Triton

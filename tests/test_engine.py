@@ -103,7 +103,7 @@ def test_restore_is_exact_and_hooks_leave_no_trace():
         engine.set_update(Update(terms=[(1, 0.0)], decay=1.0))  # lr 0
         engine.evaluate(PROBE_SETS["mezo"], batch, obj)
     for k, p in model.named_parameters():
-        assert torch.equal(p, before[k]), k  # bitwise: restore copies the saved weights back
+        assert torch.equal(p, before[k]), k  # bitwise: restore points each parameter back at w0, never written
     assert torch.equal(obj.loss(obj.forward(model, batch), batch, 1), plain)
 
 

@@ -1,6 +1,6 @@
 """HiZOO and MeZO-SVRG: each against a hand-written fp64 reference of its published update (the
 official code's arithmetic, perturbing a copy of the model by hand), streamed == resident with
-the engine drawing directions on its worker thread, finetune + replay, resume, and refusals.
+directions that read state (checked current), finetune + replay, resume, and refusals.
 Descent on least squares over seeds: ``DESCENT`` in ``tests/test_optim_family.py``; streamed ==
 resident for every registered name also runs in ``tests/test_offload.py``."""
 import copy
@@ -161,9 +161,9 @@ def test_svrg_anchor_examples_are_the_training_set_or_a_keyed_sample():
 @pytest.mark.parametrize("name", ["hizoo", "mezo-svrg"])
 @pytest.mark.parametrize("every", [1, 4])
 def test_streamed_equals_resident_with_state_read_by_the_directions(name, every):
-    """Streamed (state on the host between residencies, the first direction drawn on the worker
-    thread while the pending update lands) == resident: same losses and weights (rtol 1e-5, the
-    Equivalence invariant of tests/test_offload.py), over enough steps for state to matter."""
+    """Streamed (state on the host between residencies, brought to the device for the update
+    each direction then reads) == resident: same losses and weights (rtol 1e-5, the Equivalence
+    invariant of tests/test_offload.py), over enough steps for state to matter."""
     from test_engine import TokenNLL
     from test_offload import RTOL, assert_same_weights, deep_model
     from zoft.engine import Streaming
@@ -265,36 +265,22 @@ def test_refusals_are_one_line():
         make_optimizer("mezo-svrg", {"interval": 0}, 0, 1)
 
 
-def test_a_draw_waits_for_its_key_and_a_failed_update_releases_it_with_an_error():
-    """The direction of key k waits until the pending update of k landed; an update whose apply
-    raised releases the waiting draw with an error at once (no hang)."""
-    import threading
-
+def test_a_direction_from_stale_state_is_an_error_and_a_failed_update_is_named():
+    """The direction of key k reads k's state only after the pending update of k landed: drawn
+    before, it raises at once (never a direction from stale state); after, it is drawn; after an
+    update whose apply raised, the error names that update."""
     opt = make_optimizer("hizoo", {"alpha": 0.5}, seed=0, total_steps=4)
     upd, _ = opt.update(0, torch.tensor([1.0, 1.1, 0.95], dtype=torch.float64))
     opt.probes(1)  # step 1's directions need update 0
-    got = {}
-
-    def draw(key):
-        try:
-            opt.clock.wait(key, opt._need)
-            got[key] = "drawn"
-        except RuntimeError as e:
-            got[key] = str(e)
-
-    w = torch.zeros(4)
-    for key, fails in (("a", False), ("b", True)):
-        th = threading.Thread(target=draw, args=(key,))
-        th.start()
-        th.join(0.2)
-        assert th.is_alive()  # waiting for the update of key
-        if fails:
-            opt.raw_direction = lambda *a: (_ for _ in ()).throw(MemoryError("boom"))
-            with pytest.raises(MemoryError):
-                upd.apply(key, w, make_noise(), True)
-        else:
-            upd.apply(key, w, make_noise(), True)
-        th.join(5)
-        assert not th.is_alive()
-    assert got["a"] == "drawn" and "update of 'b' failed" in got["b"]
+    w, noise = torch.zeros(4), make_noise()
+    for key in ("a", "b"):
+        with pytest.raises(RuntimeError, match=f"direction of '{key}' was drawn before update 1"):
+            opt.shaped_direction(noise, 5, key, w)
+    upd.apply("a", w, noise, True)
+    assert opt.shaped_direction(noise, 5, "a", w).shape == w.shape
+    opt.raw_direction = lambda *a: (_ for _ in ()).throw(MemoryError("boom"))
+    with pytest.raises(MemoryError):
+        upd.apply("b", w, noise, True)
+    with pytest.raises(RuntimeError, match="update of 'b' failed"):
+        opt.clock.check("b", opt._need)
 

@@ -217,21 +217,32 @@ def test_resume_from_a_trainer_checkpoint_continues_the_same_trajectory(model_di
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_streaming_under_zo_gpu_mem_on_the_cpu_twin_equals_resident(tmp_path):
+@pytest.mark.parametrize("name", ["mezo-sgd", "sparse-mezo", "r-adazo"])
+def test_streaming_under_zo_gpu_mem_on_the_cpu_twin_equals_resident(tmp_path, name):
     """``zo_gpu_mem`` just above the smallest plan streams blocks through the CPU twin: the
     weights equal the resident run's (the engine's equivalence tolerance, rtol 1e-5) and the
-    logged device peak stays within the budget."""
+    logged device peak stays within the budget. The plan (``trainer.zo_plan``) is the planner's
+    for the optimizer's statefulness: Sparse MeZO (re-masking) and R-AdaZO hand out updates that
+    are not seed-form, planned with write-back every step and their whole fp32 copy
+    (``make_plan(stateful=True)``); MeZO-SGD defers write-back."""
     from zoft.engine.plan import make_plan
+    from zoft.optim import make_optimizer
 
     d = tmp_path / "deep"
     tiny_model("opt", layers=6).save_pretrained(d)
-    budget = make_plan(AutoModelForCausalLM.from_pretrained(d).config, "1GB", batch_size=B, max_length=MAXLEN,
-                       num_probes=2, dtype="fp32").min_budget_bytes + 2000
+    stateful = make_optimizer(name, {}, seed=0, total_steps=1).stateful
+    assert stateful == (name != "mezo-sgd")
+    kw = dict(batch_size=B, max_length=MAXLEN, num_probes=2, dtype="fp32", noise="torch", device="cpu",
+              stateful=stateful)
+    cfg = AutoModelForCausalLM.from_pretrained(d).config
+    budget = make_plan(cfg, "1GB", **kw).min_budget_bytes + 2000
     # torch noise: the CPU default 'table' puts a 268 MB table on the device, above this kB budget
-    resident = zo_trainer(AutoModelForCausalLM.from_pretrained(d), tmp_path / "r", zo_noise="torch")
+    resident = zo_trainer(AutoModelForCausalLM.from_pretrained(d), tmp_path / "r", zo_noise="torch", zo_optimizer=name)
     resident.train()
     streamed = zo_trainer(AutoModelForCausalLM.from_pretrained(d), tmp_path / "s", zo_gpu_mem=str(budget),
-                          zo_max_length=MAXLEN, zo_noise="torch")
+                          zo_max_length=MAXLEN, zo_noise="torch", zo_optimizer=name)
+    assert streamed.zo_plan == make_plan(cfg, budget, **kw)
+    assert (streamed.zo_plan.writeback_every == 1) == stateful
     assert streamed.engine.offload is not None and len(streamed.engine.offload.streamed) > 0
     streamed.train()
     peaks = [h["device_peak_bytes"] for h in streamed.state.log_history if "loss" in h]
@@ -240,6 +251,69 @@ def test_streaming_under_zo_gpu_mem_on_the_cpu_twin_equals_resident(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=0, msg=k)
     assert any(not torch.equal(a[k], p) for k, p in trained(AutoModelForCausalLM.from_pretrained(d)).items())
+
+
+def test_a_plan_with_a_chunked_head_runs_the_causal_lm_loss_in_chunks(tmp_path):
+    """For 128-token rows the smallest budget fits only with the LM head run 64 positions at a
+    time (the plan's head_chunk; all logits at once need 2.33 MB, not 1.19 MB). ZOTrainer then
+    computes the model's own causal-LM loss through the chunked head: no (P*R, T, V) logits, the
+    probes' losses equal ``model(**inputs).loss`` (rtol 1e-5), and the logged device peak of
+    steps on 128-token rows stays within the budget (the twin does not see the loss's fp32
+    copies of full logits, which the plan counts, so it cannot tell them apart). A custom
+    loss (``compute_loss_func``) cannot be chunked: the planner plans all logits at once, so the
+    same budget is refused in one line naming the smallest plan that holds them (and the
+    trainer's arguments to change), which runs."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from zoft.engine import Probe
+    from zoft.engine.plan import make_plan, min_budget_from_message
+    from zoft.tasks.head import HiddenOutputs
+
+    d, T = tmp_path / "deep", 128
+    tiny_model("opt", layers=6).save_pretrained(d)
+    task = LMTask(make_tiny_tokenizer(), "causal", T)
+
+    def collate(examples):
+        b = task.collate(examples)
+        return {**b.inputs, "labels": b.targets["labels"]}
+
+    long = [{"text": " ".join(TEXTS[i:] + TEXTS[:i]) * 3} for i in range(len(TEXTS))]
+    assert min(len(task._encode([x])[0]) for x in long) >= T  # every row is truncated to T tokens
+    kw = dict(batch_size=B, max_length=T, num_probes=2, dtype="fp32", noise="torch", device="cpu")
+    cfg = AutoModelForCausalLM.from_pretrained(d).config
+    budget = make_plan(cfg, "1GB", **kw).min_budget_bytes
+
+    def trainer(out, gpu_mem, **more):
+        return ZOTrainer(model=AutoModelForCausalLM.from_pretrained(d), args=hf_args(out, 2),
+                         train_dataset=InOrder(long[:2 * B]), data_collator=collate, zo_options={"eps": EPS},
+                         zo_gpu_mem=str(gpu_mem), zo_max_length=T, zo_noise="torch", **more)
+
+    chunked = trainer(tmp_path / "c", budget)
+    assert chunked.zo_plan.head_chunk == 64 and chunked.zo_plan.streamed_blocks > 0
+    inputs = chunked._prepare_inputs(collate(long[:B]))
+    batch, objective = chunked.zo_objective(inputs)
+    with torch.no_grad():
+        assert isinstance(objective.forward(chunked.model, batch), HiddenOutputs)
+        ref = AutoModelForCausalLM.from_pretrained(d)(**inputs).loss.item()
+    losses = chunked.engine.evaluate([Probe(None, 0.0)] * 2, batch, objective)
+    torch.testing.assert_close(losses, torch.full((2,), ref, dtype=torch.float64), rtol=1e-5, atol=0)
+    chunked.train()
+    peaks = [h["device_peak_bytes"] for h in chunked.state.log_history if "loss" in h]
+    assert len(peaks) == 2 and max(peaks) <= budget, (peaks, budget)
+
+    def custom(outputs, labels, num_items_in_batch=None):
+        return ForCausalLMLoss(outputs.logits, labels, outputs.logits.shape[-1])
+
+    with pytest.raises(UsageError, match="smallest plan needs") as e:
+        trainer(tmp_path / "f", budget, compute_loss_func=custom)
+    msg = str(e.value)
+    whole = min_budget_from_message(make_plan(cfg, "1GB", head_chunks=False, **kw).min_budget_bytes)
+    assert "\n" not in msg and f"needs {whole / 1e6:.2f} MB" in msg and whole > budget
+    assert "raise zo_gpu_mem or lower per_device_train_batch_size/zo_max_length" in msg and "all logits" in msg
+    full = trainer(tmp_path / "f", whole, compute_loss_func=custom)
+    assert full.zo_plan.head_chunk is None
+    full.train()
+    assert max(h["device_peak_bytes"] for h in full.state.log_history if "loss" in h) <= whole
 
 
 @pytest.mark.parametrize("kw,says", [

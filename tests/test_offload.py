@@ -21,6 +21,7 @@ from zoft.engine import Probe, Streaming, Update, ZOEngine
 from zoft.engine.plan import make_plan
 from zoft.engine.precision import stochastic_round
 from zoft.errors import UsageError
+from zoft.noise import make_noise
 from zoft.optim import OPTIMIZERS, bind, evaluate_step, make_optimizer
 
 RTOL = 1e-5
@@ -636,10 +637,43 @@ def test_stateful_optimizers_write_back_every_step(name):
         bind(opt, eng)
         losses, updates = optimizer_steps(eng, opt, batch, obj, 4)
         stateful = type(updates[-1]).apply is not Update.apply
+        assert opt.stateful == stateful, name  # what the planner is told (``make_plan(stateful=)``)
         if offload is not None:
             S = len(eng.offload.streamed)
             # updates 1..3 were applied during the passes of steps 1..3
             assert eng.offload.stats.writebacks == (3 * S if stateful else 0), (name, stateful)
+        eng.close()
+        results.append((torch.cat(losses), model))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=RTOL, atol=0)
+    assert_same_weights(results[1][1], results[0][1])
+
+
+@pytest.mark.parametrize("name", ["sparse-mezo", "r-adazo"])
+def test_stateful_optimizer_streamed_under_its_plan_equals_resident(name):
+    """Sparse MeZO (re-masking, its default) and R-AdaZO (the unlearning default) hand out updates
+    that are not seed-form (``optimizer.stateful``). Planned as such at the smallest budget, every
+    block streams and is written back every step (the seed-form plan of that budget defers 64
+    updates); the run streamed under that plan equals the resident run (rtol 1e-5) and its
+    accounted peak stays within the plan."""
+    family, obj = "llama", TokenNLL(True)
+    batch = make_batch(family)
+    opts = {"lr": 1e-3, "eps": 1e-3}
+    assert make_optimizer(name, opts, seed=3, total_steps=5).stateful
+    kw = dict(batch_size=3, max_length=9, num_probes=2, dtype="fp32", device="cpu", noise="torch")
+    cfg = deep_model(family).config
+    budget = make_plan(cfg, 10**9, stateful=True, **kw).min_budget_bytes
+    plan = make_plan(cfg, budget, stateful=True, **kw)
+    assert plan.streamed_blocks == L and plan.writeback_every == 1
+    assert make_plan(cfg, budget, **kw).writeback_every > 1  # what a seed-form optimizer would get
+    results = []
+    for offload in (None, Streaming.from_plan(plan, "cpu")):
+        model = deep_model(family)
+        eng = ZOEngine(model, offload=offload, noise=make_noise("torch"))
+        opt = make_optimizer(name, opts, seed=3, total_steps=5)
+        bind(opt, eng)
+        losses, _ = optimizer_steps(eng, opt, batch, obj, 4)
+        if offload is not None:
+            assert eng.device_peak_bytes <= plan.peak_device_bytes <= budget
         eng.close()
         results.append((torch.cat(losses), model))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=RTOL, atol=0)

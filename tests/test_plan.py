@@ -229,6 +229,22 @@ def test_fp16_update_transients_are_counted(tiny):
     assert make_plan(big, 10**12, batch_size=1, max_length=2, dtype="fp16", noise="triton").update_bytes == 36 * n
 
 
+def test_a_loss_that_needs_all_logits_is_planned_without_head_chunks():
+    """``head_chunks=False`` (a loss that cannot run the LM head in chunks, e.g. a custom loss
+    under ZOTrainer) never plans a head chunk, and its smallest plan counts all logits
+    (P*R*T*V*(b+8) bytes): OPT-1.3B at 8 x 2048 tokens fits 4 GB with 128-position chunks (2.40 GB
+    at the least), all logits at once 17.82 GB (rounded up), so 4 GB is refused."""
+    kw = dict(batch_size=8, max_length=2048)
+    chunked = make_plan("opt-1.3b", "4GB", **kw)
+    assert chunked.head_chunk == 128
+    smallest = make_plan("opt-1.3b", "1TB", head_chunks=False, **kw).min_budget_bytes
+    assert smallest > 4 * 10**9 > chunked.min_budget_bytes
+    whole = make_plan("opt-1.3b", smallest, head_chunks=False, **kw)
+    assert whole.head_chunk is None and whole.logits_bytes == 2 * 8 * 2048 * 50272 * (2 + 8)
+    with pytest.raises(UsageError, match="smallest plan needs 17.82 GB"):
+        make_plan("opt-1.3b", "4GB", head_chunks=False, **kw)
+
+
 def test_writeback_every_minimises_the_bound():
     """OPT-30B at 18 GB (fp16, 16 x 256, 25 GB/s, 312 TFLOP/s, 800 GB/s re-apply): the planned
     write-back interval is the k in 1..64 with the lowest ``max(compute + (k-1)/2 re-applied
@@ -272,7 +288,10 @@ def test_accounted_peak_within_the_plan_over_a_budget_sweep(dtype, noise):
     boundary activations, an update's transients) is <= the plan's prediction <= the budget, and
     its weights and slots are the plan's to the byte. The model's embedding (V x H) is its largest
     parameter and the batch is one short row, so applying an fp16 update (an fp32 piece, z and
-    rounding temporaries) is the largest transient: left out of the plan, the peak exceeds it."""
+    rounding temporaries) is the largest transient: left out of the plan, the peak exceeds it.
+    The first step has no update pending: its peak is made by the embedding's perturbed copy, whose
+    z piece and cast (``perturb_bytes``, 6 bytes per element) the meter counts beside the bytes
+    it holds; left out of the meter, that peak is below them."""
     import copy
 
     import torch
@@ -280,6 +299,7 @@ def test_accounted_peak_within_the_plan_over_a_budget_sweep(dtype, noise):
     from transformers import AutoModelForCausalLM
 
     from zoft.engine import Probe, Streaming, Update, ZOEngine
+    from zoft.engine.precision import perturb_bytes
     from zoft.noise import NoiseTable, make_noise
 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -308,6 +328,9 @@ def test_accounted_peak_within_the_plan_over_a_budget_sweep(dtype, noise):
             eng.set_update(Update([(t, -1e-3)]))
             peak = eng.device_peak_bytes
             assert peak <= plan.peak_device_bytes <= budget, (i, t, peak, plan)
+            if t == 0:  # held bytes + the embedding's (V x H, the largest parameter) z piece and cast
+                z = perturb_bytes(4096 * H, 2)
+                assert peak >= sum(eng.meter.by_kind.values()) + z, (i, peak, eng.meter.by_kind, z)
         by = eng.meter.by_kind
         assert by["resident"] + by.get("noise", 0) == plan.resident_weights_bytes - plan.noise_bytes + (
             4 * nb.size if noise == "table" else 0)

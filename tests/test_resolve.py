@@ -215,17 +215,29 @@ def test_sst2_at_its_smallest_plan_stays_within_the_budget(tmp_path):
 
 
 def test_stateful_optimizers_plan_write_back_every_step():
-    """The engine writes a streamed block back in the residency that applied a momentum or Adam
-    update (their buffers are not seed-form), so their plans have k_wb = 1 and the step-time bound
-    of write-back every step; seed-form optimizers get the planned interval (21 for OPT-30B at
-    18 GB); an explicit --writeback-every still wins."""
-    def plan(**kw):
-        return resolve_run(TrainConfig(model="opt-30b", gpu_mem="18GB", device="cuda", max_length=256, **kw)).plan
+    """The engine writes a streamed block back in the residency that applied an update that is not
+    seed-form (momentum and Adam buffers, HiZOO's Hessian, SVRG's anchor offset, Sparse MeZO's
+    re-derived masks: ``optimizer.stateful``), so their plans have k_wb = 1 and the step-time bound
+    of write-back every step, and count the update's whole z and fp32 copy of the largest (fp16)
+    parameter; seed-form optimizers (Sparse MeZO without re-masking too) get the planned interval
+    (21 for OPT-30B at 18 GB) and z in pieces; an explicit --writeback-every still wins."""
+    from zoft.engine.plan import _shape_of_name
+    from zoft.engine.precision import update_bytes
 
+    def plan(**kw):
+        return resolve_run(TrainConfig(model="opt-30b", gpu_mem="18GB", device="cuda", max_length=256,
+                                       noise="table", **kw)).plan
+
+    whole = update_bytes(_shape_of_name("opt-30b").max_param_numel, 2, "whole")  # the tied embedding, fp16
     seed_form = plan()
     assert seed_form.writeback_every > 1
-    for name in ("zo-sgd-mmt", "zo-adam", "r-adazo"):
-        p = plan(optimizer=name)
+    for name, options in [("zo-sgd-mmt", {}), ("zo-adam", {}), ("r-adazo", {}), ("hizoo", {}), ("mezo-svrg", {}),
+                          ("sparse-mezo", {}), ("sparse-mezo", {"remask": False})]:
+        p = plan(optimizer=name, optimizer_options=options)
+        if options.get("remask") is False:
+            assert p.writeback_every == seed_form.writeback_every and p.update_bytes == seed_form.update_bytes
+            continue
         assert p.writeback_every == 1, name
         assert p.writeback_bytes_per_step == p.upload_bytes_per_step > seed_form.writeback_bytes_per_step
+        assert p.update_bytes == whole > seed_form.update_bytes, (name, p.update_bytes, whole)
     assert plan(optimizer="zo-adam", writeback_every=4).writeback_every == 4

@@ -151,6 +151,26 @@ def test_sparse_mezo_matches_hand_written_reference(remask):
         assert sum(int((last[k] != first[k]).sum()) for k in h) > 0
 
 
+def test_sparse_mezo_sphere_needs_the_initial_mask():
+    """Sphere directions' norm is taken when a step's probes are built, before the previous update
+    re-derives the masks (``remask``): refused in one line at construction (it used to wait ten
+    minutes for a mask no thread would bring, then fail); with ``remask: false`` (fixed masks)
+    sphere steps run and move only masked-in weights."""
+    with pytest.raises(UsageError, match="sphere with remask") as e:
+        make_optimizer("sparse-mezo", {"sphere": True}, seed=0, total_steps=2)
+    assert "\n" not in str(e.value)
+    model = tiny_model("opt")
+    w0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    opt = make_optimizer("sparse-mezo", {"sphere": True, "remask": False, "lr": 1e-2}, seed=0, total_steps=2)
+    with ZOEngine(model) as engine:
+        for t in range(2):
+            assert torch.isfinite(step(engine, opt, make_batch("opt"), TokenNLL(True), t).losses).all()
+        masks = opt.masks
+    moved = {k: (p.detach() != w0[k]) for k, p in model.named_parameters()}
+    assert any(m.any() for m in moved.values())
+    assert all(not (m & ~masks[k]).any() for k, m in moved.items() if k in masks)
+
+
 def test_global_gradient_sparsity_matches_hand_written_reference():
     """ZO-Bench's ``sparse_gradient_group: global``: h = the 0.6 quantile of |w| over all the model's
     weights, each parameter's threshold = the fraction of its |w| <= h, z zeroed where its keyed

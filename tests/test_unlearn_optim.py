@@ -258,6 +258,52 @@ def test_make_zo_engine_plans_under_gpu_mem(tok):
         make_zo_engine(tiny_eval_opt(tok), gpu_mem="1KB")
 
 
+@pytest.mark.parametrize("zo_optimizer", ["r-adazo", "sparse-mezo"])
+def test_zo_phases_under_gpu_mem_are_planned_for_a_stateful_optimizer(tok, batch, monkeypatch, zo_optimizer):
+    """R-AdaZO (the ZO phases' default) and Sparse MeZO with re-masking hand out updates that are
+    not seed-form (``optimizer.stateful``): under --gpu-mem the engine builder plans them so, with
+    write-back every step and the update's whole fp32 copy (``make_plan(stateful=True)``), and the
+    run streamed under that plan (both blocks streamed at the smallest budget) equals the resident
+    run."""
+    import zoft.engine.plan as planner
+
+    made = []
+
+    def spy(*args, **kw):
+        made.append((args, kw, planner_make(*args, **kw)))
+        return made[-1][2]
+
+    planner_make = planner.make_plan
+    monkeypatch.setattr(planner, "make_plan", spy)
+    # Sparse MeZO re-derives its masks as updates land: sphere (the ZO phases' default) is refused with it
+    sphere = zo_optimizer != "sparse-mezo"
+    opts = parse_optimizer_options("zo", {"q": 1, "mu": 1e-2, "zo_optimizer": zo_optimizer, "sphere": sphere})
+    rows, length = 3, 16
+    kw = dict(batch_size=rows, max_length=length, num_probes=2, dtype="fp32", noise="torch", device="cpu")
+    model = tiny_eval_opt(tok)
+    budget = planner_make(model.config, "1GB", stateful=True, **kw).min_budget_bytes
+    out = []
+    for gpu_mem in (None, budget):
+        model = tiny_eval_opt(tok)
+        r = Runner("zo", model, make_objective("ga"), lr=1e-3, steps=3, options=opts, gpu_mem=gpu_mem,
+                   batch_rows=rows, max_length=length)
+        try:
+            assert r.zo.stateful
+            if gpu_mem is not None:
+                (_, plan_kw, plan), = made
+                assert plan_kw["stateful"] is True and plan == planner_make(model.config, budget, stateful=True, **kw)
+                assert plan.writeback_every == 1 and r.engine.offload.writeback_every == 1
+                assert plan.streamed_blocks == 2 and r.engine.offload.streamed
+            losses = [r.step(t, r.objective.prepare(batch))["loss"] for t in range(3)]
+            r.flush()
+        finally:
+            r.close()
+        out.append((losses, model))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-5)
+    for p, q in zip(out[1][1].parameters(), out[0][1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=0)
+
+
 def test_bad_optimizer_options():
     with pytest.raises(UsageError, match="unknown option.*for optimizer"):
         parse_optimizer_options("hybrid", {"fo_blok": 3})

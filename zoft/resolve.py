@@ -151,19 +151,17 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
     if hasattr(opt, "check_size"):  # cge queries every trained coordinate: refused above max_queries
         opt.check_size(trained_sizes(resolved, config))
     probes = num_probes if num_probes is not None else opt.num_probes()
-    # a stateful optimizer's update (momentum, Adam moments) is not seed-form: the engine writes
-    # a streamed block back in the residency that applied it, so its plan has k_wb = 1
-    writeback_every = cfg.writeback_every
-    stateful = getattr(opt, "store", None) is not None
-    if writeback_every is None and stateful:
-        writeback_every = 1
+    # a stateful optimizer's update (momentum, Adam moments, re-derived masks) is not seed-form:
+    # the engine writes a streamed block back in the residency that applied it, so its plan has
+    # k_wb = 1 (unless --writeback-every says otherwise) and counts the update's whole fp32 copy
+    stateful = opt.stateful
     kind = model_kind(config)
     rows = rows_per_probe(cfg.task, kind, cfg.batch_size, **cfg.task_options)
     try:
         plan = None if cfg.gpu_mem is None else make_plan(
             name, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length, num_probes=probes, dtype=dtype,
             transfer=cfg.transfer, adapters=cfg.peft != "none", quant=cfg.quant, rows=rows,
-            writeback_every=writeback_every, noise=noise, device=device, stateful=stateful, **plan_options)
+            writeback_every=cfg.writeback_every, noise=noise, device=device, stateful=stateful, **plan_options)
     except UsageError as e:
         if cfg.dtype == "auto" and device == "cpu" and cuda != dtype:  # sizing a GPU run on a laptop
             raise UsageError(f"{e} (planned in {dtype}, --dtype auto on CPU; --device cuda plans a GPU run, "

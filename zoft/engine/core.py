@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from zoft.engine.offload import Meter, Offloader, tensor_bytes
-from zoft.engine.precision import apply_update_, update_bytes, z_mode
+from zoft.engine.precision import apply_update_, perturb_bytes, perturb_z_mode, update_bytes, z_mode
 from zoft.engine.probes import Probe, Update, combine_outputs, is_split, repeat_rows, split_args
 from zoft.errors import UsageError
 from zoft.models.layout import Layout, call_order, discover_layout, leaves, pack_groups, unit_path
@@ -341,15 +341,22 @@ class ZOEngine:
                 p.data = res.w0[k]
             return
         bufs = self._views(res.params)
+        # live beside each parameter's z: the call's inputs and the segment outputs made so far
+        live = res.in_bytes + tensor_bytes(res.out) + tensor_bytes(list(res.outputs.values()))
         for k, p in res.params:  # one pass: read w0, make z piece by piece (or in registers), write
-            self.noise.perturb_into(bufs[k], res.w0[k], probe.seed, k, probe.scale)
+            w0 = res.w0[k]
+            # the transient of making the copy (z's piece, or all of it, and its cast; bytes):
+            # ``perturb_bytes``, which the planner counts in its perturbation scratch too
+            self.meter.observe(live + perturb_bytes(w0.numel(), w0.element_size(),
+                                                    perturb_z_mode(self.noise, w0, probe.seed)))
+            self.noise.perturb_into(bufs[k], w0, probe.seed, k, probe.scale)
             p.data = bufs[k]
 
     def _views(self, params: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
         """Per parameter, a view of the engine's scratch with its shape and dtype for its perturbed
         copy. One flat buffer per (dtype, device), grown to the largest perturbed module and never
         shrunk: scratch is one such module's worth (a leaf, or a unit on the unit path), counted
-        by the meter (the backend's z pieces are ``zoft.engine.precision``'s to count)."""
+        by the meter (the backend's z pieces are a transient ``_perturb`` observes)."""
         need: dict[tuple, int] = {}
         for _, p in params:
             need[(p.dtype, p.data.device)] = need.get((p.dtype, p.data.device), 0) + p.numel()
@@ -678,7 +685,8 @@ class ZOEngine:
     def device_peak_bytes(self) -> int:
         """Peak bytes on the device since the last ``evaluate`` began: what the engine and the
         scheduler own (resident weights, slots, perturbation scratch) plus the activations seen at
-        unit and leaf boundaries. Activations inside a leaf are not counted (on CUDA, read
+        unit and leaf boundaries and the temporaries of building a perturbed copy (z's piece, its
+        cast) and of applying an update. Activations inside a leaf are not counted (on CUDA, read
         ``torch.cuda.max_memory_allocated``)."""
         return self.meter.peak
 

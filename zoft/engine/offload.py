@@ -38,7 +38,8 @@ unit of its own here (master, slot, versions, write-back), and slots are the lar
 
 CPU twin: on a CPU "device" the same scheduler runs with synchronous copies (the slots are
 separate CPU buffers) and a ``Meter`` accounts the bytes that would sit on the device: resident
-weights, slots, the engine's perturbation scratch and the activations crossing unit boundaries.
+weights, slots, the engine's perturbation scratch, the activations crossing unit boundaries and
+the transients of making a perturbed copy (z's piece and its cast) and of applying an update.
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ class Streaming:
 
 class Meter:
     """Bytes that sit on the (possibly pretend) device: ``now``, and the ``peak`` of
-    ``now + transient`` where ``transient`` are activations observed at unit boundaries."""
+    ``now + transient`` where ``transient`` are activations observed at unit boundaries, and the
+    temporaries of a perturbed copy or an update beside the activations live then."""
 
     def __init__(self) -> None:
         self.now = 0

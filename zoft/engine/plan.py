@@ -337,12 +337,12 @@ def _head_chunks(T: int) -> list[int | None]:
     return out
 
 
-def _fit(s: ModelShape, r: int, group: int | None, budget: int, rows: int, kw: dict) -> tuple | None:
+def _fit(s: ModelShape, r: int, group: int | None, budget: int, rows: int, kw: dict,
+         chunks: list[int | None]) -> tuple | None:
     """The fastest (micro-batch, head chunk) for ``r`` resident blocks and streaming ``group``
     that fits ``budget``, or None. All of a probe's rows at once first (streaming groups allow
     nothing else: a micro-batched block would need its groups once per chunk), else the largest
-    micro-batch that fits; then the largest head chunk."""
-    chunks = _head_chunks(kw["T"])
+    micro-batch that fits; then the largest head chunk of ``chunks`` (``_head_chunks``)."""
 
     def peak(mb: int, c: int | None) -> int:
         return _device_bytes(s, r, mb, group=group, head_chunk=c, **kw)["peak"]
@@ -362,9 +362,10 @@ def _fit(s: ModelShape, r: int, group: int | None, budget: int, rows: int, kw: d
     return None if c is False else (mb, c)
 
 
-def _smallest(s: ModelShape, rows: int, kw: dict) -> tuple[int, int | None]:
-    """The smallest peak of any plan (nothing resident, k slots) and its streaming group."""
-    c = _head_chunks(kw["T"])[-1]
+def _smallest(s: ModelShape, rows: int, kw: dict, chunks: list[int | None]) -> tuple[int, int | None]:
+    """The smallest peak of any plan (nothing resident, k slots, the last of ``chunks``) and its
+    streaming group."""
+    c = chunks[-1]
     best = None
     for g in _groups(s, kw["b"], kw["quant"]):
         for mb in ([rows] if g is not None or rows == 1 else [1, rows]):
@@ -380,7 +381,7 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
               scratch: Scratch = "leaf", write_back: bool = True, quant: str = "none",
               adapters: bool = False, rows: int | None = None, writeback_every: int | None = None,
               regen_gbps: float = 800.0, noise: Noise = "torch", device: str = "cuda",
-              stateful: bool = False) -> Plan:
+              stateful: bool = False, head_chunks: bool = True) -> Plan:
     """Plan a streamed ZO step under ``gpu_mem_bytes`` (int bytes, or "18GB" / "16GiB").
 
     ``rows``: the rows per probe the model runs for ``batch_size`` examples (default: one each; a
@@ -399,11 +400,16 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     unit's, ``ZOEngine(granularity="unit")``). ``noise`` (on ``device``, "cuda" or "cpu"): how z
     is made (``zoft.noise``): the torch generator draws a CUDA z whole, Philox is fused on CUDA,
     and a noise table (268 MB in fp32) is resident on the device. ``stateful``: the optimizer's
-    update is not seed-form (momentum, Adam moments): a 2-byte weight takes a whole fp32 copy.
+    update is not seed-form (``optimizer.stateful``: momentum, Adam moments, re-derived masks):
+    its z is drawn whole and a 2-byte weight takes a whole fp32 copy, and the engine writes a
+    streamed block back in the residency that applied it (``writeback_every`` None means 1).
     ``writeback_every``: write a streamed block back once per that many updates (None: the ``k``
     in 1..64 with the lowest step-time bound, the smallest on ties; see ``_writeback_every``);
     ``regen_gbps`` is the rate at which the device re-applies one update to a block's weights
     (GB of weights per second: one fused read-and-write pass, z generated in registers).
+    ``head_chunks``: the loss can run the LM head in chunks of positions (``zoft.tasks.head``:
+    zoft's tasks and unlearning objectives, a causal LM's own loss under ``ZOTrainer``); False
+    plans all logits at once (``head_chunk`` None) for a loss that needs them.
 
     Raises ``UsageError`` naming the smallest budget that fits when none does.
     """
@@ -448,14 +454,15 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
           "attention": attention, "scratch": scratch, "write_back": write_back, "quant": quant,
           "adapters": adapters, "noise": noise, "device": device, "stateful": stateful}
 
-    smallest = _smallest(s, rows, kw)[0]
+    chunks = _head_chunks(max_length) if head_chunks else [None]
+    smallest = _smallest(s, rows, kw, chunks)[0]
     if budget < smallest:
         raise UsageError(
             f"--gpu-mem {_fmt_budget(budget)} cannot fit {s.name}: the smallest plan needs "
             f"{human_bytes(smallest, up=True)} (batch {_batch(batch_size, max_length, rows)}); "
             "raise --gpu-mem or lower --batch-size/--max-length")
     r, g, (mb, chunk) = next((r, g, fit) for r in range(s.n_blocks, -1, -1) for g in _groups(s, b, quant)
-                             if (fit := _fit(s, r, g, budget, rows, kw)) is not None)
+                             if (fit := _fit(s, r, g, budget, rows, kw, chunks)) is not None)
     if r == s.n_blocks:
         g = None  # nothing streams
     acc = _device_bytes(s, r, mb, group=g, head_chunk=chunk, **kw)
@@ -463,7 +470,8 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     upload = streamed * (_encoded_bytes(s.block_numel, transfer, b) if quant == "none" else _block_bytes(s, b, quant))
     full_writeback = streamed * b * s.block_numel if write_back else 0
     t_compute = num_probes * 2 * s.n_params * rows * max_length / (tflops * 1e12)
-    every = writeback_every or _writeback_every(t_compute, upload, full_writeback, h2d_gbps, regen_gbps)
+    every = writeback_every or (1 if stateful else _writeback_every(t_compute, upload, full_writeback, h2d_gbps,
+                                                                    regen_gbps))
     if not full_writeback:
         every = 1  # nothing is written back: nothing to defer
     writeback = full_writeback // every  # per step, averaged over a write-back interval

@@ -5,7 +5,10 @@ Round-to-nearest drops a ZO update whose size is below half an ulp of the weight
 of |w|: a MeZO step of lr=1e-6 on |w|~0.05 is ~1e-4 of an ulp), so a low-precision weight would
 never move. Stochastic rounding picks the lower or the upper neighbour with probabilities that
 make the result unbiased, ``E[round(x)] = x``, so small updates accumulate in expectation.
-The random draws come from a keyed ``torch.Generator`` (``seed``): replay rounds identically.
+The random draws come from a keyed ``torch.Generator`` (``seed``) on the weight's device: replay
+rounds identically on the same device type (CPU and CUDA generators draw different streams, so a
+bf16/fp16 trajectory is bit-replayable only there; ``zoft.kernels.sround``'s Philox rounding,
+alike on both, is not what the engine uses).
 
 Rounding runs over chunks of ``SROUND_CHUNK`` elements written straight into the weight, so its
 temporaries are bounded (``SROUND_TEMP_BYTES`` per element of one chunk), whatever the parameter's
@@ -49,6 +52,17 @@ def perturb_bytes(numel: int, element_size: int, z: str = "pieces", chunk: int =
     piece = min(numel, chunk)
     cast = element_size * piece if element_size != 4 else 0
     return {"pieces": 4 * piece + cast, "fused": 0, "whole": 4 * numel + cast}[z]
+
+
+def perturb_z_mode(noise, w0: torch.Tensor, seed: int) -> str:
+    """How ``noise.perturb_into`` makes z for ``w0`` under ``seed`` (``perturb_bytes``'s ``z``):
+    the backend's way (``noise.z_mode``; a shaped direction, ``zoft.optim.directions``, is
+    "whole"), or "whole" for a virtual seed (a composite direction, drawn whole), a strided ``w0``
+    or a backend that does not say."""
+    mode = getattr(noise, "z_mode", None)
+    if mode is None or seed < 0 or not w0.is_contiguous():
+        return "whole"
+    return mode(w0)
 
 
 def apply_update_(update, key: str, w: torch.Tensor, noise, decays: bool, sround_seed: int) -> None:

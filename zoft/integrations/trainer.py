@@ -14,7 +14,12 @@ changes, and why:
 * **The loss** of probe p comes from the model outputs on p's rows, the way ``Trainer.compute_loss``
   takes it: ``compute_loss_func(outputs, labels, num_items_in_batch)`` when given, else the label
   smoother (``label_smoothing_factor``), else the model's own ``loss_function`` on ``labels`` (the
-  ``loss`` ``model(**inputs)`` would return). Override ``zo_loss`` for anything else.
+  ``loss`` ``model(**inputs)`` would return). Override ``zo_loss`` for anything else. When the
+  ``zo_gpu_mem`` plan runs the LM head in chunks of positions (its ``head_chunk``: the full
+  (P*R, T, V) logits do not fit), the model's own causal-LM loss is computed so, through
+  ``zoft.tasks.head`` (the same mean, or sum over ``num_items_in_batch``, of the labelled tokens'
+  next-token NLL); any other loss (``compute_loss_func``, label smoothing, a ``zo_loss`` override,
+  a masked LM, a family whose logits are not head(backbone)) is planned with all logits at once.
 * **The optimizer Trainer holds** is a ``ZOOptimizer``: a ``torch.optim.Optimizer`` over the
   trainable parameters that keeps no per-parameter state. Trainer's scheduler writes each step's
   lr into its param group and the ZO step reads it there, so ``learning_rate``,
@@ -47,7 +52,8 @@ from zoft.noise import default_noise, make_noise
 from zoft.optim import make_optimizer, split_candidates
 from zoft.optim import step as zo_step
 from zoft.tasks import Batch, infer_kind
-from zoft.tasks.lm import call_model
+from zoft.tasks.head import forward_hidden, num_rows, split_head
+from zoft.tasks.lm import call_model, per_probe, token_nll
 
 # zoft optimizer options that TrainingArguments owns: option -> the argument to set instead
 _FROM_ARGS = {"lr": "learning_rate", "weight_decay": "weight_decay", "schedule": "lr_scheduler_type",
@@ -104,6 +110,34 @@ class _ProbeLosses:
         return torch.stack([self.loss_fn(o).float().reshape(()) for o in parts])  # (P,)
 
 
+class _ChunkedCausalLoss:
+    """The engine's objective for a plan with a head chunk: the model's causal-LM loss (Hugging
+    Face's ``ForCausalLMLoss``: the next-token NLL of the labelled tokens, their mean, or their sum
+    over ``num_items``) with the LM head run ``chunk`` positions at a time over all P*R rows
+    (``zoft.tasks.head``), so no (P*R, T, V) logits exist. ``autocast``: the accelerator's
+    mixed-precision context, entered here because accelerate applies it by wrapping
+    ``model.forward``, which the backbone and head calls do not go through."""
+
+    def __init__(self, chunk: int, num_items: Any, autocast):
+        self.chunk, self.num_items, self.autocast = chunk, num_items, autocast
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> Any:
+        with self.autocast():
+            return forward_hidden(model, batch.inputs, True, self.chunk)
+
+    def loss(self, outputs: Any, batch: Batch, num_probes: int) -> torch.Tensor:
+        labels = per_probe(batch.targets["labels"], num_rows(outputs) // num_probes, num_probes)
+        with self.autocast():
+            nll, count = token_nll(outputs, labels, num_probes)  # (P,) fp32 each
+        return nll / (count if self.num_items is None else torch.as_tensor(self.num_items, device=nll.device))
+
+
+# the planner's refusal names zoft's flags; ZOTrainer's arguments instead
+_FLAG_ARGS = {"--gpu-mem": "zo_gpu_mem", "--batch-size": "per_device_train_batch_size", "--max-length": "zo_max_length"}
+_NO_LABELS = ("the batch has no 'labels': give the collator labels, pass compute_loss_func=, "
+              "or override ZOTrainer.zo_loss")
+
+
 class ZOTrainingMixin:
     """The ZO step for any ``transformers.Trainer`` subclass (``ZOTrainer``, ``ZOSFTTrainer``);
     listed before the trainer class so its methods come first.
@@ -114,7 +148,8 @@ class ZOTrainingMixin:
     zo_noise, zo_distribution: the direction backend ("torch", "table", "triton") and distribution;
                      zo_noise "auto" (the default): ``zoft.noise.default_noise`` of ``args.device``, as
                      ``zoft finetune`` resolves ``--noise auto``, so both take the same steps.
-    zo_gpu_mem:      stream under this device budget ("18GB" = 18e9 bytes, "16GiB" = 16 * 2^30).
+    zo_gpu_mem:      stream under this device budget ("18GB" = 18e9 bytes, "16GiB" = 16 * 2^30); the
+                     plan (``trainer.zo_plan``) is made for the optimizer's ``stateful``.
     zo_max_length:   tokens per row the planner sizes activations for (with ``zo_gpu_mem``;
                      default: ``args.max_length`` where the arguments have one, as TRL's do).
     """
@@ -155,8 +190,14 @@ class ZOTrainingMixin:
         except ValueError as e:
             raise UsageError(f"zo_noise: {e}") from None
         offload = None
-        if zo_gpu_mem is not None:  # planned with the noise it runs (a device-resident table counts)
-            offload = Streaming.from_plan(self._zo_plan(zo_gpu_mem, zo_max_length, noise_name), a.device)
+        # the placement under zo_gpu_mem (``zoft.engine.plan.Plan``; None without one), planned
+        # with the noise it runs (a device-resident table counts) and the optimizer's statefulness
+        self.zo_plan = None
+        if zo_gpu_mem is not None:
+            self.zo_plan = self._zo_plan(zo_gpu_mem, zo_max_length, noise_name)
+            offload = Streaming.from_plan(self.zo_plan, a.device)
+        # positions per LM-head call of the loss: the plan's head chunk (None: all logits at once)
+        self._zo_head_chunk = self.zo_plan.head_chunk if self.zo_plan is not None else None
         self.engine = ZOEngine(self.model, noise=noise, offload=offload)
         if not self.engine.params:
             raise UsageError("ZOTrainer: no parameter of the model requires grad, so nothing would train; "
@@ -174,10 +215,33 @@ class ZOTrainingMixin:
         dtype = next(p.dtype for p in base.parameters() if p.dtype.is_floating_point)
         quant = "4bit" if getattr(base, "is_loaded_in_4bit", False) else (
             "8bit" if getattr(base, "is_loaded_in_8bit", False) else "none")
-        return make_plan(base.config, gpu_mem, batch_size=self.args.per_device_train_batch_size,
-                         max_length=max_length, num_probes=self.zo.num_probes(), dtype=_DTYPES.get(dtype, "fp32"),
-                         adapters=base is not self.model, quant=quant, noise=noise,
-                         device="cuda" if self.args.device.type == "cuda" else "cpu")
+        chunkable = self._zo_chunkable()
+        try:
+            return make_plan(base.config, gpu_mem, batch_size=self.args.per_device_train_batch_size,
+                             max_length=max_length, num_probes=self.zo.num_probes(), dtype=_DTYPES.get(dtype, "fp32"),
+                             adapters=base is not self.model, quant=quant, noise=noise,
+                             device="cuda" if self.args.device.type == "cuda" else "cpu", stateful=self.zo.stateful,
+                             head_chunks=chunkable)
+        except UsageError as e:  # the planner names zoft's flags: name this trainer's arguments
+            msg = str(e)
+            for flag, arg in _FLAG_ARGS.items():
+                msg = msg.replace(flag, arg)
+            if not chunkable:
+                msg += " (planned with all logits at once: this loss cannot run the LM head in chunks)"
+            raise UsageError(msg) from None
+
+    def _zo_chunkable(self) -> bool:
+        """Whether the probes' loss can run the LM head in chunks of positions: it is the model's
+        own causal-LM loss (no ``compute_loss_func``, label smoothing or ``zo_loss`` override) on
+        a family whose logits are head(backbone) (``zoft.tasks.head.split_head``)."""
+        if (type(self).zo_loss is not ZOTrainingMixin.zo_loss or self.compute_loss_func is not None
+                or self.label_smoother is not None or getattr(self._zo_base, "loss_type", None) != "ForCausalLM"):
+            return False
+        try:
+            split_head(self.model)
+        except UsageError:
+            return False
+        return True
 
     # -- Trainer's placement and optimizer --------------------------------------------------
     def _move_model_to_device(self, model, device):
@@ -202,8 +266,7 @@ class ZOTrainingMixin:
         if self.compute_loss_func is not None:
             return self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         if labels is None:
-            raise UsageError("the batch has no 'labels': give the collator labels, pass compute_loss_func=, "
-                             "or override ZOTrainer.zo_loss")
+            raise UsageError(_NO_LABELS)
         if self.label_smoother is not None:
             return self.label_smoother(outputs, labels, shift_labels=self._zo_causal)
         base = self._zo_base
@@ -219,7 +282,9 @@ class ZOTrainingMixin:
     def zo_objective(self, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Batch, _ProbeLosses]:
         """The engine's view of a collated batch (on the device): the model's inputs (all but
         ``labels``) as a ``zoft.tasks.Batch`` of R rows, and the objective giving ``zo_loss`` per
-        probe; ``engine.evaluate(probes, *zo_objective(inputs))`` is the losses at any probes."""
+        probe (under a plan's head chunk: the causal-LM loss through the chunked head, the labels
+        in the batch's targets); ``engine.evaluate(probes, *zo_objective(inputs))`` is the losses
+        at any probes."""
         attention = str(getattr(self._zo_base.config, "_attn_implementation", ""))
         if "flash" in attention and any(k in inputs for k in _VARLEN):
             raise UsageError("packed padding-free batches stack P probe copies as rows, which flash attention "
@@ -227,6 +292,12 @@ class ZOTrainingMixin:
                              "or turn off padding_free")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in _VARLEN}
         rows = next(v for v in model_inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+        if self._zo_head_chunk is not None:
+            if inputs.get("labels") is None:
+                raise UsageError(_NO_LABELS)
+            items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            objective = _ChunkedCausalLoss(self._zo_head_chunk, items, self.accelerator.autocast)
+            return Batch(model_inputs, {"labels": inputs["labels"]}, rows), objective
         objective = _ProbeLosses(self._zo_causal, lambda out: self.zo_loss(out, inputs, num_items_in_batch), rows)
         return Batch(model_inputs, {}, rows), objective
 

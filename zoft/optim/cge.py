@@ -152,6 +152,11 @@ class CGE:
     replays = True  # the trajectory stores every coordinate's change (tests/test_deepzero.py)
     data_parallel = "no: a step's phases (one per unit) would each need an all-gather"
 
+    @property
+    def stateful(self) -> bool:
+        """True: explicit updates (``CoordinateUpdate.apply``), not seed-form (``ZOSGD.stateful``)."""
+        return True
+
     @classmethod
     def state_kind(cls) -> str:
         return ("stored: the momentum buffer, 1 fp32 buffer per trained parameter, on the host; updates are "

@@ -12,14 +12,17 @@ family needs are expressed on top of that without touching the engine:
 * **Composite directions** ``sum_i c_i z(s_i)`` (the conservative step's and the RankSGD line
   search's candidate points): ``CompositeNoise`` wraps the engine's backend and gives such a
   combination a *virtual seed* (a negative int; real seeds are >= 0), so ``Probe(virtual, t)``
-  evaluates ``w + t sum_i c_i z(s_i)`` exactly (from the engine's backup copy, restored exactly).
+  evaluates ``w + t sum_i c_i z(s_i)`` exactly (written into the engine's scratch from the
+  untouched ``w0``, which the parameter points back at afterwards).
   Virtual seeds only ever appear in probes, never in an applied ``Update``.
 * **Shaped directions**: an optimizer whose ``direction_shaper()`` returns a function
   ``(noise, seed, key, like) -> tensor`` (LOZO's low-rank ``U V^T``, ZO-Bench's sparse z and module-wise
   units, perturbation masks) replaces
   ``z(seed, key)`` by that keyed tensor for every real seed, in
   probes and in applied updates alike (``axpy`` then runs one pass per term). It must be a pure
-  function of (seed, key, shape): the engine draws it on a worker thread, per unit, in any order.
+  function of (seed, key, shape): the engine draws it again wherever it needs it (each probe of
+  each module's call, each update and re-applied update, a sphere norm), in whatever order the
+  units run.
 
 ``bind(optimizer, engine)`` installs the wrapper (idempotent) and hands the optimizer the
 engine's trainable parameters (for shapes) and noise.
@@ -83,7 +86,10 @@ class CompositeNoise:
         return self.shaper is None and getattr(self.inner, "rounds_in_place", False)
 
     def z_mode(self, like: torch.Tensor) -> str:
-        return self.inner.z_mode(like) if self.shaper is None else "whole"
+        """``zoft.noise``'s ``z_mode``: the backend's; "whole" for shaped directions or a backend
+        that does not say."""
+        inner = getattr(self.inner, "z_mode", None)
+        return inner(like) if self.shaper is None and inner is not None else "whole"
 
     def perturb_into(self, out: torch.Tensor, w0: torch.Tensor, seed: int, key: str, scale: float) -> None:
         if seed >= 0 and self.shaper is None:

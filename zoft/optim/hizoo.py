@@ -14,9 +14,9 @@ start). Step t, seeds s_1..s_q, z_i = z(s_i), u_i = z_i / sqrt(H_t):
 (q = 1 is the paper and the code; q > 1 averages the q curvature and gradient estimates.) The
 update is a per-key ``Update.apply``: it regenerates z_i from the seeds, advances that key's H
 and writes the weights, so H is stored (4 bytes per trained parameter, fp32), streamed with its
-unit like the Adam moments. The probes' directions read H: the engine may draw a unit's first
-direction on a worker thread while it applies the previous update to that unit, so the draw waits
-for the key's update to land (``zoft.optim.landing``).
+unit like the Adam moments. The probes' directions read H, so a key's direction is drawn only
+after the key's update has landed: the engine applies a module's pending update in its pre-hook
+before it perturbs the module, and ``zoft.optim.landing.KeyClock`` checks it.
 """
 from __future__ import annotations
 
@@ -104,9 +104,9 @@ class HiZOO(_Stateful):
         return ZOSGD.shaped_direction(self, getattr(noise, "inner", noise), seed, key, like)
 
     def shaped_direction(self, noise, seed, key, like):
-        """u_i = z_i / sqrt(H) for the current H of ``key`` (waits for the pending update of key)."""
+        """u_i = z_i / sqrt(H) for the current H of ``key`` (checked: the pending update of key landed)."""
         z = self.raw_direction(noise, seed, key, like)
-        self.clock.wait(key, self._need)
+        self.clock.check(key, self._need)
         h = self.store.get("hessian", {}).get(key)
         return z if h is None else z * h.to(z.device).rsqrt().to(z.dtype)
 

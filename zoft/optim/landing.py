@@ -1,64 +1,53 @@
-"""Directions that read per-parameter optimizer state: wait until that state is current.
+"""Directions that read per-parameter optimizer state: drawn only once that state is current.
 
 A probe direction that depends on a parameter's state (HiZOO's diagonal Hessian, MeZO-SVRG's
-offset to the anchor) must see the state *after* the previous step's update, which the engine
-applies lazily, unit by unit, inside the forward pass. The engine draws a unit's first direction
-on a worker thread while the main thread applies the pending update to that unit, so the draw of
-key k waits here until the update of key k has landed.
+offset to the anchor, Sparse MeZO's re-derived mask) must see the state *after* the previous
+step's update, which the engine applies lazily inside the forward pass: a module's pre-hook applies
+the pending update to its parameters, then builds their perturbed copies, on the one thread that
+runs the forward. So the engine's own order draws a key's direction after its update.
 
-``KeyClock`` counts the stateful updates handed out (``hand_out``) and, per key, those applied
-(``land``, called by the update's ``apply`` once the key's state is written). ``wait(key, need)``
-blocks until key has absorbed ``need`` updates; the optimizer takes ``need`` = the number handed
-out when it builds a step's probes, so a draw never waits for an update that is not pending. An
-``apply`` that raises calls ``fail(key)``: the waiting draw then raises too instead of waiting.
+``KeyClock`` checks that order. It counts the stateful updates handed out (``hand_out``) and, per
+key, those applied (``land``, called by the update's ``apply`` once the key's state is written);
+``check(key, need)`` raises unless key has absorbed ``need`` updates. The optimizer takes ``need``
+= the number handed out when it builds a step's probes, so a direction drawn from stale state (before
+its key's pending update) is an error at once, never a wrong direction. An ``apply`` that raises
+calls ``fail(key)``: the check of that key then says so.
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from zoft.engine.probes import Update
 
-# seconds a draw waits for the update of its key: the main thread applies one unit's update in
-# that time unless something went wrong (then the draw stops with an error instead of hanging)
-WAIT_S = 600.0
-
 
 class KeyClock:
     def __init__(self, handed: int = 0):
-        self._cv = threading.Condition()
         self.reset(handed)
 
     def reset(self, handed: int) -> None:
         """Every key current after ``handed`` updates (a fresh or resumed optimizer, between steps)."""
-        with self._cv:
-            self.handed = handed
-            self._base = handed
-            self._landed: dict[str, int] = {}
-            self._failed: set[str] = set()
+        self.handed = handed
+        self._base = handed
+        self._landed: dict[str, int] = {}
+        self._failed: set[str] = set()
 
     def hand_out(self) -> None:
-        with self._cv:
-            self.handed += 1
+        self.handed += 1
 
     def land(self, key: str) -> None:
-        with self._cv:
-            self._landed[key] = self._landed.get(key, self._base) + 1
-            self._cv.notify_all()
+        self._landed[key] = self._landed.get(key, self._base) + 1
 
     def fail(self, key: str) -> None:
-        with self._cv:
-            self._failed.add(key)
-            self._cv.notify_all()
+        self._failed.add(key)
 
-    def wait(self, key: str, need: int) -> None:
-        with self._cv:
-            if not self._cv.wait_for(lambda: self._landed.get(key, self._base) >= need or key in self._failed,
-                                     timeout=WAIT_S):
-                raise RuntimeError(f"the state of '{key}' did not receive update {need} within {WAIT_S:.0f} s "
-                                   "(the pending update was not applied)")
-            if key in self._failed and self._landed.get(key, self._base) < need:
-                raise RuntimeError(f"the update of '{key}' failed, so its next direction cannot be drawn")
+    def check(self, key: str, need: int) -> None:
+        """Raise ``RuntimeError`` unless the state of ``key`` has absorbed ``need`` updates."""
+        if self._landed.get(key, self._base) >= need:
+            return
+        if key in self._failed:
+            raise RuntimeError(f"the update of '{key}' failed, so its next direction cannot be drawn")
+        raise RuntimeError(f"the direction of '{key}' was drawn before update {need} of its state was applied "
+                           "(it would read stale state)")
 
 
 class LandingUpdate(Update):
@@ -75,7 +64,7 @@ class LandingUpdate(Update):
         try:
             self._apply(key, w, noise, decays)
         except BaseException:
-            self.opt.clock.fail(key)  # a draw waiting for this key raises instead of waiting
+            self.opt.clock.fail(key)  # the next check of this key names the failed update
             raise
         self.opt.clock.land(key)
 

@@ -11,11 +11,12 @@ and at every step t the mask of the current weights:
 It is MeZO-SGD with a perturbation mask (``ZOSGD.masks``, 1 bool per trained parameter). The
 mask of step t+1 is computed where update t lands: the update's ``apply`` writes the key's new
 weights, then its new mask, and marks the key (``zoft.optim.landing.KeyClock``); a probe direction
-of step t+1 waits for that mark (the engine draws a unit's first direction on a worker thread while
-the main thread applies the pending update to the unit). The update is therefore not deferrable
-under streaming (a unit is written back in the residency that applied it) and the engine moves a
-streamed key's mask with its unit (``store``). ``remask: false`` keeps the mask of the initial
-weights instead (a plain seed-form update).
+of step t+1 checks that mark (the engine applies a module's pending update in its pre-hook before
+it builds the perturbed copies, so the mark is there; a direction drawn earlier is an error). The
+update is therefore not deferrable under streaming (a unit is written back in the residency that
+applied it) and the engine moves a streamed key's mask with its unit (``store``). ``remask: false``
+keeps the mask of the initial weights instead (a plain seed-form update); ``sphere`` directions need
+it (their norm is taken when step t+1's probes are built, before update t re-derives the masks).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def magnitude_threshold(w: torch.Tensor, sparsity: float) -> float:
 class SparseMeZOConfig(ZOConfig):
     """sparsity: the fraction of each trained tensor's entries (its largest |w| at the start) not
     perturbed. remask: recompute the mask from the current weights every step (the paper); false
-    keeps the initial weights' mask."""
+    keeps the initial weights' mask (what ``sphere`` needs)."""
 
     sparsity: float = 0.75
     remask: bool = True
@@ -50,6 +51,9 @@ class SparseMeZOConfig(ZOConfig):
         super().__post_init__()
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError("sparsity must be in [0, 1) (the fraction of each tensor left untouched)")
+        if self.sphere and self.remask:
+            raise ValueError("sphere with remask: the sphere norm of a step's masked directions is taken before the "
+                             "previous update re-derives the masks; set remask: false or sphere: false")
 
 
 class RemaskUpdate(LandingUpdate):
@@ -91,6 +95,12 @@ class SparseMeZO(ZOSGD):
         self.clock = KeyClock()
         self._need = 0  # updates the current step's directions must see
 
+    @property
+    def stateful(self) -> bool:
+        """With ``remask`` each update re-derives its keys' masks from the new weights
+        (``RemaskUpdate.apply``): not seed-form (``ZOSGD.stateful``); without, plain MeZO updates."""
+        return self.config.remask
+
     def set_mask(self, mask):
         raise TypeError("sparse-mezo builds its own magnitude mask; pass a mask to mezo-sgd instead")
 
@@ -103,7 +113,7 @@ class SparseMeZO(ZOSGD):
 
     def shaped_direction(self, noise: Any, seed: int, key: str, like: torch.Tensor) -> torch.Tensor:
         if self.config.remask:
-            self.clock.wait(key, self._need)  # the mask of the weights after the pending update
+            self.clock.check(key, self._need)  # the mask of the weights after the pending update
         return super().shaped_direction(noise, seed, key, like)
 
     def probes(self, step: int) -> list[Probe]:

@@ -23,7 +23,7 @@ as its offset ``delta = wbar - w`` (one fp32 buffer per trained parameter, 4 B/p
 with its unit like the Adam moments): every applied update subtracts its own change from delta
 (an anchor step starts it at 0), and a probe at ``wbar +- eps z`` is the probe ``w + 1 * (delta
 +- eps z)``, whose direction the optimizer builds (``shaped_direction``, marker seeds). Those
-directions read delta, so their draw waits for the key's pending update (``zoft.optim.landing``).
+directions read delta, so their draw checks that the key's pending update landed (``zoft.optim.landing``).
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ class MeZOSVRG(_Stateful):
             return super().shaped_direction(noise, seed, key, like)
         s, scale = marker
         z = super().shaped_direction(noise, s, key, like) * scale
-        self.clock.wait(key, self._need)
+        self.clock.check(key, self._need)
         d = self.store.get("anchor_delta", {}).get(key)
         return z if d is None else z.add_(d.to(z.device, z.dtype))
 

@@ -164,6 +164,17 @@ class ZOSGD:
         self._sparsity: dict[str, float] | None = None  # sparse_gradient_group global: key -> threshold
         self._n_groups = 0
 
+    @property
+    def stateful(self) -> bool:
+        """Whether this optimizer's updates are not seed-form: their ``apply`` overrides
+        ``zoft.engine.Update.apply`` to read or write per-parameter state (momentum, Adam moments,
+        a Hessian, an anchor offset, masks re-derived from the weights) or explicit values. The
+        engine writes a streamed unit holding such an update back in the residency that applied
+        it and updates a 2-byte weight on a whole fp32 copy, so a plan for this optimizer is made
+        with ``zoft.engine.plan.make_plan(stateful=True)`` (write-back every step, the update's
+        whole fp32 copy and z counted). False here: plain seed-form ``Update``s."""
+        return False
+
     @classmethod
     def state_kind(cls) -> str:
         """How the optimizer keeps its state (``zoft optimizers``)."""
@@ -547,6 +558,11 @@ class _Stateful(ZOSGD):
         super().__init__(config, seed, total_steps)
         self.store: dict[str, dict[str, torch.Tensor]] = {}
         self.t = 0  # updates handed out (skipped NaN steps do not count)
+
+    @property
+    def stateful(self) -> bool:
+        """True: every update advances this optimizer's per-parameter buffers (``ZOSGD.stateful``)."""
+        return True
 
     def hyper(self) -> dict[str, float]:
         raise NotImplementedError

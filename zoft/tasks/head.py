@@ -16,8 +16,8 @@ tokens, packed to the left: a candidate's few tokens, not the prompt; a masked L
 position). The head's transient is then one chunk's logits and the loss's temporaries
 (``head_chunk_bytes``), not (N, T, V). ``head_chunk = None`` is the model's own forward (all
 logits at once, as before). A unit called several times per step is handled by the engine: the
-pending update is applied once, and each call perturbs the head again (a tied head reuses the
-step's z; an untied one draws it per call), which is the time chunking costs.
+pending update is applied once, and each call perturbs the head again, making its z again (tied or
+untied: no z is kept between calls), which is the time chunking costs.
 """
 from __future__ import annotations
 

@@ -154,12 +154,15 @@ def phases_for(name: str, steps: int, opts: OptimizerOptions) -> list[str]:
 
 def make_zo_engine(model: nn.Module, *, noise: str = "torch", distribution: str = "gaussian",
                    gpu_mem: str | int | None = None, num_probes: int = 2, batch_rows: int = 4,
-                   max_length: int = 256, offload: Any = None, device: str | None = None, objective: Any = None):
+                   max_length: int = 256, offload: Any = None, device: str | None = None, objective: Any = None,
+                   stateful: bool = False):
     """The one place the unlearning code builds its ZO engine.
 
     ``offload`` (a ``zoft.engine.Streaming``) streams blocks as given; ``gpu_mem`` (a device budget,
     e.g. "18GB") asks the planner for that placement for ``num_probes`` probes of ``batch_rows`` x
-    ``max_length`` (refused with the smallest budget that fits). Blocks stream through ``device``
+    ``max_length`` (refused with the smallest budget that fits). ``stateful``: the ZO optimizer's
+    ``stateful`` (R-AdaZO, the default, is): planned with write-back every step and the update's
+    whole fp32 copy (``zoft.engine.plan.make_plan``). Blocks stream through ``device``
     (default: the model's device): CUDA, or the CPU twin. A streamed model is loaded on the host.
     A plan that runs the LM head in chunks sets ``objective.head_chunk``."""
     from zoft.engine import Streaming, ZOEngine
@@ -171,7 +174,7 @@ def make_zo_engine(model: nn.Module, *, noise: str = "torch", distribution: str 
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[p.dtype]
         plan = make_plan(model.config, gpu_mem, batch_size=batch_rows, max_length=max_length,
                          num_probes=num_probes, dtype=dtype, noise=noise,
-                         device=torch.device(device or p.device).type)
+                         device=torch.device(device or p.device).type, stateful=stateful)
         offload = Streaming.from_plan(plan, device or p.device)
         if objective is not None and getattr(plan, "head_chunk", None) is not None:
             objective.head_chunk = plan.head_chunk
@@ -246,7 +249,7 @@ class Runner:
             self.engine = make_zo_engine(self.model, noise=o.noise, distribution=o.distribution, gpu_mem=self.gpu_mem,
                                          num_probes=self.zo.num_probes(), batch_rows=self.batch_rows,
                                          max_length=self.max_length, offload=self.offload, device=self.device,
-                                         objective=self.objective)
+                                         objective=self.objective, stateful=self.zo.stateful)
 
     def lr_at(self, t: int) -> float:
         return lr_at(t, self.lr, self.schedule, self.steps, self.warmup_steps)
