@@ -457,7 +457,8 @@ def run(problems: list[str], methods: list[str], seeds: list[int], budgets: dict
         if lr is not None:
             expanded.add((j.problem, j.method))
             ready.extend(Job(j.problem, j.method, lr, s, j.budget, j.evals) for s in seeds if s != 0)
-        else:  # the grid's best at an end: one rate further (once, even while a sibling run is in flight)
+        else:  # rates still to run: grid runs already queued, or the rate past an end the best sits at
+            # (queued once, even while a sibling run is in flight)
             for x in more:
                 nxt = Job(j.problem, j.method, x, 0, j.budget, j.evals)
                 if nxt.key() not in scheduled:
