@@ -19,13 +19,19 @@ hyper-parameters, 2 threads, one process. Each repetition times, in a rotating o
 
 Reports medians of wall-clock and of process CPU seconds (all threads; on a shared machine the
 CPU seconds leave out time spent waiting for a core, and with ``--threads 1`` they are the work
-figure: with 2 threads an OpenMP thread spinning for a descheduled partner counts), the ratios of each zoft backend and of forward-only to the reference and to the
-in-place loop, parameter-granular over unit-granular (same backend, same run) (the CPU's default backend, ``zoft.noise.default_noise``, on its own line), the z
-draws per step (counted, in units of one full-model draw; for ``table`` these are windows read,
-not generated), and a sanity check that all compute the same unperturbed loss of the same model
-on the same batch.
+figure: with 2 threads an OpenMP thread spinning for a descheduled partner counts), minor page
+faults per step (fresh pages touched: memory the allocator took back from the kernel), the ratios
+of each zoft backend and of forward-only to the reference and to the in-place loop,
+parameter-granular over unit-granular (same backend, same run), the CPU's default backend
+(``zoft.noise.default_noise``) on its own line, the z draws per step (counted, in units of one
+full-model draw; for ``table`` these are windows read, not generated), and a sanity check that
+all compute the same unperturbed loss of the same model on the same batch.
+
+The process runs with ``zoft.runtime.tune_cpu_allocator`` (fixed glibc malloc thresholds), as the
+``zoft`` command does, for every method alike; ``--malloc glibc`` measures glibc's defaults.
 
     python bench/step_cpu.py [--reps 10] [--noise torch,table] [--json FILE] [--quick] [--threads 2]
+                             [--malloc zoft|glibc]
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import datetime
 import json
 import math
 import os
+import resource
 import sys
 import time
 from statistics import median
@@ -48,6 +55,7 @@ from zoft.engine.probes import Probe
 from zoft.models import build_random, resolve
 from zoft.noise import BACKENDS, NoiseBackend, default_noise, make_noise
 from zoft.optim import MeZOConfig, MeZOSGD
+from zoft.runtime import allocator_state, tune_cpu_allocator
 from zoft.tasks.base import Batch
 from zoft.tasks.lm import LMTask
 
@@ -241,13 +249,16 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}  # process CPU seconds (all threads)
+    faults: dict[str, list[int]] = {k: [] for k in fns}  # minor page faults (first touches of fresh pages)
     names = list(fns)
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no method always first
+            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t, c = time.perf_counter(), time.process_time()
             fns[name]()
             times[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
 
     # z generations per step, counted on one more (steady-state) step of each.
     ref.z_elements = 0
@@ -271,7 +282,8 @@ def run(reps: int, quick: bool, lr: float, eps: float, weight_decay: float, seed
         "params": n_params, "batch": [BATCH, SEQ], "dtype": "fp32", "threads": threads,
         "torch": torch.__version__, "reps": reps, "lr": lr, "eps": eps, "weight_decay": weight_decay,
         "build_s": build_s, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-        "median_s": med, "times_s": times, "cpu_median_s": cmed, "cpu_s": cpu,
+        "median_s": med, "times_s": times, "cpu_median_s": cmed, "cpu_s": cpu, "allocator": allocator_state(),
+        "minor_faults": faults, "faults_median": {k: median(v) for k, v in faults.items()},
         "noise": list(noises),
         "ratio_over_reference": {k: med[k] / med["reference"] for k in names if k != "reference"},
         "ratio_zoft_over_reference": med["zoft"] / med["reference"],
@@ -302,8 +314,9 @@ def report(res: dict) -> str:
         f"{res['model']}: {res['params'] / 1e6:.1f}M params, {res['dtype']}, batch {res['batch'][0]}x{res['batch'][1]}, "
         f"{res['threads']} threads, {res['reps']} reps, torch {res['torch']}, "
         f"load avg {res['loadavg_before'][0]:.2f} -> {res['loadavg_after'][0]:.2f}",
+        f"allocator: {res['allocator']}",
         f"{'':24s}{'median s/step':>14s}{'min':>9s}{'max':>9s}{'x reference':>13s}{'paired':>8s}"
-        f"{'x in-place':>12s}{'cpu s/step':>12s}{'cpu x in-place':>16s}",
+        f"{'x in-place':>12s}{'cpu s/step':>12s}{'cpu x in-place':>16s}{'faults/step':>13s}",
     ]
     cmed = res["cpu_median_s"]
     paired, inplace = res["paired_ratio_median"], med["mezo_inplace"]
@@ -312,7 +325,8 @@ def report(res: dict) -> str:
                  "forward_only": "forward-only (2 fwd)"}.get(name, name)
         pr = f"{paired[name]:8.3f}" if name in paired else f"{'':8s}"
         lines.append(f"{label:24s}{med[name]:14.3f}{min(t[name]):9.3f}{max(t[name]):9.3f}{med[name] / ref:13.3f}{pr}"
-                     f"{med[name] / inplace:12.3f}{cmed[name]:12.3f}{cmed[name] / cmed['mezo_inplace']:16.3f}")
+                     f"{med[name] / inplace:12.3f}{cmed[name]:12.3f}{cmed[name] / cmed['mezo_inplace']:16.3f}"
+                     f"{res['faults_median'][name]:13.0f}")
     z, l0 = res["z_per_step"], res["loss0"]
     lines += [
         f"ratio zoft/reference = {res['ratio_zoft_over_reference']:.3f} (zoft: noise '{res['noise'][0]}')   "
@@ -345,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the benchmark's setting is 2)")
+    ap.add_argument("--malloc", choices=("zoft", "glibc"), default="zoft",
+                    help="zoft: glibc malloc with zoft's fixed thresholds, as the zoft command runs "
+                         "(zoft.runtime.tune_cpu_allocator); glibc: the library's dynamic defaults")
     ap.add_argument("--noise", default="torch,table",
                     help=f"comma-separated noise backends to time, one zoft column each (of {sorted(BACKENDS)})")
     args = ap.parse_args(argv)
@@ -355,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [b for b in noises if b not in BACKENDS]
     if not noises or unknown:
         ap.error(f"--noise: unknown backend(s) {unknown}; choose from {sorted(BACKENDS)}")
+    if args.malloc == "zoft":
+        tune_cpu_allocator()
     res = run(reps, args.quick, args.lr, args.eps, args.weight_decay, args.seed, args.threads, noises)
     print(report(res))
     if args.json:

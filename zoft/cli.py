@@ -388,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
+    from zoft.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # a step's activations reused from the heap, not faulted in anew (zoft.runtime)
+
     hf_logging.disable_progress_bar()  # zoft shows its own progress; HF's load/save bars are noise
     try:
         return args.func(args)
