@@ -338,3 +338,55 @@ def test_accounted_peak_within_the_plan_over_a_budget_sweep(dtype, noise):
         seen.add((plan.resident_blocks, plan.group_bytes))
         eng.close()
     assert len(seen) >= 3 and (0, p0.group_bytes) in seen and p0.group_bytes is not None
+
+
+@pytest.mark.parametrize("name,options,expect,dtype", [("lozo", {"rank": 2}, "all", "fp32"),
+                                                        ("lozo", {"rank": 2}, "all", "fp16"),
+                                                        ("mezo-sgd", {"gradient_sparsity": 0.5}, "all", "fp32"),
+                                                        ("zo-sgd-cons", {"n_queries": 2}, "probes", "fp32"),
+                                                        ("mezo-sgd", {}, "none", "fp32")])
+def test_whole_directions_are_planned(name, options, expect, dtype):
+    """Shaped directions (LOZO's U V^T, ZO-Bench's sparse z) and composite probes (the conservative
+    step's w -/+ lr G over q > 1 queries) are whole tensors where the backend would make z in
+    2^20-element pieces: the planner counts them (``whole_z``) as the meter does. The model's
+    embedding (V x H = 2^22 elements, fp32) is its largest leaf and parameter, and the batch is
+    one row of 2 tokens, so building its perturbed copy (a whole z: 16 MB, pieces: 4 MB) decides
+    the peak: at the smallest plan made with the optimizer's ``whole_z`` the accounted peak stays
+    within it, and a plan that counted pieces (``whole_z="none"``) is exceeded for every optimizer
+    that draws whole tensors. In fp16 a shaped update is applied on a whole fp32 copy with a whole
+    z (64 MB against 40 MB in pieces): that decides the peak there."""
+    import copy
+
+    import torch
+    from test_engine import TokenNLL
+    from transformers import AutoModelForCausalLM
+
+    from zoft.engine import Streaming, ZOEngine
+    from zoft.noise import make_noise
+    from zoft.optim import make_optimizer, step, whole_z
+    from zoft.tasks.base import Batch
+
+    vocab, h = 1 << 16, 64
+    cfg = OPTConfig(vocab_size=vocab, hidden_size=h, ffn_dim=128, num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=16, word_embed_proj_dim=h, tie_word_embeddings=True, use_cache=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_config(cfg).to({"fp32": torch.float32, "fp16": torch.float16}[dtype]).eval()
+    ids = torch.randint(0, vocab, (1, 2), generator=torch.Generator().manual_seed(1))
+    batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"labels": ids}, size=1)
+    opt = make_optimizer(name, {"lr": 1e-3, "eps": 1e-3, **options}, seed=0, total_steps=10)
+    assert whole_z(opt) == expect
+    kw = dict(batch_size=1, max_length=2, num_probes=opt.num_probes(), dtype=dtype, noise="torch", device="cpu",
+              stateful=opt.stateful)  # the torch generator on the CPU: z in pieces
+    planned = make_plan(cfg, make_plan(cfg, 10**12, whole_z=expect, **kw).min_budget_bytes, whole_z=expect, **kw)
+    pieces = make_plan(cfg, planned.min_budget_bytes, **kw)  # the same placement, z counted in pieces
+    peak = 0
+    with ZOEngine(copy.deepcopy(base), noise=make_noise("torch"), offload=Streaming.from_plan(planned, "cpu")) as eng:
+        for t in range(3):
+            step(eng, opt, batch, TokenNLL(True), t)
+            peak = max(peak, eng.device_peak_bytes)
+            assert eng.device_peak_bytes <= planned.peak_device_bytes, (t, eng.device_peak_bytes, planned)
+    if expect != "none":
+        assert peak > pieces.peak_device_bytes, (peak, pieces)
+    else:
+        assert pieces.peak_device_bytes == planned.peak_device_bytes

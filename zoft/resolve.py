@@ -37,7 +37,7 @@ from zoft.errors import UsageError
 from zoft.models import checkpoint_dtype, model_kind, resolve
 from zoft.models.loading import EMBEDDED_DEFAULT
 from zoft.noise import BACKENDS, default_noise
-from zoft.optim import make_optimizer
+from zoft.optim import make_optimizer, whole_z
 from zoft.tasks import rows_per_probe
 
 _KIND = {"causal": "causal LM", "masked": "masked LM", "encoder": "encoder"}
@@ -161,7 +161,8 @@ def resolve_run(cfg: TrainConfig, num_probes: int | None = None, **plan_options:
         plan = None if cfg.gpu_mem is None else make_plan(
             name, cfg.gpu_mem, batch_size=cfg.batch_size, max_length=cfg.max_length, num_probes=probes, dtype=dtype,
             transfer=cfg.transfer, adapters=cfg.peft != "none", quant=cfg.quant, rows=rows,
-            writeback_every=cfg.writeback_every, noise=noise, device=device, stateful=stateful, **plan_options)
+            writeback_every=cfg.writeback_every, noise=noise, device=device, stateful=stateful,
+            whole_z=whole_z(opt), **plan_options)
     except UsageError as e:
         if cfg.dtype == "auto" and device == "cpu" and cuda != dtype:  # sizing a GPU run on a laptop
             raise UsageError(f"{e} (planned in {dtype}, --dtype auto on CPU; --device cuda plans a GPU run, "

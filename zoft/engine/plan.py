@@ -238,7 +238,7 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
                   transfer: str, attention: str, scratch: str, write_back: bool = True,
                   quant: str = "none", adapters: bool = False, group: int | None = None,
                   head_chunk: int | None = None, noise: str = "torch", device: str = "cuda",
-                  stateful: bool = False) -> dict[str, int]:
+                  stateful: bool = False, whole_z: str = "none") -> dict[str, int]:
     """Peak device bytes of the plan with ``r`` resident blocks, micro-batch ``mb`` (rows per
     probe a block runs at once; ``mb >= B``: all probes' rows together), streaming groups of at
     most ``group`` bytes (None: whole blocks) and ``head_chunk`` positions per head call."""
@@ -260,7 +260,8 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
     # leaf; a whole unit on the unit path or with ``scratch="unit"``), its z made in pieces
     # (``perturb_into``: a piece of z and its cast, or nothing with the fused Philox kernel)
     held = s.max_leaf_numel if scratch == "leaf" and s.max_leaf_numel else s.max_unit_numel
-    scratch_b = b * held + perturb_bytes(held, b, mode)
+    # (a shaped or composite direction is one whole tensor: ``zoft.optim.directions.whole_z``)
+    scratch_b = b * held + perturb_bytes(held, b, "whole" if whole_z != "none" else mode)
     if adapters:
         # only adapter parameters are perturbed: their scratch is adapter-sized (not counted)
         scratch_b = 0
@@ -291,7 +292,7 @@ def _device_bytes(s: ModelShape, r: int, mb: int, *, B: int, T: int, P: int, b: 
     # optimizer's update takes a whole fp32 copy). Frozen bases (adapters) update only
     # adapter-sized parameters (not counted, like their scratch).
     update = 0 if adapters else update_bytes(s.max_param_numel or s.max_unit_numel, b,
-                                             "whole" if stateful else mode)
+                                             "whole" if stateful or whole_z == "all" else mode)
     peak = resident + slots + scratch_b + boundary + max(working, logits, update)
     return {"resident": resident, "slots": slots, "k": k, "scratch": scratch_b, "boundary": boundary,
             "working": working, "logits": logits, "update": update, "peak": peak, "table": table,
@@ -381,7 +382,7 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
               scratch: Scratch = "leaf", write_back: bool = True, quant: str = "none",
               adapters: bool = False, rows: int | None = None, writeback_every: int | None = None,
               regen_gbps: float = 800.0, noise: Noise = "torch", device: str = "cuda",
-              stateful: bool = False, head_chunks: bool = True) -> Plan:
+              stateful: bool = False, head_chunks: bool = True, whole_z: str = "none") -> Plan:
     """Plan a streamed ZO step under ``gpu_mem_bytes`` (int bytes, or "18GB" / "16GiB").
 
     ``rows``: the rows per probe the model runs for ``batch_size`` examples (default: one each; a
@@ -403,6 +404,10 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
     update is not seed-form (``optimizer.stateful``: momentum, Adam moments, re-derived masks):
     its z is drawn whole and a 2-byte weight takes a whole fp32 copy, and the engine writes a
     streamed block back in the residency that applied it (``writeback_every`` None means 1).
+    ``whole_z``: where the optimizer's directions are whole tensors rather than the backend's
+    pieces (``zoft.optim.directions.whole_z``): "all" (shaped directions: masks, low-rank,
+    module-wise, gradient sparsity; every probe and update), "probes" (composite probes: several
+    z summed into one tensor) or "none".
     ``writeback_every``: write a streamed block back once per that many updates (None: the ``k``
     in 1..64 with the lowest step-time bound, the smallest on ties; see ``_writeback_every``);
     ``regen_gbps`` is the rate at which the device re-applies one update to a block's weights
@@ -433,6 +438,8 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         raise UsageError(f"unknown noise backend '{noise}'; use torch, table or triton")
     if quant not in ("none", "4bit", "8bit"):
         raise UsageError(f"unknown quant '{quant}'; use none, 4bit or 8bit")
+    if whole_z not in ("none", "probes", "all"):
+        raise UsageError(f"unknown whole_z '{whole_z}'; use none, probes or all")
     if quant != "none":
         if transfer not in ("same", dtype):
             raise UsageError("a quantized base moves its packed bytes as they are: use --transfer same")
@@ -452,7 +459,7 @@ def make_plan(config_or_name: Any, gpu_mem_bytes: int | str, *, batch_size: int,
         transfer = "same"  # bf16 over the link for a bf16 model: no codec
     kw = {"B": rows, "T": max_length, "P": num_probes, "b": b, "transfer": transfer,
           "attention": attention, "scratch": scratch, "write_back": write_back, "quant": quant,
-          "adapters": adapters, "noise": noise, "device": device, "stateful": stateful}
+          "adapters": adapters, "noise": noise, "device": device, "stateful": stateful, "whole_z": whole_z}
 
     chunks = _head_chunks(max_length) if head_chunks else [None]
     smallest = _smallest(s, rows, kw, chunks)[0]

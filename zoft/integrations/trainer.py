@@ -49,7 +49,7 @@ from transformers import Trainer
 from zoft.engine import Streaming, ZOEngine
 from zoft.errors import UsageError
 from zoft.noise import default_noise, make_noise
-from zoft.optim import make_optimizer, split_candidates
+from zoft.optim import make_optimizer, split_candidates, whole_z
 from zoft.optim import step as zo_step
 from zoft.tasks import Batch, infer_kind
 from zoft.tasks.head import forward_hidden, num_rows, split_head
@@ -221,7 +221,7 @@ class ZOTrainingMixin:
                              max_length=max_length, num_probes=self.zo.num_probes(), dtype=_DTYPES.get(dtype, "fp32"),
                              adapters=base is not self.model, quant=quant, noise=noise,
                              device="cuda" if self.args.device.type == "cuda" else "cpu", stateful=self.zo.stateful,
-                             head_chunks=chunkable)
+                             head_chunks=chunkable, whole_z=whole_z(self.zo))
         except UsageError as e:  # the planner names zoft's flags: name this trainer's arguments
             msg = str(e)
             for flag, arg in _FLAG_ARGS.items():

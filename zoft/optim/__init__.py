@@ -11,7 +11,7 @@ from typing import Any
 from zoft.errors import UsageError
 from zoft.optim.api import StepResult, evaluate_step, split_candidates, step
 from zoft.optim.cge import CGE, CGEConfig
-from zoft.optim.directions import CompositeNoise, bind
+from zoft.optim.directions import CompositeNoise, bind, whole_z
 from zoft.optim.forward_grad import ForwardGrad, ForwardGradConfig
 from zoft.optim.fzoo import FZOO, FZOOConfig
 from zoft.optim.hizoo import HiZOO, HiZOOConfig
@@ -140,4 +140,5 @@ __all__ = [
     "split_candidates",
     "step",
     "update_record",
+    "whole_z",
 ]

@@ -117,6 +117,18 @@ class CompositeNoise:
         return getattr(self.inner, name)
 
 
+def whole_z(optimizer: Any) -> str:
+    """Where ``optimizer``'s directions are whole tensors on the device instead of the backend's
+    pieces (``zoft.engine.plan.make_plan``'s ``whole_z``, the bytes the engine's meter sees):
+    "all" with a direction shaper (every probe's copy and every update term draws a whole shaped
+    tensor), "probes" when its probes can be composite (``composite_probes``: several z summed
+    into one tensor; its updates stay seed-form), else "none"."""
+    shaper = getattr(optimizer, "direction_shaper", None)
+    if shaper is not None and shaper() is not None:
+        return "all"
+    return "probes" if getattr(optimizer, "composite_probes", False) else "none"
+
+
 def bind(optimizer: Any, engine: Any) -> CompositeNoise:
     """Attach ``optimizer`` to ``engine``: wraps ``engine.noise`` once, passes the parameters."""
     if not isinstance(engine.noise, CompositeNoise):

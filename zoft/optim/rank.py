@@ -244,6 +244,12 @@ class ZORankSGD(ZOSGD):
                 terms.append((s, w / len(comp.edges) / c.n_queries / self.norm(s)))
         return terms
 
+    @property
+    def composite_probes(self) -> bool:
+        """The line search probes along the combined ranking direction (a virtual seed:
+        ``zoft.optim.directions.whole_z``)."""
+        return self.config.line_search > 0
+
     def more_probes(self, step: int, losses: torch.Tensor, comparisons: list[Comparison] | None = None) -> list[Probe]:
         c = self.config
         if not c.line_search or len(losses) != c.n_queries * c.m:

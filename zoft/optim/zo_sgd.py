@@ -444,6 +444,12 @@ class ZOSGDCons(ZOSGD):
     def num_probes(self):
         return super().num_probes() + (0 if self.config.one_sided else 1)
 
+    @property
+    def composite_probes(self) -> bool:
+        """Phase 2 probes ``w -/+ lr G`` along one combined direction when q > 1 (a virtual seed:
+        ``zoft.optim.directions.whole_z``)."""
+        return self.config.n_queries > 1
+
     def projected(self, losses):
         if self.config.one_sided:
             return super().projected(losses)

@@ -155,14 +155,15 @@ def phases_for(name: str, steps: int, opts: OptimizerOptions) -> list[str]:
 def make_zo_engine(model: nn.Module, *, noise: str = "torch", distribution: str = "gaussian",
                    gpu_mem: str | int | None = None, num_probes: int = 2, batch_rows: int = 4,
                    max_length: int = 256, offload: Any = None, device: str | None = None, objective: Any = None,
-                   stateful: bool = False):
+                   stateful: bool = False, whole_z: str = "none"):
     """The one place the unlearning code builds its ZO engine.
 
     ``offload`` (a ``zoft.engine.Streaming``) streams blocks as given; ``gpu_mem`` (a device budget,
     e.g. "18GB") asks the planner for that placement for ``num_probes`` probes of ``batch_rows`` x
     ``max_length`` (refused with the smallest budget that fits). ``stateful``: the ZO optimizer's
     ``stateful`` (R-AdaZO, the default, is): planned with write-back every step and the update's
-    whole fp32 copy (``zoft.engine.plan.make_plan``). Blocks stream through ``device``
+    whole fp32 copy (``zoft.engine.plan.make_plan``); ``whole_z``: where its directions are whole
+    tensors (``zoft.optim.directions.whole_z``). Blocks stream through ``device``
     (default: the model's device): CUDA, or the CPU twin. A streamed model is loaded on the host.
     A plan that runs the LM head in chunks sets ``objective.head_chunk``."""
     from zoft.engine import Streaming, ZOEngine
@@ -174,7 +175,7 @@ def make_zo_engine(model: nn.Module, *, noise: str = "torch", distribution: str 
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[p.dtype]
         plan = make_plan(model.config, gpu_mem, batch_size=batch_rows, max_length=max_length,
                          num_probes=num_probes, dtype=dtype, noise=noise,
-                         device=torch.device(device or p.device).type, stateful=stateful)
+                         device=torch.device(device or p.device).type, stateful=stateful, whole_z=whole_z)
         offload = Streaming.from_plan(plan, device or p.device)
         if objective is not None and getattr(plan, "head_chunk", None) is not None:
             objective.head_chunk = plan.head_chunk
@@ -237,7 +238,7 @@ class Runner:
             raise UsageError(f"--gpu-mem streams zeroth-order phases only; --optimizer {self.name} takes first-order "
                              "steps, which need the whole model on the device: use --optimizer zo or drop --gpu-mem")
         if "zo" in self.phases:
-            from zoft.optim import make_optimizer
+            from zoft.optim import make_optimizer, whole_z
 
             zo_opts: dict[str, Any] = {"lr": o.zo_lr if o.zo_lr is not None else self.lr, "eps": o.mu, "n_queries": o.q,
                                            "sphere": o.sphere, "schedule": self.schedule, "warmup_steps": self.warmup_steps,
@@ -249,7 +250,8 @@ class Runner:
             self.engine = make_zo_engine(self.model, noise=o.noise, distribution=o.distribution, gpu_mem=self.gpu_mem,
                                          num_probes=self.zo.num_probes(), batch_rows=self.batch_rows,
                                          max_length=self.max_length, offload=self.offload, device=self.device,
-                                         objective=self.objective, stateful=self.zo.stateful)
+                                         objective=self.objective, stateful=self.zo.stateful,
+                                         whole_z=whole_z(self.zo))
 
     def lr_at(self, t: int) -> float:
         return lr_at(t, self.lr, self.schedule, self.steps, self.warmup_steps)
