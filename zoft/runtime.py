@@ -6,11 +6,10 @@ exceeds the *trim threshold*; both thresholds start low (128 kB) and follow the 
 freed so far (up to 32 MB, trim twice that). A ZO step allocates and frees the same activations
 every forward, so a process whose activations straddle those moving thresholds hands tens of MB
 back to the kernel each step and takes them again page by page: every 4 kB page costs a minor
-fault and a kernel zero-fill on first touch. Measured with ``bench/step_cpu.py`` (OPT-125M shape,
-8 x 64 tokens, 2 threads): the parameter-granular engine, whose activations hold all probes' rows
-at once (2x the unit path's), took ~78k more minor faults per step than the unit-granular one
-under glibc's defaults (~310 MB re-faulted, ~10% of the step), and the same count with fixed
-thresholds (``tune_cpu_allocator``).
+fault and a kernel zero-fill on first touch. Whether it happens depends on the process's history
+(which blocks were freed first): a 2-block OPT with hidden 768 and 8 x 64 tokens re-faults ~10k
+pages (~40 MB) per step under glibc's defaults and almost none with fixed thresholds
+(``tests/test_runtime.py``); ``bench/step_cpu.py`` counts faults per step for every method.
 
 ``tune_cpu_allocator`` fixes the thresholds for the process: requests below 32 MB (glibc's ceiling
 for the mmap threshold on 64-bit) come from the heap and up to 64 MB of free heap top is kept for
