@@ -43,17 +43,16 @@ STEPS = textwrap.dedent("""
 @pytest.mark.skipif(runtime._glibc() is None, reason="glibc's malloc only")
 def test_tuned_allocator_stops_refaulting_activations():
     """A 2-block OPT (hidden 768, 8 x 64 tokens: 12 MB MLP activations for both probes) on the
-    default engine: under glibc's dynamic thresholds every step hands its activations back to
-    the kernel and faults ~10k pages in again (measured 10-13k per step); with zoft's thresholds
-    the steady state takes almost none (measured 0-2k, median ~0). Bounds: default median over
-    steps 3-7 >= 3000 faults, tuned median over steps 11-15 <= 1/10 of it."""
+    default engine, 8 steps under glibc's dynamic thresholds, then 8 with zoft's. Measured here:
+    8-16k faults per step before (the activations handed back to the kernel and faulted in again:
+    how many depends on the process's allocation history, so it is reported, not bounded), a median
+    of ~0-400 after, and ~10k after when ``mallopt`` is skipped. Bound: the tuned steps' median
+    (steps 11-15) <= 1500 faults (6 MB), a quarter of one step's MLP activations."""
     env = {k: v for k, v in os.environ.items() if k not in runtime.user_malloc_settings()}
     out = subprocess.run([sys.executable, "-c", STEPS], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     f = json.loads(out.stdout.strip().splitlines()[-1])
-    default, tuned = median(f["default"][3:]), median(f["tuned"][3:])
-    assert default >= 3000, f
-    assert tuned <= default / 10, f
+    assert median(f["tuned"][3:]) <= 1500, f
 
 
 def test_user_malloc_settings_win(monkeypatch):
